@@ -1,0 +1,189 @@
+//! The calling side of a connection.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::arena::Arena;
+use crate::conn::{Conn, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint, Peer};
+use crate::doorbell::{Deadline, DoorbellSnapshot, WaitConfig};
+use crate::error::{Error, RemoteStatus, Result};
+use crate::handshake::{self, Hello, Kind};
+use crate::region::PeerRegion;
+use crate::space::Space;
+
+/// How a client connects and waits.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The service name the server must offer.
+    pub service: String,
+    /// Hash of the method table both sides must share (0: unchecked).
+    pub method_hash: u64,
+    /// Spin budget and park slice for waiting on replies.
+    pub wait: WaitConfig,
+    /// Default deadline of each call; `None` waits as long as the server lives.
+    pub call_timeout: Option<Duration>,
+    /// Deadline of the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Options for `service`, with the defaults.
+    pub fn new(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            method_hash: 0,
+            wait: WaitConfig::default(),
+            call_timeout: None,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection to one server. One call at a time (`&mut self`).
+pub struct Client {
+    conn: Conn,
+    next_call: u64,
+    /// Call id of a call that timed out and whose reply has not come yet.
+    outstanding: Option<u64>,
+    call_timeout: Option<Duration>,
+}
+
+impl Client {
+    /// Connects to the server at `path` and runs the handshake.
+    pub fn connect(path: impl AsRef<Path>, opts: ClientOptions) -> Result<Client> {
+        let path = path.as_ref();
+        let endpoint = path.display().to_string();
+        let sock = UnixStream::connect(path).map_err(|e| Error::io(format!("connect to {endpoint}"), e))?;
+        Self::handshake(sock, &endpoint, opts)
+    }
+
+    /// Runs the client handshake on an already connected socket.
+    pub fn handshake(sock: UnixStream, endpoint: &str, opts: ClientOptions) -> Result<Client> {
+        let space = Space::global()?;
+        let arena = Arena::global()?;
+        let io = |e| Error::io(format!("configure socket {endpoint}"), e);
+        sock.set_read_timeout(Some(opts.handshake_timeout)).map_err(io)?;
+        sock.set_write_timeout(Some(opts.handshake_timeout)).map_err(io)?;
+        let cred = handshake::peer_cred(&sock)?;
+        let mine = OwnEndpoint::new()?;
+        let hello = Hello {
+            region_addr: arena.region().addr(),
+            region_len: arena.region().len(),
+            endpoint_addr: mine.addr(),
+            method_hash: opts.method_hash,
+            text: opts.service.clone(),
+            ..Hello::new(Kind::Hello)
+        };
+        handshake::send(&sock, &hello, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
+        let (reply, fd) = handshake::recv(&sock, endpoint, "waiting for the server's welcome", opts.handshake_timeout)?;
+        match reply.kind {
+            Kind::Welcome => {}
+            Kind::Reject => return Err(reply.reject_error(&hello)),
+            Kind::Hello => {
+                return Err(Error::NotRpal { endpoint: endpoint.to_owned(), detail: "it answered a hello with a hello".into() });
+            }
+        }
+        handshake::check_compatible(&reply, &hello)?;
+        let fd = fd.ok_or_else(|| Error::InvalidDescriptor { reason: "the server's welcome carried no memfd".into() })?;
+        let region = PeerRegion::map(space, fd, reply.region_addr, reply.region_len, cred.pid)?;
+        sock.set_read_timeout(None).map_err(io)?;
+        let conn = Conn::new(sock, cred, region, mine, reply.endpoint_addr, opts.wait)?;
+        tracing::debug!(server = cred.pid, endpoint, "rpal client connected");
+        Ok(Client { conn, next_call: 1, outstanding: None, call_timeout: opts.call_timeout })
+    }
+
+    /// The server: credentials and region.
+    pub fn peer(&self) -> &Peer {
+        &self.conn.peer
+    }
+
+    /// Doorbell counters of this connection.
+    pub fn stats(&self) -> DoorbellSnapshot {
+        self.conn.snapshot()
+    }
+
+    /// Changes the spin budget and park slice for later calls.
+    pub fn set_wait(&mut self, wait: WaitConfig) {
+        self.conn.wait = wait;
+    }
+
+    /// Calls `method`. `write` fills the request payload in place in our
+    /// arena and returns its length; `read` gets the reply payload in place in
+    /// the server's region (validated, read-only) and the region itself for
+    /// following pointers. The reply is valid only inside `read`.
+    pub fn call_with<R>(
+        &mut self,
+        method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut [u8]) -> usize,
+        read: impl FnOnce(&[u8], &PeerRegion) -> R,
+    ) -> Result<R> {
+        if method == METHOD_CLOSE {
+            return Err(Error::Remote { method, status: RemoteStatus::UnknownMethod });
+        }
+        let deadline = timeout.or(self.call_timeout).map(Deadline::after);
+        let _access = self.conn.peer.region.access();
+        // A timed-out call's reply must arrive before the block can be reused.
+        if let Some(id) = self.outstanding {
+            loop {
+                let h = self.conn.recv(deadline)?;
+                if h.call_id == id {
+                    break;
+                }
+            }
+            self.outstanding = None;
+        }
+        let id = self.next_call;
+        self.next_call += 1;
+        self.conn.send(method, id, |buf| (write(buf), 0))?;
+        let h = match self.conn.recv(deadline) {
+            Ok(h) => h,
+            Err(e @ Error::Timeout(_)) => {
+                self.outstanding = Some(id);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if h.call_id != id {
+            return Err(Error::Protocol {
+                pid: self.conn.peer.cred.pid,
+                detail: format!("reply carries call id {} while call {id} is in flight", h.call_id),
+            });
+        }
+        if h.status != 0 {
+            return Err(Error::Remote { method, status: RemoteStatus::from_code(h.status) });
+        }
+        Ok(read(self.conn.payload(&h), &self.conn.peer.region))
+    }
+
+    /// Calls `method` with `request` copied inline and returns a copy of the reply.
+    pub fn call(&mut self, method: u32, request: &[u8]) -> Result<Vec<u8>> {
+        if request.len() > INLINE_CAPACITY {
+            return Err(Error::TooLarge { len: request.len(), capacity: INLINE_CAPACITY });
+        }
+        self.call_with(
+            method,
+            None,
+            |buf| {
+                buf[..request.len()].copy_from_slice(request);
+                request.len()
+            },
+            |reply, _| reply.to_vec(),
+        )
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Tell the server we are done, so it stops waiting at once. Best
+        // effort: a server that died needs no goodbye. With a timed-out call
+        // still unanswered the server may not have read that request yet, so
+        // we just hang up and let it notice the closed socket.
+        if self.outstanding.is_some() {
+            return;
+        }
+        let _access = self.conn.peer.region.access();
+        let _ = self.conn.send(METHOD_CLOSE, 0, |_| (0, 0));
+    }
+}

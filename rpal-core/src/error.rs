@@ -1,0 +1,237 @@
+//! rpal's error type. Each message says what happened and what to do next.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Result alias for rpal-core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a remote call failed on the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteStatus {
+    /// The server has no handler for this method id.
+    UnknownMethod,
+    /// The handler rejected the request's bytes or pointers.
+    BadRequest,
+    /// The handler panicked; the server kept running.
+    HandlerPanicked,
+    /// The handler claimed a reply longer than the reply buffer.
+    BadReply,
+    /// A status code this version does not know.
+    Other(u32),
+}
+
+impl RemoteStatus {
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Self::UnknownMethod => 1,
+            Self::BadRequest => 2,
+            Self::HandlerPanicked => 3,
+            Self::BadReply => 4,
+            Self::Other(c) => c,
+        }
+    }
+
+    pub(crate) fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::UnknownMethod,
+            2 => Self::BadRequest,
+            3 => Self::HandlerPanicked,
+            4 => Self::BadReply,
+            c => Self::Other(c),
+        }
+    }
+}
+
+/// Everything that can go wrong in rpal-core.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The socket's other end does not speak rpal.
+    #[error("{endpoint} is not an rpal endpoint ({detail}); check the socket path")]
+    NotRpal {
+        /// Socket path or peer description.
+        endpoint: String,
+        /// What was seen instead.
+        detail: String,
+    },
+    /// The peer closed the socket before the handshake finished.
+    #[error("peer closed the connection during the handshake ({stage}); it may have crashed or rejected us")]
+    HandshakeClosed {
+        /// Which step was under way.
+        stage: &'static str,
+    },
+    /// The two sides speak different protocol versions.
+    #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}; upgrade the older side")]
+    VersionMismatch {
+        /// Our version.
+        ours: u32,
+        /// The peer's version.
+        theirs: u32,
+    },
+    /// The two sides were built with different shared-memory layouts.
+    #[error("layout mismatch: our layout hash is {ours:#018x}, the peer's is {theirs:#018x}; rebuild both with the same rpal")]
+    LayoutMismatch {
+        /// Our layout hash.
+        ours: u64,
+        /// The peer's layout hash.
+        theirs: u64,
+    },
+    /// The peer serves (or asks for) another service, or another method table.
+    #[error("service mismatch: we expect `{ours}`, the peer offers `{theirs}`; check the socket path and both builds")]
+    ServiceMismatch {
+        /// What we expect.
+        ours: String,
+        /// What the peer announced.
+        theirs: String,
+    },
+    /// The peer's credentials are refused by the policy.
+    #[error("permission denied: uid {uid} (pid {pid}) is not allowed by the peer policy; add it to the allow list")]
+    PermissionDenied {
+        /// The refused uid.
+        uid: u32,
+        /// The refused process.
+        pid: i32,
+    },
+    /// The peer rejected our handshake for a reason it explained.
+    #[error("the peer rejected the handshake: {reason}")]
+    Rejected {
+        /// The peer's explanation.
+        reason: String,
+    },
+    /// A descriptor received from the peer is unusable.
+    #[error("invalid descriptor from the peer: {reason}")]
+    InvalidDescriptor {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A region announced by the peer cannot be mapped.
+    #[error("invalid region {addr:#x}+{len:#x}: {reason}")]
+    InvalidRegion {
+        /// Announced address.
+        addr: u64,
+        /// Announced length.
+        len: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A region would overlap one already mapped here.
+    #[error("address in use: {addr:#x}+{len:#x} overlaps the region at {other:#x} already mapped here")]
+    AddressInUse {
+        /// Requested address.
+        addr: u64,
+        /// Requested length.
+        len: u64,
+        /// Start of the region in the way.
+        other: u64,
+    },
+    /// The address window cannot be reserved in this process.
+    #[error("cannot reserve the rpal window {base:#x}+{len:#x}: {source}; set RPAL_WINDOW_BASE to a free range")]
+    WindowUnavailable {
+        /// Window start.
+        base: u64,
+        /// Window length.
+        len: u64,
+        /// The mmap failure.
+        #[source]
+        source: io::Error,
+    },
+    /// Every slot of the host-wide registry is taken by a live process.
+    #[error("no free slot among {slots} in {}; end idle rpal processes or enlarge the window", registry.display())]
+    NoFreeSlot {
+        /// Slot count.
+        slots: usize,
+        /// Registry file.
+        registry: PathBuf,
+    },
+    /// The registry file exists with another geometry.
+    #[error("registry {} has another geometry ({detail}); every process on the host must use the same window settings", path.display())]
+    RegistryMismatch {
+        /// Registry file.
+        path: PathBuf,
+        /// Which field differs.
+        detail: String,
+    },
+    /// An arena has no room left.
+    #[error("region full: asked for {requested} bytes, {available} of {capacity} left; raise RPAL_ARENA_SIZE")]
+    RegionFull {
+        /// Bytes asked for.
+        requested: usize,
+        /// Bytes still free.
+        available: usize,
+        /// Arena capacity.
+        capacity: usize,
+    },
+    /// A pointer or length received from a peer does not lie inside its region.
+    #[error("invalid pointer from the peer: {addr:#x}+{len:#x} {reason}")]
+    InvalidPointer {
+        /// The pointer.
+        addr: u64,
+        /// The length in bytes.
+        len: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A string received from a peer is not UTF-8.
+    #[error("invalid UTF-8 in a peer string at {addr:#x}")]
+    InvalidUtf8 {
+        /// Start of the string.
+        addr: u64,
+    },
+    /// The peer broke the call protocol (bad record length, bad sequence...).
+    #[error("protocol violation by peer pid {pid}: {detail}; the connection is closed")]
+    Protocol {
+        /// The offending peer.
+        pid: i32,
+        /// What it did.
+        detail: String,
+    },
+    /// The peer process exited.
+    #[error("peer process {pid} died; reconnect once it is restarted")]
+    PeerDied {
+        /// The dead peer.
+        pid: i32,
+    },
+    /// The peer closed the connection.
+    #[error("peer process {pid} closed the connection")]
+    Closed {
+        /// The peer.
+        pid: i32,
+    },
+    /// A wait passed its deadline.
+    #[error("timed out after {0:?}; the peer may be overloaded or hung")]
+    Timeout(Duration),
+    /// The server answered the call with an error status.
+    #[error("method {method:#x} failed on the server: {status:?}")]
+    Remote {
+        /// Method id of the call.
+        method: u32,
+        /// What the server reported.
+        status: RemoteStatus,
+    },
+    /// A message does not fit in the inline record.
+    #[error("message of {len} bytes exceeds the inline capacity of {capacity}; pass large data by pointer")]
+    TooLarge {
+        /// Message length.
+        len: usize,
+        /// Inline capacity.
+        capacity: usize,
+    },
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What we were doing, naming the path or peer.
+        op: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an OS error with a description of the operation.
+    pub fn io(op: impl Into<String>, source: io::Error) -> Self {
+        Self::Io { op: op.into(), source }
+    }
+}

@@ -1,0 +1,32 @@
+//! rpal-core: the parts of rpal that live in every process.
+//!
+//! - [`space`]: the shared address window and the host-wide slot registry;
+//! - [`region`]: sealed memfd regions at the same address everywhere;
+//! - [`arena`]: the process's own region and its allocator;
+//! - [`pkey`]: protection keys that catch stray accesses to peer memory;
+//! - [`doorbell`]: spin-then-park waiting with no syscall while both sides are awake;
+//! - [`handshake`]: the Unix-socket control plane;
+//! - [`client`] and [`server`]: the first call path, one call in flight per connection.
+
+pub mod arena;
+pub mod client;
+mod conn;
+pub mod doorbell;
+pub mod error;
+pub mod handshake;
+pub mod pkey;
+pub mod region;
+pub mod server;
+pub mod space;
+pub mod sys;
+
+pub use arena::Arena;
+pub use client::{Client, ClientOptions};
+pub use conn::{INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE, Peer};
+pub use doorbell::{DoorbellSnapshot, WaitConfig};
+pub use error::{Error, RemoteStatus, Result};
+pub use handshake::{PeerCred, PeerPolicy, PROTOCOL_VERSION};
+pub use pkey::PkeyStatus;
+pub use region::{PeerRegion, Region};
+pub use server::{Handler, Request, Server, ServerConn, ServerOptions};
+pub use space::{Space, SpaceConfig};

@@ -1,0 +1,299 @@
+//! Regions: sealed memfds mapped at the same address in every process.
+//!
+//! The owner maps its region read-write at its slot; peers map it read-only
+//! at the same address, so pointers inside need no relocation. The memfd is
+//! sealed against shrinking and growing, so a peer can never truncate it
+//! and make us take SIGBUS.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use bytemuck::Pod;
+
+use crate::error::{Error, Result};
+use crate::pkey::{self, AccessGuard, Pkey};
+use crate::space::{Occupant, Space};
+use crate::sys;
+
+/// Smallest region: one page.
+fn min_len() -> u64 {
+    sys::page_size() as u64
+}
+
+/// A region this process owns, mapped read-write.
+#[derive(Debug)]
+pub struct Region {
+    addr: u64,
+    len: u64,
+    slot: usize,
+    fd: OwnedFd,
+    space: &'static Space,
+}
+
+impl Region {
+    /// Creates a sealed memfd of `len` bytes (rounded up to pages), claims a
+    /// slot for it and maps it there read-write.
+    pub fn create(space: &'static Space, name: &str, len: u64) -> Result<Region> {
+        let page = sys::page_size() as u64;
+        let len = len.max(min_len()).div_ceil(page) * page;
+        let slot_size = space.config().slot_size;
+        if len > slot_size {
+            return Err(Error::RegionFull { requested: len as usize, available: slot_size as usize, capacity: slot_size as usize });
+        }
+        let mfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .close_on_exec(true)
+            .create(name)
+            .map_err(|e| Error::io(format!("memfd_create({name})"), std::io::Error::other(e)))?;
+        mfd.as_file().set_len(len).map_err(|e| Error::io(format!("size memfd {name} to {len}"), e))?;
+        let seals = [memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow, memfd::FileSeal::SealSeal];
+        mfd.add_seals(&seals).map_err(|e| Error::io(format!("seal memfd {name}"), std::io::Error::other(e)))?;
+        let fd: OwnedFd = mfd.into_file().into();
+
+        let slot = space.claim_slot()?;
+        let addr = space.slot_addr(slot);
+        if let Err(e) = space.occupy(addr, len, Occupant::Own) {
+            space.release_slot(slot);
+            return Err(e);
+        }
+        // SAFETY: the slot lies in our reserved window, the registry gave it to
+        // us alone, and `occupy` proved nothing else is mapped there.
+        if let Err(e) = unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), true) } {
+            space.vacate(addr);
+            space.release_slot(slot);
+            return Err(Error::io(format!("map region {name} at {addr:#x}"), e));
+        }
+        Ok(Region { addr, len, slot, fd, space })
+    }
+
+    /// Start address (the same in every process).
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions are at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Registry slot.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Whether `[addr, addr+len)` lies inside this region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr && addr.checked_add(len).is_some_and(|e| e <= self.addr + self.len)
+    }
+}
+
+impl AsFd for Region {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: references into an owned region borrow the `Region` (or the
+        // 'static arena, which is never dropped), so none outlive it.
+        let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
+        self.space.vacate(self.addr);
+        self.space.release_slot(self.slot);
+    }
+}
+
+/// A peer's region, mapped read-only here at the peer's address.
+///
+/// Everything read through it is validated: [`PeerRegion::check`] proves a
+/// `(ptr, len)` lies inside the region with the right alignment. The bytes
+/// behind a view can still change while you hold it (the peer owns them):
+/// copy what must stay stable, and never use peer values as pointers or
+/// lengths without checking them here first.
+#[derive(Debug)]
+pub struct PeerRegion {
+    addr: u64,
+    len: u64,
+    pid: i32,
+    _fd: OwnedFd,
+    pkey: Option<Pkey>,
+    space: &'static Space,
+}
+
+impl PeerRegion {
+    /// Validates a peer's memfd and announced placement, then maps it
+    /// read-only at `addr`.
+    ///
+    /// Checks: the fd is a memfd sealed against shrink and grow, its size is
+    /// `len`, `[addr, addr+len)` is slot-aligned inside the window, nothing is
+    /// mapped there here, and the registry says `pid` owns that slot.
+    pub fn map(space: &'static Space, fd: OwnedFd, addr: u64, len: u64, pid: i32) -> Result<PeerRegion> {
+        let bad = |reason: String| Error::InvalidRegion { addr, len, reason };
+        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| Error::InvalidDescriptor {
+            reason: format!("fd {} is not a sealable memfd (F_GET_SEALS: {e})", fd.as_raw_fd()),
+        })?;
+        let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if seals & need != need {
+            return Err(Error::InvalidDescriptor {
+                reason: format!("memfd lacks shrink/grow seals (seals {seals:#x}); the peer could truncate it under us"),
+            });
+        }
+        let size = nix::sys::stat::fstat(&fd)
+            .map_err(|e| Error::InvalidDescriptor { reason: format!("fstat of the peer's memfd: {e}") })?
+            .st_size as u64;
+        if size != len {
+            return Err(Error::InvalidDescriptor {
+                reason: format!("memfd is {size} bytes but the peer announced {len}"),
+            });
+        }
+        let page = sys::page_size() as u64;
+        if len < min_len() || len % page != 0 || len > space.config().slot_size {
+            return Err(bad(format!("length must be whole pages, at most one slot ({:#x})", space.config().slot_size)));
+        }
+        if !space.in_window(addr, len) {
+            return Err(bad(format!(
+                "outside the rpal window {:#x}+{:#x}",
+                space.config().base,
+                space.config().window_len()
+            )));
+        }
+        let slot = space.slot_of(addr).expect("in window");
+        if space.slot_addr(slot) != addr {
+            return Err(bad("not at the start of a slot".into()));
+        }
+        space.occupy(addr, len, Occupant::Peer { pid })?;
+        let fail = |e: Error| {
+            space.vacate(addr);
+            e
+        };
+        match space.slot_owner(slot) {
+            Some(owner) if owner.pid == pid => {}
+            other => {
+                return Err(fail(bad(format!(
+                    "the registry says slot {slot} belongs to {}, not to peer pid {pid}",
+                    other.map_or("nobody".to_string(), |o| format!("pid {}", o.pid))
+                ))));
+            }
+        }
+        // SAFETY: the range is inside our reserved window and `occupy` proved
+        // nothing else of ours is mapped there.
+        unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), false) }
+            .map_err(|e| fail(Error::io(format!("map peer {pid}'s region at {addr:#x}"), e)))?;
+        let pkey = if pkey::is_active() {
+            match Pkey::alloc() {
+                Ok(k) => {
+                    // SAFETY: the mapping is read-only and fresh; no reference into it exists yet.
+                    match unsafe { k.protect(addr as usize, len as usize, libc::PROT_READ) } {
+                        Ok(()) => {
+                            pkey::register_region(addr, len, pid, k.key());
+                            Some(k)
+                        }
+                        Err(e) => {
+                            tracing::warn!(%e, "pkey_mprotect failed; peer region left unguarded");
+                            None
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%e, "no protection key left; peer region left unguarded");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(PeerRegion { addr, len, pid, _fd: fd, pkey, space })
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the region is empty (never: regions are at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The owning peer's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The protection key guarding this region, if keys are active.
+    pub fn pkey(&self) -> Option<&Pkey> {
+        self.pkey.as_ref()
+    }
+
+    /// Grants this thread access to the region until the guard drops. A
+    /// no-op when protection keys are not active.
+    pub fn access(&self) -> Option<AccessGuard> {
+        self.pkey.as_ref().map(Pkey::allow)
+    }
+
+    /// Checks that `[addr, addr+len)` lies inside the region and `addr` is
+    /// aligned to `align` (a power of two).
+    pub fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
+        let bad = |reason| Err(Error::InvalidPointer { addr, len, reason });
+        if addr % align.max(1) != 0 {
+            return bad("is not aligned for its type");
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return bad("has a length that overflows the address space");
+        };
+        if addr < self.addr || end > self.addr + self.len {
+            return bad("lies outside the peer's region");
+        }
+        Ok(())
+    }
+
+    /// A validated view of one `T` at `addr` in the peer's region.
+    pub fn view<T: Pod>(&self, addr: u64) -> Result<&T> {
+        self.check(addr, size_of::<T>() as u64, align_of::<T>() as u64)?;
+        // SAFETY: `check` proved the bytes lie inside our read-only mapping,
+        // which lives as long as `self`, and are aligned; `T: Pod` accepts any
+        // bit pattern. The peer may change the bytes concurrently (documented
+        // on the type): we hand out plain data, never a pointer we follow.
+        Ok(unsafe { &*(addr as *const T) })
+    }
+
+    /// A validated view of `count` values of `T` at `addr`.
+    pub fn slice<T: Pod>(&self, addr: u64, count: u64) -> Result<&[T]> {
+        let Some(bytes) = count.checked_mul(size_of::<T>() as u64) else {
+            return Err(Error::InvalidPointer { addr, len: u64::MAX, reason: "has a length that overflows" });
+        };
+        self.check(addr, bytes, align_of::<T>() as u64)?;
+        // SAFETY: as in `view`, for `count` contiguous values.
+        Ok(unsafe { std::slice::from_raw_parts(addr as *const T, count as usize) })
+    }
+
+    /// A validated byte view.
+    pub fn bytes(&self, addr: u64, len: u64) -> Result<&[u8]> {
+        self.slice::<u8>(addr, len)
+    }
+
+    /// A validated, UTF-8-checked string view.
+    pub fn str(&self, addr: u64, len: u64) -> Result<&str> {
+        std::str::from_utf8(self.bytes(addr, len)?).map_err(|_| Error::InvalidUtf8 { addr })
+    }
+}
+
+impl Drop for PeerRegion {
+    fn drop(&mut self) {
+        if self.pkey.is_some() {
+            pkey::unregister_region(self.addr);
+        }
+        // SAFETY: views borrow `self`, so none outlive the mapping.
+        let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
+        self.space.vacate(self.addr);
+    }
+}

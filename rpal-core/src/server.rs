@@ -1,0 +1,286 @@
+//! The serving side: a listening socket, handshakes, and the call loop.
+//!
+//! For now each connection is served by its own thread that spins its
+//! budget and then parks on the client's sequence word; the io_uring poller
+//! replaces that with a few poller threads for many connections.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::arena::Arena;
+use crate::conn::{Conn, METHOD_CLOSE, OwnEndpoint, Peer};
+use crate::doorbell::{DoorbellSnapshot, WaitConfig};
+use crate::error::{Error, RemoteStatus, Result};
+use crate::handshake::{self, Hello, Kind, PeerPolicy};
+use crate::region::PeerRegion;
+use crate::space::Space;
+
+/// How a server accepts and waits.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The service name clients must ask for.
+    pub service: String,
+    /// Hash of the method table both sides must share (0: unchecked).
+    pub method_hash: u64,
+    /// Which peers may connect.
+    pub policy: PeerPolicy,
+    /// Deadline of each handshake, so a stuck peer cannot hold the acceptor.
+    pub handshake_timeout: Duration,
+    /// Spin budget and park slice for waiting on requests.
+    pub wait: WaitConfig,
+    /// File mode of the socket.
+    pub socket_mode: u32,
+}
+
+impl ServerOptions {
+    /// Options for `service`, with the defaults (same uid, mode 0600).
+    pub fn new(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            method_hash: 0,
+            policy: PeerPolicy::SameUid,
+            handshake_timeout: Duration::from_secs(5),
+            wait: WaitConfig::default(),
+            socket_mode: 0o600,
+        }
+    }
+}
+
+/// One request, as the handler sees it. The payload and every pointer in it
+/// live in the client's memory: read them through [`Request::peer`], which
+/// validates, and copy what must stay stable.
+pub struct Request<'a> {
+    /// Method id.
+    pub method: u32,
+    /// Call id, unique per connection.
+    pub call_id: u64,
+    /// The inline payload, in place in the client's region.
+    pub payload: &'a [u8],
+    /// The client's region, for following pointers.
+    pub peer: &'a PeerRegion,
+}
+
+/// Serves requests: fill `reply` (in place in our arena) and return its
+/// length, or fail the call with a status.
+pub trait Handler {
+    /// Handles one request.
+    fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus>;
+}
+
+impl<F> Handler for F
+where
+    F: FnMut(&Request<'_>, &mut [u8]) -> std::result::Result<usize, RemoteStatus>,
+{
+    fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
+        self(req, reply)
+    }
+}
+
+/// Server-wide counters.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Handshakes that succeeded.
+    pub accepted: AtomicU64,
+    /// Handshakes that failed (bad peer, policy, timeout...).
+    pub rejected: AtomicU64,
+    /// Calls answered, over all connections.
+    pub calls: AtomicU64,
+}
+
+/// A listening rpal server.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    opts: ServerOptions,
+    stats: Arc<ServerStats>,
+}
+
+impl Server {
+    /// Listens on `path` (mode `opts.socket_mode`). A stale socket file that
+    /// nobody listens on is replaced.
+    pub fn bind(path: impl AsRef<Path>, opts: ServerOptions) -> Result<Server> {
+        let path = path.as_ref().to_path_buf();
+        // Create the arena now, so the first handshake does not pay for it.
+        Arena::global()?;
+        if path.exists() && UnixStream::connect(&path).is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        let listener =
+            UnixListener::bind(&path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.socket_mode))
+            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+        Ok(Server { listener, path, opts, stats: Arc::default() })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Server-wide counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Waits for the next connection and runs its handshake. A failed
+    /// handshake returns that peer's typed error; the server stays usable.
+    pub fn accept(&self) -> Result<ServerConn> {
+        let sock = self.accept_socket()?;
+        self.handshake(sock)
+    }
+
+    fn accept_socket(&self) -> Result<UnixStream> {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(format!("accept on {}", self.path.display()), e)),
+            }
+        }
+    }
+
+    /// Runs the server side of the handshake on an accepted socket.
+    pub fn handshake(&self, sock: UnixStream) -> Result<ServerConn> {
+        let r = self.handshake_inner(sock);
+        let counter = if r.is_ok() { &self.stats.accepted } else { &self.stats.rejected };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    fn handshake_inner(&self, sock: UnixStream) -> Result<ServerConn> {
+        let space = Space::global()?;
+        let arena = Arena::global()?;
+        let endpoint = format!("client on {}", self.path.display());
+        let io = |e| Error::io(format!("configure socket {endpoint}"), e);
+        sock.set_read_timeout(Some(self.opts.handshake_timeout)).map_err(io)?;
+        sock.set_write_timeout(Some(self.opts.handshake_timeout)).map_err(io)?;
+        let cred = handshake::peer_cred(&sock)?;
+        let mine = OwnEndpoint::new()?;
+        let ours = Hello {
+            region_addr: arena.region().addr(),
+            region_len: arena.region().len(),
+            endpoint_addr: mine.addr(),
+            method_hash: self.opts.method_hash,
+            text: self.opts.service.clone(),
+            ..Hello::new(Kind::Welcome)
+        };
+        if !self.opts.policy.allows(cred.uid) {
+            return Err(handshake::refuse(&sock, Error::PermissionDenied { uid: cred.uid, pid: cred.pid }, &ours));
+        }
+        let (hello, fd) = handshake::recv(&sock, &endpoint, "waiting for the client's hello", self.opts.handshake_timeout)?;
+        if hello.kind != Kind::Hello {
+            return Err(Error::NotRpal { endpoint, detail: format!("it opened with a {:?}, not a hello", hello.kind) });
+        }
+        handshake::check_compatible(&hello, &ours).map_err(|e| handshake::refuse(&sock, e, &ours))?;
+        let fd = fd.ok_or_else(|| Error::InvalidDescriptor { reason: "the client's hello carried no memfd".into() });
+        let fd = fd.map_err(|e| handshake::refuse(&sock, e, &ours))?;
+        let region = PeerRegion::map(space, fd, hello.region_addr, hello.region_len, cred.pid)
+            .map_err(|e| handshake::refuse(&sock, e, &ours))?;
+        let conn = Conn::new(sock, cred, region, mine, hello.endpoint_addr, self.opts.wait)?;
+        handshake::send(&conn.sock, &ours, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
+        conn.sock.set_read_timeout(None).map_err(io)?;
+        tracing::debug!(client = cred.pid, "rpal client accepted");
+        Ok(ServerConn { conn, stats: self.stats.clone() })
+    }
+
+    /// Accepts forever, serving each connection on its own thread with a
+    /// clone of `handler`. Failed handshakes are logged and counted in
+    /// [`Server::stats`]; only a broken listener ends the loop.
+    pub fn serve<H>(&self, handler: H) -> Result<()>
+    where
+        H: Handler + Clone + Send + 'static,
+    {
+        loop {
+            let sock = self.accept_socket()?;
+            match self.handshake(sock) {
+                Ok(conn) => {
+                    let h = handler.clone();
+                    std::thread::Builder::new()
+                        .name(format!("rpal-conn-{}", conn.peer().cred.pid))
+                        .spawn(move || {
+                            let pid = conn.peer().cred.pid;
+                            if let Err(e) = conn.run(h) {
+                                tracing::warn!(pid, %e, "rpal connection ended with an error");
+                            }
+                        })
+                        .map_err(|e| Error::io("spawn a connection thread", e))?;
+                }
+                Err(e) => tracing::warn!(%e, path = %self.path.display(), "rpal handshake failed"),
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A server's end of one connection.
+pub struct ServerConn {
+    conn: Conn,
+    stats: Arc<ServerStats>,
+}
+
+impl ServerConn {
+    /// The client: credentials and region.
+    pub fn peer(&self) -> &Peer {
+        &self.conn.peer
+    }
+
+    /// Doorbell counters of this connection.
+    pub fn stats(&self) -> DoorbellSnapshot {
+        self.conn.snapshot()
+    }
+
+    /// Changes the spin budget and park slice.
+    pub fn set_wait(&mut self, wait: WaitConfig) {
+        self.conn.wait = wait;
+    }
+
+    /// Waits for one request and answers it. Returns `Ok(false)` when the
+    /// client closed the connection.
+    pub fn serve_one(&mut self, handler: &mut impl Handler) -> Result<bool> {
+        let _access = self.conn.peer.region.access();
+        let h = match self.conn.recv(None) {
+            Ok(h) => h,
+            Err(Error::Closed { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if h.method == METHOD_CLOSE {
+            return Ok(false);
+        }
+        // The reply goes into our block while the request is read from the
+        // client's: the two never alias.
+        let payload: *const [u8] = self.conn.payload(&h);
+        let region: *const PeerRegion = &self.conn.peer.region;
+        self.conn.send(h.method, h.call_id, |reply| {
+            // SAFETY: `payload` and `region` point into the peer mapping owned by
+            // `self.conn.peer`, which `send` does not touch; they stay valid
+            // for this closure.
+            let req = unsafe { Request { method: h.method, call_id: h.call_id, payload: &*payload, peer: &*region } };
+            let cap = reply.len();
+            match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, reply))) {
+                Ok(Ok(n)) if n <= cap => (n, 0),
+                Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
+                Ok(Err(s)) => (0, s.code()),
+                Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
+            }
+        })?;
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Serves until the client closes (`Ok`) or fails (`Err`: died,
+    /// protocol violation).
+    pub fn run(mut self, mut handler: impl Handler) -> Result<()> {
+        while self.serve_one(&mut handler)? {}
+        Ok(())
+    }
+}

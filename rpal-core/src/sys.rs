@@ -1,0 +1,291 @@
+//! Raw system calls, each behind a safe function.
+//!
+//! Every `libc` call of rpal-core lives here, so the rest of the crate reads
+//! as safe code plus a few documented pointer casts.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+/// The machine's page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as usize } else { 4096 }
+}
+
+fn check_map(addr: usize, len: usize, got: *mut libc::c_void) -> io::Result<()> {
+    if got == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if got as usize != addr {
+        // Kernels before 4.17 treat MAP_FIXED_NOREPLACE as a hint; undo and refuse.
+        // SAFETY: `got` is a fresh mapping the kernel just made for us and nobody else knows of.
+        unsafe { libc::munmap(got, len) };
+        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+    }
+    Ok(())
+}
+
+/// Reserves `[addr, addr+len)` as inaccessible, uncommitted address space.
+/// Fails with `EEXIST` if anything is mapped there already.
+pub fn reserve(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no
+    // memory that Rust code refers to can be affected.
+    let got = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    check_map(addr, len, got)
+}
+
+/// Maps `fd` (offset 0, `len` bytes) shared at exactly `addr`, replacing what
+/// is there.
+///
+/// # Safety
+/// `[addr, addr+len)` must be address space this process reserved for rpal and
+/// that no live Rust reference points into.
+pub unsafe fn map_shared_fixed(addr: usize, len: usize, fd: BorrowedFd<'_>, writable: bool) -> io::Result<()> {
+    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    // SAFETY: the caller guarantees the range is ours to replace.
+    let got = unsafe {
+        libc::mmap(addr as *mut libc::c_void, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), 0)
+    };
+    check_map(addr, len, got)
+}
+
+/// Puts a reservation back over `[addr, addr+len)`, dropping whatever was mapped.
+///
+/// # Safety
+/// No live Rust reference may point into the range.
+pub unsafe fn unmap_to_reserved(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller guarantees nothing refers to the range.
+    let got = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    check_map(addr, len, got)
+}
+
+/// Maps a whole file shared read-write somewhere the kernel chooses.
+pub fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping at a kernel-chosen address affects no existing memory.
+    let got = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if got == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(got.cast()) }
+}
+
+/// Result of a futex wait.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FutexWait {
+    /// Woken by a wake call (or spuriously).
+    Woken,
+    /// The word no longer held the expected value.
+    Changed,
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// `FUTEX_WAIT` on a shared (not process-private) word, so it works across
+/// processes and through read-only mappings.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the
+    // kernel only reads it. `tsp` is null or points to a live timespec.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp, 0usize, 0u32) };
+    if r == 0 {
+        return FutexWait::Woken;
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => FutexWait::Changed,
+        Some(libc::ETIMEDOUT) => FutexWait::TimedOut,
+        _ => FutexWait::Woken, // EINTR and friends: the caller re-checks the word.
+    }
+}
+
+/// `FUTEX_WAKE` (shared) of up to `n` waiters on `word`. Returns how many woke.
+pub fn futex_wake(word: &AtomicU32, n: i32) -> usize {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not touch its value.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0usize, 0usize, 0u32) };
+    r.max(0) as usize
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// Whether any of `fds` is readable or hung up, without blocking.
+pub fn poll_ready(fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
+    let mut p: Vec<libc::pollfd> =
+        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: `p` is a live array of `p.len()` pollfd structs.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r > 0) }
+}
+
+/// Whether a process with this pid exists (it may be a zombie).
+pub fn pid_exists(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`), which tells a pid's reuse apart from its first owner.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parens: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the name start at field 3; starttime is field 22.
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Current process id.
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}
+
+/// Current user id.
+pub fn getuid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes inside `set`; `cpu` is bounded by the caller's CPU count.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a live cpu_set_t of the size we pass.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Number of CPUs this thread may run on.
+pub fn cpus_available() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub mod pkey {
+    //! Memory protection key system calls and the PKRU register.
+
+    use std::io;
+
+    /// Whether the CPU has PKU and the OS enabled it (CPUID.7.0:ECX bits 3 and 4).
+    pub fn cpu_supports() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // CPUID is available on every x86_64 CPU.
+            let max = std::arch::x86_64::__cpuid(0).eax;
+            if max < 7 {
+                return false;
+            }
+            // Leaf 7 exists (checked above).
+            let ecx = std::arch::x86_64::__cpuid_count(7, 0).ecx;
+            ecx & (1 << 3) != 0 && ecx & (1 << 4) != 0
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `pkey_alloc(2)`.
+    pub fn alloc(init_rights: u32) -> io::Result<i32> {
+        // SAFETY: integer-only syscall.
+        let r = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0u32, init_rights) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as i32) }
+    }
+
+    /// `pkey_free(2)`.
+    pub fn free(key: i32) -> io::Result<()> {
+        // SAFETY: integer-only syscall.
+        let r = unsafe { libc::syscall(libc::SYS_pkey_free, key) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// `pkey_mprotect(2)`.
+    ///
+    /// # Safety
+    /// Changing protections must not invalidate memory that live Rust
+    /// references write to (it may only make faults precise, not hide data).
+    pub unsafe fn mprotect(addr: usize, len: usize, prot: i32, key: i32) -> io::Result<()> {
+        // SAFETY: the caller upholds the contract above.
+        let r = unsafe { libc::syscall(libc::SYS_pkey_mprotect, addr, len, prot, key) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    }
+
+    /// Reads PKRU. Only call when [`cpu_supports`] is true.
+    #[cfg(target_arch = "x86_64")]
+    pub fn read_pkru() -> u32 {
+        let eax: u32;
+        // SAFETY: RDPKRU needs ECX = 0 and only writes EAX/EDX; PKU support is
+        // checked by every caller through `cpu_supports`.
+        unsafe {
+            std::arch::asm!("rdpkru", in("ecx") 0u32, out("eax") eax, out("edx") _, options(nomem, nostack, preserves_flags));
+        }
+        eax
+    }
+
+    /// Writes PKRU.
+    ///
+    /// # Safety
+    /// PKU must be supported, and denying access to memory that the thread
+    /// is about to use makes those accesses fault (that is the point).
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn write_pkru(value: u32) {
+        // SAFETY: WRPKRU needs ECX = EDX = 0; the caller checked PKU support.
+        unsafe {
+            std::arch::asm!("wrpkru", in("eax") value, in("ecx") 0u32, in("edx") 0u32, options(nostack, preserves_flags));
+        }
+    }
+
+    /// Stub for other architectures: no PKRU.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn read_pkru() -> u32 {
+        0
+    }
+
+    /// Stub for other architectures: no PKRU.
+    ///
+    /// # Safety
+    /// None; it does nothing.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub unsafe fn write_pkru(_value: u32) {}
+}
