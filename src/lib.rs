@@ -1,1 +1,25 @@
-//! x
+//! rpal: call another process on the same host like a library, by pointer.
+//!
+//! Processes share memory mapped at the same virtual address, so a pointer
+//! means the same thing on both sides and arguments are never serialized.
+//! See `DESIGN.md` for the architecture. This crate re-exports the parts in
+//! `rpal-core`; [`prelude`] has what a typical program needs.
+//!
+//! ```no_run
+//! use rpal::prelude::*;
+//!
+//! # fn main() -> rpal::Result<()> {
+//! let mut client = Client::connect("/tmp/calc.sock", ClientOptions::new("calc"))?;
+//! let reply = client.call(1, &40u64.to_le_bytes())?;
+//! # let _ = reply; Ok(()) }
+//! ```
+
+pub use rpal_core::*;
+
+/// The types most programs use.
+pub mod prelude {
+    pub use rpal_core::{
+        Arena, Client, ClientOptions, Error, Handler, PeerPolicy, PeerRegion, RemoteStatus, Request, Result, Server,
+        ServerOptions, WaitConfig,
+    };
+}

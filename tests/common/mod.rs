@@ -1,0 +1,89 @@
+//! Helpers for tests that run real child processes.
+//!
+//! A test re-runs its own test binary, filtered to itself, with
+//! `RPAL_TEST_ROLE` set; the test function sees the role and plays the child.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The role this process plays, if it is a child.
+pub fn role() -> Option<String> {
+    std::env::var("RPAL_TEST_ROLE").ok()
+}
+
+/// An env var passed to the child.
+pub fn arg(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"))
+}
+
+/// A child process killed and reaped when dropped, even if the test fails.
+pub struct ChildGuard {
+    pub child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Waits up to `limit` for the child to exit.
+    pub fn wait_timeout(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return st;
+            }
+            assert!(t0.elapsed() < limit, "child did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the child and asserts it succeeded.
+    pub fn expect_success(&mut self) {
+        let st = self.wait_timeout(Duration::from_secs(60));
+        assert!(st.success(), "child failed: {st:?}");
+    }
+
+    /// Kills the child now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs test `test` of this binary as a child with `role` and `env`.
+pub fn spawn(test: &str, role: &str, env: &[(&str, String)]) -> ChildGuard {
+    spawn_with(test, role, env, false)
+}
+
+/// As [`spawn`]; `capture` pipes the child's stderr for inspection.
+pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool) -> ChildGuard {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"]).env("RPAL_TEST_ROLE", role);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null());
+    if capture {
+        cmd.stderr(Stdio::piped());
+    }
+    ChildGuard { child: Some(cmd.spawn().expect("spawn child")) }
+}
+
+/// A socket path unique to this process and `name`.
+pub fn sock_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("rpal-test-{}-{name}.sock", std::process::id()))
+}
