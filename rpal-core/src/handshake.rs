@@ -247,8 +247,14 @@ pub fn send(sock: &UnixStream, msg: &Hello, fd: Option<BorrowedFd<'_>>) -> Resul
     let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
     let cmsgs: Vec<ControlMessage<'_>> =
         if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(|e| Error::io("send handshake message", e.into()))?;
+    let n = match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
+            return Err(Error::HandshakeClosed { stage: "sending a control message" });
+        }
+        Err(nix::errno::Errno::EAGAIN) => return Err(Error::Timeout(sock.write_timeout().ok().flatten().unwrap_or_default())),
+        Err(e) => return Err(Error::io("send handshake message", e.into())),
+    };
     if n != MESSAGE_LEN {
         // A 256-byte message fits any socket buffer; a short write means trouble.
         return Err(Error::HandshakeClosed { stage: "sending hello" });

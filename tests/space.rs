@@ -1,0 +1,127 @@
+//! The host-wide slot registry with real processes: dead owners' slots are
+//! reclaimed, pid reuse is detected by start time, live owners are left alone.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const HEADER: u64 = 40;
+const ENTRY: u64 = 16;
+
+fn registry(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("rpal-test-{}-{name}.slots", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn read_entry(reg: &Path, slot: u64) -> (u32, i32, u64) {
+    let f = std::fs::File::open(reg).unwrap();
+    let mut b = [0u8; 16];
+    f.read_exact_at(&mut b, HEADER + slot * ENTRY).unwrap();
+    let owner = u64::from_le_bytes(b[..8].try_into().unwrap());
+    ((owner >> 32) as u32, owner as u32 as i32, u64::from_le_bytes(b[8..].try_into().unwrap()))
+}
+
+fn write_entry(reg: &Path, slot: u64, generation: u32, pid: i32, start: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(reg).unwrap();
+    let owner = ((generation as u64) << 32) | pid as u32 as u64;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&owner.to_le_bytes());
+    b[8..].copy_from_slice(&start.to_le_bytes());
+    f.write_all_at(&b, HEADER + slot * ENTRY).unwrap();
+}
+
+/// Runs a child that creates its arena against `reg`, writes its slot to
+/// `out`, then either exits or waits to be killed.
+fn claim(reg: &Path, out: &Path, linger: bool) -> common::ChildGuard {
+    let _ = std::fs::remove_file(out);
+    common::spawn(
+        "slots_of_dead_owners_are_reclaimed",
+        if linger { "linger" } else { "exit" },
+        &[("RPAL_REGISTRY", reg.display().to_string()), ("RPAL_TEST_OUT", out.display().to_string())],
+    )
+}
+
+fn read_slot(out: &Path) -> u64 {
+    for _ in 0..2000 {
+        if let Ok(s) = std::fs::read_to_string(out) {
+            if s.ends_with('\n') {
+                return s.trim().parse().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("child never reported its slot");
+}
+
+#[test]
+fn slots_of_dead_owners_are_reclaimed() {
+    if let Some(role) = common::role() {
+        let arena = rpal::Arena::global().unwrap();
+        std::fs::write(common::arg("RPAL_TEST_OUT"), format!("{}\n", arena.region().slot())).unwrap();
+        if role == "linger" {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        return;
+    }
+    let reg = registry("reclaim");
+    let out = std::env::temp_dir().join(format!("rpal-test-{}-reclaim.out", std::process::id()));
+
+    // A first owner takes slot 0 and is killed: its slot is recorded as its own.
+    let mut a = claim(&reg, &out, true);
+    assert_eq!(read_slot(&out), 0);
+    let (gen_a, pid, start) = read_entry(&reg, 0);
+    assert_eq!(pid, a.pid());
+    assert_ne!(start, 0);
+    a.kill();
+
+    // The next process reclaims the dead owner's slot, with a new generation.
+    let mut b = claim(&reg, &out, false);
+    assert_eq!(read_slot(&out), 0);
+    b.expect_success();
+    let (gen_b, _, _) = read_entry(&reg, 0);
+    assert_eq!(gen_b, gen_a + 1);
+
+    // A live pid with the wrong start time is a reused pid: reclaimed too.
+    let me = std::process::id() as i32;
+    write_entry(&reg, 0, 40, me, 12345);
+    let mut c = claim(&reg, &out, false);
+    assert_eq!(read_slot(&out), 0);
+    c.expect_success();
+    assert_eq!(read_entry(&reg, 0).0, 41);
+
+    // A live owner with its real start time keeps its slot.
+    let my_start = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
+    let my_start: u64 = my_start[my_start.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
+    write_entry(&reg, 0, 50, me, my_start);
+    let mut d = claim(&reg, &out, false);
+    assert_eq!(read_slot(&out), 1);
+    d.expect_success();
+    assert_eq!(read_entry(&reg, 0), (50, me, my_start));
+    let _ = std::fs::remove_file(&reg);
+    let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn a_registry_of_another_geometry_is_refused() {
+    if common::role().is_some() {
+        let e = rpal::Arena::global().unwrap_err();
+        assert!(e.to_string().contains("geometry") || e.to_string().contains("base"), "{e}");
+        return;
+    }
+    let reg = registry("geometry");
+    // Write a header with another window base, as a process with other settings would.
+    let f = std::fs::File::create(&reg).unwrap();
+    f.set_len(HEADER + 1024 * ENTRY).unwrap();
+    let mut h = Vec::new();
+    for v in [u64::from_le_bytes(*b"RPALSLOT"), 1, 0x6000_0000_0000, 1 << 32, 1024] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    f.write_all_at(&h, 0).unwrap();
+    let mut child =
+        common::spawn("a_registry_of_another_geometry_is_refused", "child", &[("RPAL_REGISTRY", reg.display().to_string())]);
+    child.expect_success();
+    let _ = std::fs::remove_file(&reg);
+}
