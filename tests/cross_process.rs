@@ -100,9 +100,9 @@ fn build_structure(arena: &'static Arena) -> (u64, u64) {
         head = node as *mut Node as u64;
         nodes.push(node);
     }
-    for i in 0..nodes.len() {
-        let addr = &*nodes[i] as *const Node as u64;
-        let v = nodes[i].value;
+    for node in &nodes {
+        let addr = &**node as *const Node as u64;
+        let v = node.value;
         if tree_root == 0 {
             tree_root = addr;
             continue;
@@ -200,6 +200,7 @@ fn server_death_fails_the_call_in_flight() {
         let _ = conn.run(|req: &Request<'_>, _: &mut [u8]| {
             if req.method == 2 {
                 // Die without a word while the client waits.
+                // SAFETY: _exit ends the process at once; nothing runs after it.
                 unsafe { libc::_exit(3) };
             }
             Ok(0)
@@ -225,6 +226,7 @@ fn client_death_ends_its_connection_only() {
     if common::role().is_some() {
         let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("svc")).unwrap();
         c.call(1, b"x").unwrap();
+        // SAFETY: _exit ends the process at once, without the client's goodbye.
         unsafe { libc::_exit(0) };
     }
     let path = common::sock_path("svc");
