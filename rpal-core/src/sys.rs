@@ -197,9 +197,12 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// Number of CPUs this thread may run on.
-pub fn cpus_available() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Number of CPUs online (not limited by this thread's affinity, which a
+/// pinned parent passes on to its children).
+pub fn cpus_online() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 { n as usize } else { 1 }
 }
 
 pub mod pkey {

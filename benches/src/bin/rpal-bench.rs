@@ -1,1 +1,112 @@
-fn main() {}
+//! `rpal-bench`: round trips between two pinned processes for every
+//! transport, in one run, so they can be compared as ratios.
+//!
+//! ```text
+//! cargo run --release -p rpal-bench -- [--json] [--iters N] [--quick] [--only NAME]
+//! ```
+
+use std::path::PathBuf;
+
+use rpal_bench::{RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure, pin, run_child};
+
+struct Args {
+    json: bool,
+    iters: Option<usize>,
+    quick: bool,
+    only: Option<String>,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args { json: false, iters: None, quick: false, only: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--json" => a.json = true,
+            "--quick" => a.quick = true,
+            "--iters" => a.iters = Some(it.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?),
+            "--only" => a.only = Some(it.next().ok_or("--only needs a transport name")?),
+            "-h" | "--help" => {
+                println!("usage: rpal-bench [--json] [--iters N] [--quick] [--only raw-spin|raw-futex|rpal|tcp]");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other}; try --help")),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--child") {
+        let role = argv.get(2).ok_or("--child needs a role")?;
+        run_child(role, &argv[3..])?;
+        return Ok(());
+    }
+    let args = parse()?;
+    let exe: PathBuf = std::env::current_exe()?;
+    pin(0);
+    // (transport, mode, default iterations): sleeping rows are ~100x slower.
+    let plan: [(&str, &str, usize); 5] = [
+        ("raw-spin", "busy", 200_000),
+        ("raw-futex", "parked", 20_000),
+        ("rpal", "busy", 200_000),
+        ("rpal", "parked", 20_000),
+        ("tcp", "busy", 20_000),
+    ];
+    let mut rows = Vec::new();
+    for (transport, mode, default_iters) in plan {
+        if args.only.as_deref().is_some_and(|o| o != transport) {
+            continue;
+        }
+        let iters = args.iters.unwrap_or(if args.quick { default_iters / 20 } else { default_iters });
+        let mut rt: Box<dyn RoundTrip> = match (transport, mode) {
+            ("raw-spin", _) => Box::new(RawPingPong::start(&exe, false)?),
+            ("raw-futex", _) => Box::new(RawPingPong::start(&exe, true)?),
+            ("rpal", m) => Box::new(RpalRoundTrip::start(&exe, m == "parked")?),
+            _ => Box::new(TcpRoundTrip::start(&exe)?),
+        };
+        let (p50, p99, mean) = measure(rt.as_mut(), iters / 10 + 10, iters);
+        drop(rt);
+        let row = Row { transport, mode, payload: 8, p50_ns: p50, p99_ns: p99, mean_ns: mean, iters };
+        if args.json {
+            println!("{}", row.json());
+        }
+        rows.push(row);
+    }
+    if !args.json {
+        print_table(&rows);
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let find = |t: &str| rows.iter().find(|r| r.transport == t).map(|r| r.p50_ns as f64);
+    let (spin, tcp) = (find("raw-spin"), find("tcp"));
+    println!("round trips between two processes on different cores, 8-byte payload each way");
+    println!(
+        "{:<10} {:<7} {:>10} {:>10} {:>10} {:>8} {:>11} {:>9}",
+        "transport", "mode", "p50", "p99", "mean", "iters", "/raw-spin", "tcp/x"
+    );
+    let us = |ns: u64| format!("{:.2} us", ns as f64 / 1000.0);
+    for r in rows {
+        let ratio = |base: Option<f64>, inv: bool| match base {
+            Some(b) if r.p50_ns > 0 => {
+                let x = if inv { b / r.p50_ns as f64 } else { r.p50_ns as f64 / b };
+                format!("{x:.2}x")
+            }
+            _ => "-".into(),
+        };
+        println!(
+            "{:<10} {:<7} {:>10} {:>10} {:>10} {:>8} {:>11} {:>9}",
+            r.transport,
+            r.mode,
+            us(r.p50_ns),
+            us(r.p99_ns),
+            us(r.mean_ns),
+            r.iters,
+            ratio(spin, false),
+            ratio(tcp, true)
+        );
+    }
+    println!("p50/p99/mean are per round trip; /raw-spin: p50 over the spin floor; tcp/x: how many times faster than TCP.");
+}

@@ -1,0 +1,367 @@
+//! Round-trip benchmarks between two real processes pinned to different
+//! cores: the raw floors (spin, futex), rpal, and loopback TCP, all with the
+//! same payload written by the caller and read back by the callee.
+//!
+//! The parent is the caller; each transport's callee runs in a child process
+//! started from the same executable with `--child ROLE ARGS...`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rpal::sys;
+
+/// One measured row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// `raw-spin`, `raw-futex`, `rpal`, `tcp`.
+    pub transport: &'static str,
+    /// `busy` or `parked`.
+    pub mode: &'static str,
+    /// Payload bytes each way.
+    pub payload: usize,
+    /// Median round trip.
+    pub p50_ns: u64,
+    /// 99th percentile round trip.
+    pub p99_ns: u64,
+    /// Mean round trip.
+    pub mean_ns: u64,
+    /// Timed iterations.
+    pub iters: usize,
+}
+
+impl Row {
+    /// The row as one JSON object (field names are stable: tools read them).
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"transport\":\"{}\",\"mode\":\"{}\",\"payload\":{},\"measure\":\"round_trip\",\"p50_ns\":{},\"p99_ns\":{},\"mean_ns\":{},\"iters\":{}}}",
+            self.transport, self.mode, self.payload, self.p50_ns, self.p99_ns, self.mean_ns, self.iters
+        )
+    }
+}
+
+/// Something that can make one round trip carrying `value`, returning what
+/// the callee sent back.
+pub trait RoundTrip {
+    /// One round trip.
+    fn round_trip(&mut self, value: u64) -> u64;
+}
+
+/// Times `iters` round trips after `warmup` untimed ones, checking each echo.
+pub fn measure(rt: &mut dyn RoundTrip, warmup: usize, iters: usize) -> (u64, u64, u64) {
+    for i in 0..warmup {
+        let v = 0xA5A5_0000_0000 + i as u64;
+        assert_eq!(rt.round_trip(v), !v, "the callee must read the payload and answer");
+    }
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let v = i as u64 + 1;
+        let t0 = Instant::now();
+        let back = rt.round_trip(v);
+        samples.push(t0.elapsed().as_nanos() as u64);
+        assert_eq!(back, !v, "the callee must read the payload and answer");
+    }
+    summarize(&mut samples)
+}
+
+/// p50, p99 and mean of `samples` (sorted in place).
+pub fn summarize(samples: &mut [u64]) -> (u64, u64, u64) {
+    if samples.is_empty() {
+        return (0, 0, 0);
+    }
+    samples.sort_unstable();
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    let mean = samples.iter().sum::<u64>() / samples.len() as u64;
+    (pct(0.50), pct(0.99), mean)
+}
+
+// ---- child processes -------------------------------------------------------
+
+/// A child process, killed and reaped on drop.
+pub struct ChildGuard {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildGuard {
+    /// Starts `exe --child role args...` and waits for its first stdout line
+    /// (its "ready" message, which may carry data such as a port).
+    pub fn start(exe: &Path, role: &str, args: &[String]) -> std::io::Result<(ChildGuard, String)> {
+        let mut child = Command::new(exe)
+            .arg("--child")
+            .arg(role)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut guard = ChildGuard { child, stdout };
+        let mut line = String::new();
+        guard.stdout.read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(std::io::Error::other(format!("child `{role}` exited before it was ready")));
+        }
+        Ok((guard, line.trim().to_owned()))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self.stdout.read_to_end(&mut Vec::new());
+    }
+}
+
+/// Pins this process's thread to `cpu` when the machine has more than one.
+pub fn pin(cpu: usize) {
+    let n = sys::cpus_online();
+    if n > 1 {
+        if let Err(e) = sys::pin_to_cpu(cpu % n) {
+            eprintln!("rpal-bench: cannot pin to CPU {cpu}: {e}; figures will be noisier");
+        }
+    }
+}
+
+/// Runs a child role; called by the binary's `main` for `--child`.
+pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
+    pin(1);
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    match role {
+        "raw-spin" | "raw-futex" => {
+            let fd: i32 = arg(0).parse().expect("fd");
+            // SAFETY: the parent passed us this inherited memfd's number; we own it now.
+            let page = SharedPage::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+            println!("ready");
+            page.echo_loop(role == "raw-futex");
+            Ok(())
+        }
+        "rpal-busy" | "rpal-parked" => {
+            let mut opts = rpal::ServerOptions::new("bench");
+            if role == "rpal-parked" {
+                opts.wait = rpal::WaitConfig::parked();
+            }
+            let server = rpal::Server::bind(arg(0), opts)?;
+            println!("ready");
+            let conn = server.accept()?;
+            conn.run(echo_handler)
+        }
+        "tcp" => {
+            let l = TcpListener::bind("127.0.0.1:0").map_err(|e| rpal::Error::io("bind loopback", e))?;
+            println!("{}", l.local_addr().map_err(|e| rpal::Error::io("local_addr", e))?.port());
+            let (mut s, _) = l.accept().map_err(|e| rpal::Error::io("accept", e))?;
+            let _ = s.set_nodelay(true);
+            let mut frame = [0u8; 16];
+            while s.read_exact(&mut frame).is_ok() {
+                let v = u64::from_le_bytes(frame[8..16].try_into().expect("8 bytes"));
+                frame[8..16].copy_from_slice(&(!v).to_le_bytes());
+                if s.write_all(&frame).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+/// The callee of the rpal rows: reads the 8-byte payload, answers its complement.
+pub fn echo_handler(req: &rpal::Request<'_>, reply: &mut [u8]) -> Result<usize, rpal::RemoteStatus> {
+    let v = u64::from_le_bytes(req.payload.get(..8).ok_or(rpal::RemoteStatus::BadRequest)?.try_into().expect("8 bytes"));
+    reply[..8].copy_from_slice(&(!v).to_le_bytes());
+    Ok(8)
+}
+
+// ---- raw shared-memory floors ---------------------------------------------
+
+/// One shared page: a ping line and a pong line, each a sequence word and
+/// an 8-byte payload, on separate 128-byte lines.
+pub struct SharedPage {
+    base: *mut u8,
+    fd: OwnedFd,
+}
+
+const PING: usize = 0;
+const PONG: usize = 128;
+const STOP: u32 = u32::MAX;
+
+impl SharedPage {
+    /// A fresh page, inheritable by children (no close-on-exec).
+    pub fn new() -> std::io::Result<Self> {
+        let m = memfd::MemfdOptions::default()
+            .close_on_exec(false)
+            .create("rpal-bench-raw")
+            .map_err(std::io::Error::other)?;
+        m.as_file().set_len(4096)?;
+        Ok(Self::from_fd(m.into_file().into()))
+    }
+
+    fn from_fd(fd: OwnedFd) -> Self {
+        let base = sys::map_file(std::os::fd::AsFd::as_fd(&fd), 4096).expect("map the shared page");
+        Self { base, fd }
+    }
+
+    /// The descriptor number to pass to the child.
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    fn seq(&self, line: usize) -> &AtomicU32 {
+        // SAFETY: the page is mapped for our lifetime; the word is aligned and only used atomically.
+        unsafe { &*(self.base.add(line) as *const AtomicU32) }
+    }
+
+    fn val(&self, line: usize) -> &AtomicU64 {
+        // SAFETY: as in `seq`, 8 bytes further on.
+        unsafe { &*(self.base.add(line + 8) as *const AtomicU64) }
+    }
+
+    fn wait_for(&self, line: usize, want: u32, futex: bool) -> u32 {
+        loop {
+            // Acquire: pairs with the Release store in `signal`.
+            let now = self.seq(line).load(Ordering::Acquire);
+            if now == want || now == STOP {
+                return now;
+            }
+            if futex {
+                sys::futex_wait(self.seq(line), now, None);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn signal(&self, line: usize, value: u32, futex: bool) {
+        // Release: publishes the payload written before; pairs with the Acquire in `wait_for`.
+        self.seq(line).store(value, Ordering::Release);
+        if futex {
+            sys::futex_wake(self.seq(line), 1);
+        }
+    }
+
+    fn echo_loop(&self, futex: bool) {
+        let mut n = 1u32;
+        while self.wait_for(PING, n, futex) != STOP {
+            let v = self.val(PING).load(Ordering::Relaxed);
+            self.val(PONG).store(!v, Ordering::Relaxed);
+            self.signal(PONG, n, futex);
+            n = n.wrapping_add(1) % STOP;
+        }
+    }
+}
+
+impl Drop for SharedPage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `from_fd` and nothing borrows it past `self`.
+        unsafe { libc::munmap(self.base.cast(), 4096) };
+    }
+}
+
+/// Raw atomic ping-pong (busy) or futex ping-pong (always sleeps).
+pub struct RawPingPong {
+    page: SharedPage,
+    futex: bool,
+    n: u32,
+    _child: ChildGuard,
+}
+
+impl RawPingPong {
+    /// Starts the echoing child.
+    pub fn start(exe: &Path, futex: bool) -> std::io::Result<Self> {
+        let page = SharedPage::new()?;
+        let role = if futex { "raw-futex" } else { "raw-spin" };
+        let (child, _) = ChildGuard::start(exe, role, &[page.raw_fd().to_string()])?;
+        Ok(Self { page, futex, n: 0, _child: child })
+    }
+}
+
+impl RoundTrip for RawPingPong {
+    fn round_trip(&mut self, value: u64) -> u64 {
+        self.n = (self.n + 1) % STOP;
+        self.page.val(PING).store(value, Ordering::Relaxed);
+        self.page.signal(PING, self.n, self.futex);
+        self.page.wait_for(PONG, self.n, self.futex);
+        self.page.val(PONG).load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RawPingPong {
+    fn drop(&mut self) {
+        self.page.signal(PING, STOP, self.futex);
+    }
+}
+
+// ---- rpal and TCP ----------------------------------------------------------
+
+/// rpal calls to a child server.
+pub struct RpalRoundTrip {
+    client: rpal::Client,
+    _child: ChildGuard,
+    _path: PathBuf,
+}
+
+impl RpalRoundTrip {
+    /// Starts a child server (`parked`: both sides park at once) and connects.
+    pub fn start(exe: &Path, parked: bool) -> rpal::Result<Self> {
+        let path = std::env::temp_dir().join(format!("rpal-bench-{}-{parked}.sock", std::process::id()));
+        let role = if parked { "rpal-parked" } else { "rpal-busy" };
+        let (child, _) = ChildGuard::start(exe, role, &[path.display().to_string()])
+            .map_err(|e| rpal::Error::io("start the rpal server child", e))?;
+        let mut opts = rpal::ClientOptions::new("bench");
+        if parked {
+            opts.wait = rpal::WaitConfig::parked();
+        }
+        opts.call_timeout = Some(Duration::from_secs(10));
+        let client = rpal::Client::connect(&path, opts)?;
+        Ok(Self { client, _child: child, _path: path })
+    }
+}
+
+impl RoundTrip for RpalRoundTrip {
+    fn round_trip(&mut self, value: u64) -> u64 {
+        self.client
+            .call_with(
+                1,
+                None,
+                |buf| {
+                    buf[..8].copy_from_slice(&value.to_le_bytes());
+                    8
+                },
+                |reply, _| u64::from_le_bytes(reply[..8].try_into().expect("8-byte reply")),
+            )
+            .expect("rpal call")
+    }
+}
+
+/// Loopback TCP (TCP_NODELAY) request/response with a 16-byte frame (method,
+/// length, 8-byte payload), as an RPC over TCP would send.
+pub struct TcpRoundTrip {
+    sock: TcpStream,
+    _child: ChildGuard,
+}
+
+impl TcpRoundTrip {
+    /// Starts the echoing child and connects.
+    pub fn start(exe: &Path) -> std::io::Result<Self> {
+        let (child, port) = ChildGuard::start(exe, "tcp", &[])?;
+        let sock = TcpStream::connect(("127.0.0.1", port.parse::<u16>().map_err(std::io::Error::other)?))?;
+        sock.set_nodelay(true)?;
+        Ok(Self { sock, _child: child })
+    }
+}
+
+impl RoundTrip for TcpRoundTrip {
+    fn round_trip(&mut self, value: u64) -> u64 {
+        let mut frame = [0u8; 16];
+        frame[0..4].copy_from_slice(&1u32.to_le_bytes());
+        frame[4..8].copy_from_slice(&8u32.to_le_bytes());
+        frame[8..16].copy_from_slice(&value.to_le_bytes());
+        self.sock.write_all(&frame).expect("tcp write");
+        self.sock.read_exact(&mut frame).expect("tcp read");
+        u64::from_le_bytes(frame[8..16].try_into().expect("8 bytes"))
+    }
+}
