@@ -32,10 +32,19 @@ fn name_of(v: u64) -> String {
 /// Server side: walks the client's structure by pointer, validating every
 /// pointer against the client's region, and reports what it saw.
 fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
-    let root = u64::from_le_bytes(req.payload.get(..8).ok_or(RemoteStatus::BadRequest)?.try_into().unwrap());
+    let root = u64::from_le_bytes(
+        req.payload
+            .get(..8)
+            .ok_or(RemoteStatus::BadRequest)?
+            .try_into()
+            .unwrap(),
+    );
     let (mut count, mut sum, mut names_ok, mut in_place, mut sorted) = (0u64, 0u64, 0u64, 0u64, 1u64);
     let mut visit = |node: &Node, addr: u64| -> Result<(), RemoteStatus> {
-        let name = req.peer.str(node.name_ptr, node.name_len).map_err(|_| RemoteStatus::BadRequest)?;
+        let name = req
+            .peer
+            .str(node.name_ptr, node.name_len)
+            .map_err(|_| RemoteStatus::BadRequest)?;
         names_ok += (name == name_of(node.value)) as u64;
         // The view is the client's memory itself, not a copy.
         in_place += (std::ptr::eq(node, addr as *const Node) && req.peer.check(addr, 48, 8).is_ok()) as u64;
@@ -95,7 +104,14 @@ fn build_structure(arena: &'static Arena) -> (u64, u64) {
         let v = (i * 7919) % NODES;
         let name = arena.alloc_str(&name_of(v)).unwrap();
         let node = arena
-            .alloc(Node { value: v, name_ptr: name.as_ptr() as u64, name_len: name.len() as u64, next: head, left: 0, right: 0 })
+            .alloc(Node {
+                value: v,
+                name_ptr: name.as_ptr() as u64,
+                name_len: name.len() as u64,
+                next: head,
+                left: 0,
+                right: 0,
+            })
             .unwrap();
         head = node as *mut Node as u64;
         nodes.push(node);
@@ -123,7 +139,10 @@ fn build_structure(arena: &'static Arena) -> (u64, u64) {
 }
 
 fn words(reply: &[u8]) -> Vec<u64> {
-    reply.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    reply
+        .chunks(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -140,12 +159,25 @@ fn pointers_cross_processes() {
         }
         // A pointer outside our region is refused by the server's validation.
         let err = c.call(WALK_LIST, &0x10u64.to_le_bytes()).unwrap_err();
-        assert!(matches!(err, Error::Remote { status: RemoteStatus::BadRequest, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Remote {
+                    status: RemoteStatus::BadRequest,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         return;
     }
     let path = common::sock_path("walker");
     let server = Server::bind(&path, ServerOptions::new("walker")).unwrap();
-    let mut child = common::spawn("pointers_cross_processes", "client", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "pointers_cross_processes",
+        "client",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let conn = server.accept().unwrap();
     assert_eq!(conn.peer().cred.pid, child.pid());
     conn.run(walker).unwrap();
@@ -159,11 +191,31 @@ fn remote_errors_and_timeouts_fail_one_call() {
         let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("echo")).unwrap();
         assert_eq!(c.call(1, b"hello").unwrap(), b"hello");
         let e = c.call(77, b"").unwrap_err();
-        assert!(matches!(e, Error::Remote { method: 77, status: RemoteStatus::UnknownMethod }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Remote {
+                    method: 77,
+                    status: RemoteStatus::UnknownMethod
+                }
+            ),
+            "{e}"
+        );
         let e = c.call(3, b"").unwrap_err();
-        assert!(matches!(e, Error::Remote { status: RemoteStatus::HandlerPanicked, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Remote {
+                    status: RemoteStatus::HandlerPanicked,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(c.call(1, b"after panic").unwrap(), b"after panic");
-        let e = c.call_with(4, Some(Duration::from_millis(30)), |_| 0, |_, _| ()).unwrap_err();
+        let e = c
+            .call_with(4, Some(Duration::from_millis(30)), |_| 0, |_, _| ())
+            .unwrap_err();
         assert!(matches!(e, Error::Timeout(_)), "{e}");
         // The late reply of the timed-out call is discarded, not taken for this one.
         assert_eq!(c.call(1, b"after timeout").unwrap(), b"after timeout");
@@ -173,8 +225,11 @@ fn remote_errors_and_timeouts_fail_one_call() {
     }
     let path = common::sock_path("echo");
     let server = Server::bind(&path, ServerOptions::new("echo")).unwrap();
-    let mut child =
-        common::spawn("remote_errors_and_timeouts_fail_one_call", "client", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "remote_errors_and_timeouts_fail_one_call",
+        "client",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let conn = server.accept().unwrap();
     conn.run(|req: &Request<'_>, reply: &mut [u8]| match req.method {
         1 => {
@@ -208,8 +263,11 @@ fn server_death_fails_the_call_in_flight() {
         return;
     }
     let path = common::sock_path("dying");
-    let mut child =
-        common::spawn("server_death_fails_the_call_in_flight", "server", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "server_death_fails_the_call_in_flight",
+        "server",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let mut c = connect_retry(&path, ClientOptions::new("dying"));
     c.call(1, b"").unwrap();
     let space = rpal::Space::global().unwrap();
@@ -236,7 +294,10 @@ fn client_death_ends_its_connection_only() {
     let conn = server.accept().unwrap();
     let pid = conn.peer().cred.pid;
     let e = conn.run(|_: &Request<'_>, _: &mut [u8]| Ok(0)).unwrap_err();
-    assert!(matches!(e, Error::PeerDied { pid: p } | Error::Closed { pid: p } if p == pid), "{e}");
+    assert!(
+        matches!(e, Error::PeerDied { pid: p } | Error::Closed { pid: p } if p == pid),
+        "{e}"
+    );
     dying.wait_timeout(Duration::from_secs(10));
     // The server goes on accepting.
     let mut next = common::spawn("client_death_ends_its_connection_only", "client", &env);

@@ -12,16 +12,26 @@ use rpal::handshake::{self, Hello, Kind, RejectCode};
 use rpal::prelude::*;
 
 fn memfd(len: u64, sealed: bool) -> OwnedFd {
-    let m = memfd::MemfdOptions::default().allow_sealing(true).create("crafted").unwrap();
+    let m = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .create("crafted")
+        .unwrap();
     m.as_file().set_len(len).unwrap();
     if sealed {
-        m.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow]).unwrap();
+        m.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
+            .unwrap();
     }
     m.into_file().into()
 }
 
 fn crafted(service: &str, addr: u64, len: u64) -> Hello {
-    Hello { region_addr: addr, region_len: len, endpoint_addr: addr + 4096, text: service.into(), ..Hello::new(Kind::Hello) }
+    Hello {
+        region_addr: addr,
+        region_len: len,
+        endpoint_addr: addr + 4096,
+        text: service.into(),
+        ..Hello::new(Kind::Hello)
+    }
 }
 
 /// Runs `client` against one `server.accept()` and returns the server's result.
@@ -38,7 +48,9 @@ fn accept_while(server: &Server, client: impl FnOnce() + Send) -> rpal::Result<r
 fn send_crafted(path: &std::path::Path, hello: &Hello, fd: Option<&OwnedFd>) -> Option<Hello> {
     let sock = UnixStream::connect(path).unwrap();
     handshake::send(&sock, hello, fd.map(|f| f.as_fd())).unwrap();
-    handshake::recv(&sock, "server", "test", Duration::from_secs(5)).ok().map(|(h, _)| h)
+    handshake::recv(&sock, "server", "test", Duration::from_secs(5))
+        .ok()
+        .map(|(h, _)| h)
 }
 
 #[test]
@@ -65,12 +77,16 @@ fn server_survives_bad_handshakes() {
     })
     .err()
     .unwrap();
-    assert!(matches!(&e, Error::NotRpal { detail, .. } if detail.contains("GET / HT")), "{e}");
+    assert!(
+        matches!(&e, Error::NotRpal { detail, .. } if detail.contains("GET / HT")),
+        "{e}"
+    );
 
     // A peer that closes mid-handshake.
     let e = accept_while(&server, || {
         let mut s = UnixStream::connect(&path).unwrap();
-        s.write_all(&crafted("guarded", free_slot, 4096).encode()[..100]).unwrap();
+        s.write_all(&crafted("guarded", free_slot, 4096).encode()[..100])
+            .unwrap();
     })
     .err()
     .unwrap();
@@ -89,10 +105,19 @@ fn server_survives_bad_handshakes() {
     // A wrong protocol version: both sides get VersionMismatch.
     let fd = memfd(1 << 20, true);
     let e = accept_while(&server, || {
-        let h = Hello { version: 99, ..crafted("guarded", free_slot, 1 << 20) };
+        let h = Hello {
+            version: 99,
+            ..crafted("guarded", free_slot, 1 << 20)
+        };
         let answer = send_crafted(&path, &h, Some(&fd)).expect("a reject message");
-        assert_eq!((answer.kind, answer.code), (Kind::Reject, RejectCode::VersionMismatch as u32));
-        assert!(matches!(answer.reject_error(&h), Error::VersionMismatch { ours: 99, theirs: 1 }));
+        assert_eq!(
+            (answer.kind, answer.code),
+            (Kind::Reject, RejectCode::VersionMismatch as u32)
+        );
+        assert!(matches!(
+            answer.reject_error(&h),
+            Error::VersionMismatch { ours: 99, theirs: 1 }
+        ));
     })
     .err()
     .unwrap();
@@ -100,12 +125,19 @@ fn server_survives_bad_handshakes() {
 
     // A memfd without seals.
     let e = accept_while(&server, || {
-        let answer = send_crafted(&path, &crafted("guarded", free_slot, 1 << 20), Some(&memfd(1 << 20, false)));
+        let answer = send_crafted(
+            &path,
+            &crafted("guarded", free_slot, 1 << 20),
+            Some(&memfd(1 << 20, false)),
+        );
         assert_eq!(answer.map(|a| a.kind), Some(Kind::Reject));
     })
     .err()
     .unwrap();
-    assert!(matches!(&e, Error::InvalidDescriptor { reason } if reason.contains("seals")), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidDescriptor { reason } if reason.contains("seals")),
+        "{e}"
+    );
 
     // A memfd of another size than announced.
     let e = accept_while(&server, || {
@@ -113,7 +145,10 @@ fn server_survives_bad_handshakes() {
     })
     .err()
     .unwrap();
-    assert!(matches!(&e, Error::InvalidDescriptor { reason } if reason.contains("8192")), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidDescriptor { reason } if reason.contains("8192")),
+        "{e}"
+    );
 
     // A hello with no memfd at all.
     let e = accept_while(&server, || {
@@ -130,7 +165,10 @@ fn server_survives_bad_handshakes() {
         })
         .err()
         .unwrap();
-        assert!(matches!(&e, Error::InvalidRegion { reason, .. } if reason.contains("window")), "{e}");
+        assert!(
+            matches!(&e, Error::InvalidRegion { reason, .. } if reason.contains("window")),
+            "{e}"
+        );
     }
 
     // A region overlapping one mapped here (the server's own arena).
@@ -139,19 +177,37 @@ fn server_survives_bad_handshakes() {
     })
     .err()
     .unwrap();
-    assert!(matches!(e, Error::AddressInUse { addr, other, .. } if addr == own && other == own), "{e}");
+    assert!(
+        matches!(e, Error::AddressInUse { addr, other, .. } if addr == own && other == own),
+        "{e}"
+    );
 
     // A slot that the registry says belongs to someone else (nobody, here).
     let e = accept_while(&server, || {
-        send_crafted(&path, &crafted("guarded", free_slot, 1 << 20), Some(&memfd(1 << 20, true)));
+        send_crafted(
+            &path,
+            &crafted("guarded", free_slot, 1 << 20),
+            Some(&memfd(1 << 20, true)),
+        );
     })
     .err()
     .unwrap();
-    assert!(matches!(&e, Error::InvalidRegion { reason, .. } if reason.contains("registry")), "{e}");
-    assert_eq!(space.occupant(free_slot), None, "a refused region leaves nothing mapped");
+    assert!(
+        matches!(&e, Error::InvalidRegion { reason, .. } if reason.contains("registry")),
+        "{e}"
+    );
+    assert_eq!(
+        space.occupant(free_slot),
+        None,
+        "a refused region leaves nothing mapped"
+    );
 
     // After all that, a real client in another process is served.
-    let mut child = common::spawn("server_survives_bad_handshakes", "client", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "server_survives_bad_handshakes",
+        "client",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let conn = server.accept().unwrap();
     conn.run(|req: &Request<'_>, reply: &mut [u8]| {
         reply[..req.payload.len()].copy_from_slice(req.payload);
@@ -177,7 +233,10 @@ fn policy_refuses_a_uid() {
     })
     .err()
     .unwrap();
-    assert!(matches!(e, Error::PermissionDenied { uid, pid } if uid == me && pid == std::process::id() as i32), "{e}");
+    assert!(
+        matches!(e, Error::PermissionDenied { uid, pid } if uid == me && pid == std::process::id() as i32),
+        "{e}"
+    );
 }
 
 #[test]
@@ -186,7 +245,10 @@ fn service_name_must_match() {
     let server = Server::bind(&path, ServerOptions::new("calc")).unwrap();
     let e = accept_while(&server, || {
         let e = Client::connect(&path, ClientOptions::new("kv")).err().unwrap();
-        assert!(matches!(&e, Error::ServiceMismatch { ours, theirs } if ours == "kv" && theirs == "calc"), "{e}");
+        assert!(
+            matches!(&e, Error::ServiceMismatch { ours, theirs } if ours == "kv" && theirs == "calc"),
+            "{e}"
+        );
     })
     .err()
     .unwrap();
@@ -204,11 +266,16 @@ fn connecting_to_a_foreign_socket_is_not_rpal() {
         s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").unwrap();
     });
     let e = Client::connect(&path, ClientOptions::new("any")).err().unwrap();
-    assert!(matches!(&e, Error::NotRpal { detail, .. } if detail.contains("SSH-2.0")), "{e}");
+    assert!(
+        matches!(&e, Error::NotRpal { detail, .. } if detail.contains("SSH-2.0")),
+        "{e}"
+    );
     t.join().unwrap();
     let _ = std::fs::remove_file(&path);
 
-    let e = Client::connect("/nonexistent/rpal.sock", ClientOptions::new("any")).err().unwrap();
+    let e = Client::connect("/nonexistent/rpal.sock", ClientOptions::new("any"))
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/nonexistent/rpal.sock"), "{e}");
 }
 

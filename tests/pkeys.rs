@@ -26,7 +26,10 @@ fn pkeys_status_is_reported_and_switchable() {
 fn touching_a_peer_region_outside_the_guard_faults() {
     if let Some(role) = common::role() {
         // No core file for the expected crash.
-        let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: setrlimit with a valid struct.
         unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
         assert_eq!(role, "client");
@@ -65,11 +68,26 @@ fn touching_a_peer_region_outside_the_guard_faults() {
     let conn = server.accept().unwrap();
     let t = std::thread::spawn(move || conn.run(|_: &Request<'_>, _: &mut [u8]| Ok(0)));
     let mut stderr = String::new();
-    child.child.as_mut().unwrap().stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .child
+        .as_mut()
+        .unwrap()
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     let st = child.wait_timeout(Duration::from_secs(30));
-    assert_eq!(st.signal(), Some(libc::SIGSEGV), "child should die of SIGSEGV; stderr:\n{stderr}");
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGSEGV),
+        "child should die of SIGSEGV; stderr:\n{stderr}"
+    );
     assert!(stderr.contains("inside the guard: read 0x"), "{stderr}");
-    assert!(stderr.contains("SEGV_PKUERR") && stderr.contains("peer region"), "{stderr}");
+    assert!(
+        stderr.contains("SEGV_PKUERR") && stderr.contains("peer region"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("UNEXPECTED"), "{stderr}");
     let _ = t.join();
 }

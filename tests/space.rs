@@ -21,7 +21,11 @@ fn read_entry(reg: &Path, slot: u64) -> (u32, i32, u64) {
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, HEADER + slot * ENTRY).unwrap();
     let owner = u64::from_le_bytes(b[..8].try_into().unwrap());
-    ((owner >> 32) as u32, owner as u32 as i32, u64::from_le_bytes(b[8..].try_into().unwrap()))
+    (
+        (owner >> 32) as u32,
+        owner as u32 as i32,
+        u64::from_le_bytes(b[8..].try_into().unwrap()),
+    )
 }
 
 fn write_entry(reg: &Path, slot: u64, generation: u32, pid: i32, start: u64) {
@@ -40,7 +44,10 @@ fn claim(reg: &Path, out: &Path, linger: bool) -> common::ChildGuard {
     common::spawn(
         "slots_of_dead_owners_are_reclaimed",
         if linger { "linger" } else { "exit" },
-        &[("RPAL_REGISTRY", reg.display().to_string()), ("RPAL_TEST_OUT", out.display().to_string())],
+        &[
+            ("RPAL_REGISTRY", reg.display().to_string()),
+            ("RPAL_TEST_OUT", out.display().to_string()),
+        ],
     )
 }
 
@@ -94,7 +101,12 @@ fn slots_of_dead_owners_are_reclaimed() {
 
     // A live owner with its real start time keeps its slot.
     let my_start = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
-    let my_start: u64 = my_start[my_start.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
+    let my_start: u64 = my_start[my_start.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
     write_entry(&reg, 0, 50, me, my_start);
     let mut d = claim(&reg, &out, false);
     assert_eq!(read_slot(&out), 1);
@@ -108,7 +120,10 @@ fn slots_of_dead_owners_are_reclaimed() {
 fn a_registry_of_another_geometry_is_refused() {
     if common::role().is_some() {
         let e = rpal::Arena::global().unwrap_err();
-        assert!(e.to_string().contains("geometry") || e.to_string().contains("base"), "{e}");
+        assert!(
+            e.to_string().contains("geometry") || e.to_string().contains("base"),
+            "{e}"
+        );
         return;
     }
     let reg = registry("geometry");
@@ -120,8 +135,11 @@ fn a_registry_of_another_geometry_is_refused() {
         h.extend_from_slice(&v.to_le_bytes());
     }
     f.write_all_at(&h, 0).unwrap();
-    let mut child =
-        common::spawn("a_registry_of_another_geometry_is_refused", "child", &[("RPAL_REGISTRY", reg.display().to_string())]);
+    let mut child = common::spawn(
+        "a_registry_of_another_geometry_is_refused",
+        "child",
+        &[("RPAL_REGISTRY", reg.display().to_string())],
+    );
     child.expect_success();
     let _ = std::fs::remove_file(&reg);
 }

@@ -22,10 +22,26 @@ fn bench_rt(c: &mut Criterion, name: &str, mut rt: Box<dyn RoundTrip>) {
 fn round_trips(c: &mut Criterion) {
     let exe = Path::new(env!("CARGO_BIN_EXE_rpal-bench"));
     pin(0);
-    bench_rt(c, "round_trip/raw-spin", Box::new(RawPingPong::start(exe, false).expect("raw-spin child")));
-    bench_rt(c, "round_trip/rpal-busy", Box::new(RpalRoundTrip::start(exe, false).expect("rpal child")));
-    bench_rt(c, "round_trip/rpal-parked", Box::new(RpalRoundTrip::start(exe, true).expect("rpal child")));
-    bench_rt(c, "round_trip/tcp", Box::new(TcpRoundTrip::start(exe).expect("tcp child")));
+    bench_rt(
+        c,
+        "round_trip/raw-spin",
+        Box::new(RawPingPong::start(exe, false).expect("raw-spin child")),
+    );
+    bench_rt(
+        c,
+        "round_trip/rpal-busy",
+        Box::new(RpalRoundTrip::start(exe, false).expect("rpal child")),
+    );
+    bench_rt(
+        c,
+        "round_trip/rpal-parked",
+        Box::new(RpalRoundTrip::start(exe, true).expect("rpal child")),
+    );
+    bench_rt(
+        c,
+        "round_trip/tcp",
+        Box::new(TcpRoundTrip::start(exe).expect("tcp child")),
+    );
 }
 
 criterion_group! {

@@ -103,7 +103,9 @@ impl ChildGuard {
         let mut line = String::new();
         guard.stdout.read_line(&mut line)?;
         if line.is_empty() {
-            return Err(std::io::Error::other(format!("child `{role}` exited before it was ready")));
+            return Err(std::io::Error::other(format!(
+                "child `{role}` exited before it was ready"
+            )));
         }
         Ok((guard, line.trim().to_owned()))
     }
@@ -152,7 +154,10 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
         }
         "tcp" => {
             let l = TcpListener::bind("127.0.0.1:0").map_err(|e| rpal::Error::io("bind loopback", e))?;
-            println!("{}", l.local_addr().map_err(|e| rpal::Error::io("local_addr", e))?.port());
+            println!(
+                "{}",
+                l.local_addr().map_err(|e| rpal::Error::io("local_addr", e))?.port()
+            );
             let (mut s, _) = l.accept().map_err(|e| rpal::Error::io("accept", e))?;
             let _ = s.set_nodelay(true);
             let mut frame = [0u8; 16];
@@ -171,7 +176,13 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
 
 /// The callee of the rpal rows: reads the 8-byte payload, answers its complement.
 pub fn echo_handler(req: &rpal::Request<'_>, reply: &mut [u8]) -> Result<usize, rpal::RemoteStatus> {
-    let v = u64::from_le_bytes(req.payload.get(..8).ok_or(rpal::RemoteStatus::BadRequest)?.try_into().expect("8 bytes"));
+    let v = u64::from_le_bytes(
+        req.payload
+            .get(..8)
+            .ok_or(rpal::RemoteStatus::BadRequest)?
+            .try_into()
+            .expect("8 bytes"),
+    );
     reply[..8].copy_from_slice(&(!v).to_le_bytes());
     Ok(8)
 }
@@ -275,7 +286,12 @@ impl RawPingPong {
         let page = SharedPage::new()?;
         let role = if futex { "raw-futex" } else { "raw-spin" };
         let (child, _) = ChildGuard::start(exe, role, &[page.raw_fd().to_string()])?;
-        Ok(Self { page, futex, n: 0, _child: child })
+        Ok(Self {
+            page,
+            futex,
+            n: 0,
+            _child: child,
+        })
     }
 }
 
@@ -317,7 +333,11 @@ impl RpalRoundTrip {
         }
         opts.call_timeout = Some(Duration::from_secs(10));
         let client = rpal::Client::connect(&path, opts)?;
-        Ok(Self { client, _child: child, _path: path })
+        Ok(Self {
+            client,
+            _child: child,
+            _path: path,
+        })
     }
 }
 

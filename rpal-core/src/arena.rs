@@ -53,7 +53,9 @@ impl Arena {
                 .unwrap_or(DEFAULT_ARENA_SIZE);
             Self::create(size).map_err(|e| e.to_string())
         });
-        arena.as_ref().map_err(|msg| Error::io("create the process arena", std::io::Error::other(msg.clone())))
+        arena
+            .as_ref()
+            .map_err(|msg| Error::io("create the process arena", std::io::Error::other(msg.clone())))
     }
 
     fn create(size: u64) -> Result<Arena> {
@@ -110,11 +112,14 @@ impl Arena {
         let mut cur = bump.load(Ordering::Relaxed);
         loop {
             let start = (self.region.addr() + cur).next_multiple_of(align.max(1) as u64) - self.region.addr();
-            let end = start.checked_add(size as u64).filter(|&e| e <= cap).ok_or(Error::RegionFull {
-                requested: size,
-                available: cap.saturating_sub(cur) as usize,
-                capacity: cap as usize,
-            })?;
+            let end = start
+                .checked_add(size as u64)
+                .filter(|&e| e <= cap)
+                .ok_or(Error::RegionFull {
+                    requested: size,
+                    available: cap.saturating_sub(cur) as usize,
+                    capacity: cap as usize,
+                })?;
             // Relaxed: the bump offset only partitions our own memory between
             // our threads; nothing is published through it.
             match bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
@@ -142,7 +147,9 @@ impl Arena {
     /// Copies `values` into the arena.
     #[allow(clippy::mut_from_ref)] // each call hands out fresh, distinct memory
     pub fn alloc_slice<T: Pod>(&'static self, values: &[T]) -> Result<&'static mut [T]> {
-        let p = self.alloc_raw(std::mem::size_of_val(values), align_of::<T>())?.cast::<T>();
+        let p = self
+            .alloc_raw(std::mem::size_of_val(values), align_of::<T>())?
+            .cast::<T>();
         // SAFETY: as in `alloc`, for `values.len()` contiguous elements.
         unsafe {
             std::ptr::copy_nonoverlapping(values.as_ptr(), p.as_ptr(), values.len());
@@ -172,7 +179,9 @@ mod tests {
         let s = a.alloc_str("hello").unwrap();
         assert_eq!(s, "hello");
         match a.alloc_raw(usize::MAX / 2, 8) {
-            Err(Error::RegionFull { requested, capacity, .. }) => {
+            Err(Error::RegionFull {
+                requested, capacity, ..
+            }) => {
                 assert_eq!(requested, usize::MAX / 2);
                 assert_eq!(capacity as u64, a.capacity());
             }

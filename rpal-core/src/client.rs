@@ -76,21 +76,36 @@ impl Client {
             ..Hello::new(Kind::Hello)
         };
         handshake::send(&sock, &hello, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
-        let (reply, fd) = handshake::recv(&sock, endpoint, "waiting for the server's welcome", opts.handshake_timeout)?;
+        let (reply, fd) = handshake::recv(
+            &sock,
+            endpoint,
+            "waiting for the server's welcome",
+            opts.handshake_timeout,
+        )?;
         match reply.kind {
             Kind::Welcome => {}
             Kind::Reject => return Err(reply.reject_error(&hello)),
             Kind::Hello => {
-                return Err(Error::NotRpal { endpoint: endpoint.to_owned(), detail: "it answered a hello with a hello".into() });
+                return Err(Error::NotRpal {
+                    endpoint: endpoint.to_owned(),
+                    detail: "it answered a hello with a hello".into(),
+                });
             }
         }
         handshake::check_compatible(&reply, &hello)?;
-        let fd = fd.ok_or_else(|| Error::InvalidDescriptor { reason: "the server's welcome carried no memfd".into() })?;
+        let fd = fd.ok_or_else(|| Error::InvalidDescriptor {
+            reason: "the server's welcome carried no memfd".into(),
+        })?;
         let region = PeerRegion::map(space, fd, reply.region_addr, reply.region_len, cred.pid)?;
         sock.set_read_timeout(None).map_err(io)?;
         let conn = Conn::new(sock, cred, region, mine, reply.endpoint_addr, opts.wait)?;
         tracing::debug!(server = cred.pid, endpoint, "rpal client connected");
-        Ok(Client { conn, next_call: 1, outstanding: None, call_timeout: opts.call_timeout })
+        Ok(Client {
+            conn,
+            next_call: 1,
+            outstanding: None,
+            call_timeout: opts.call_timeout,
+        })
     }
 
     /// The server: credentials and region.
@@ -120,7 +135,10 @@ impl Client {
         read: impl FnOnce(&[u8], &PeerRegion) -> R,
     ) -> Result<R> {
         if method == METHOD_CLOSE {
-            return Err(Error::Remote { method, status: RemoteStatus::UnknownMethod });
+            return Err(Error::Remote {
+                method,
+                status: RemoteStatus::UnknownMethod,
+            });
         }
         let deadline = timeout.or(self.call_timeout).map(Deadline::after);
         let _access = self.conn.peer.region.access();
@@ -152,7 +170,10 @@ impl Client {
             });
         }
         if h.status != 0 {
-            return Err(Error::Remote { method, status: RemoteStatus::from_code(h.status) });
+            return Err(Error::Remote {
+                method,
+                status: RemoteStatus::from_code(h.status),
+            });
         }
         Ok(read(self.conn.payload(&h), &self.conn.peer.region))
     }
@@ -160,7 +181,10 @@ impl Client {
     /// Calls `method` with `request` copied inline and returns a copy of the reply.
     pub fn call(&mut self, method: u32, request: &[u8]) -> Result<Vec<u8>> {
         if request.len() > INLINE_CAPACITY {
-            return Err(Error::TooLarge { len: request.len(), capacity: INLINE_CAPACITY });
+            return Err(Error::TooLarge {
+                len: request.len(),
+                capacity: INLINE_CAPACITY,
+            });
         }
         self.call_with(
             method,

@@ -93,7 +93,10 @@ impl OwnEndpoint {
         let reused = FREE_ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let ptr = match reused {
             Some(addr) => addr as *mut Endpoint,
-            None => Arena::global()?.alloc_raw(size_of::<Endpoint>(), align_of::<Endpoint>())?.as_ptr().cast(),
+            None => Arena::global()?
+                .alloc_raw(size_of::<Endpoint>(), align_of::<Endpoint>())?
+                .as_ptr()
+                .cast(),
         };
         // SAFETY: `ptr` is an aligned Endpoint-sized block of our arena that
         // no one else in this process uses. Zero words: no peer is attached yet.
@@ -138,7 +141,10 @@ impl OwnEndpoint {
 
 impl Drop for OwnEndpoint {
     fn drop(&mut self) {
-        FREE_ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).push(self.ptr as usize);
+        FREE_ENDPOINTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.ptr as usize);
     }
 }
 
@@ -190,12 +196,20 @@ impl Conn {
         their_endpoint: u64,
         wait: WaitConfig,
     ) -> Result<Conn> {
-        region.check(their_endpoint, size_of::<Endpoint>() as u64, align_of::<Endpoint>() as u64)?;
+        region.check(
+            their_endpoint,
+            size_of::<Endpoint>() as u64,
+            align_of::<Endpoint>() as u64,
+        )?;
         let pidfd = sys::pidfd_open(cred.pid).map_err(|e| Error::io(format!("pidfd_open({})", cred.pid), e))?;
         // The peer may have used this block before (a reused endpoint): start
         // from whatever sequence it shows now.
         // SAFETY: `check` proved the block lies inside the mapped region and is aligned.
-        let their_seq = unsafe { (*(their_endpoint as *const Endpoint)).seq.load(std::sync::atomic::Ordering::Acquire) };
+        let their_seq = unsafe {
+            (*(their_endpoint as *const Endpoint))
+                .seq
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
         let theirs = their_endpoint as *const Endpoint;
         Ok(Conn {
             sock,
@@ -242,10 +256,18 @@ impl Conn {
 
     /// Writes a record, then rings. `write` fills the payload and returns
     /// its length and the record's status (0: success).
-    pub(crate) fn send(&mut self, method: u32, call_id: u64, write: impl FnOnce(&mut [u8]) -> (usize, u32)) -> Result<()> {
+    pub(crate) fn send(
+        &mut self,
+        method: u32,
+        call_id: u64,
+        write: impl FnOnce(&mut [u8]) -> (usize, u32),
+    ) -> Result<()> {
         let (len, status) = write(self.mine.payload_mut());
         if len > INLINE_CAPACITY {
-            return Err(Error::TooLarge { len, capacity: INLINE_CAPACITY });
+            return Err(Error::TooLarge {
+                len,
+                capacity: INLINE_CAPACITY,
+            });
         }
         self.mine.write_header(method, len as u32, status, call_id);
         self.my_seq = self.my_seq.wrapping_add(1);

@@ -33,14 +33,20 @@ impl Default for WaitConfig {
     fn default() -> Self {
         // A spin round trip is ~0.2 us and a sleep/wake ~17 us here: spinning
         // 50 us covers a burst of calls and costs at most ~3 wake-ups' time.
-        Self { spin: Duration::from_micros(50), park_slice: Duration::from_millis(100) }
+        Self {
+            spin: Duration::from_micros(50),
+            park_slice: Duration::from_millis(100),
+        }
     }
 }
 
 impl WaitConfig {
     /// Parks at once: every wait pays a sleep and a wake-up.
     pub fn parked() -> Self {
-        Self { spin: Duration::ZERO, ..Self::default() }
+        Self {
+            spin: Duration::ZERO,
+            ..Self::default()
+        }
     }
 }
 
@@ -89,7 +95,10 @@ pub struct Deadline {
 impl Deadline {
     /// A deadline `after` from now.
     pub fn after(after: Duration) -> Self {
-        Self { at: Instant::now() + after, after }
+        Self {
+            at: Instant::now() + after,
+            after,
+        }
     }
 }
 
@@ -217,8 +226,14 @@ mod tests {
         let parked = AtomicU32::new(0);
         let stats = DoorbellStats::default();
         let deadline = Deadline::after(Duration::from_millis(20));
-        let r = wait(&seq, 0, &parked, &WaitConfig::default(), Some(deadline), &stats, || Ok(()));
+        let r = wait(&seq, 0, &parked, &WaitConfig::default(), Some(deadline), &stats, || {
+            Ok(())
+        });
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
-        assert_eq!(parked.load(Ordering::Relaxed), 0, "a timed-out waiter clears its parked flag");
+        assert_eq!(
+            parked.load(Ordering::Relaxed),
+            0,
+            "a timed-out waiter clears its parked flag"
+        );
     }
 }

@@ -71,7 +71,9 @@ pub enum Error {
         theirs: u32,
     },
     /// The two sides were built with different shared-memory layouts.
-    #[error("layout mismatch: our layout hash is {ours:#018x}, the peer's is {theirs:#018x}; rebuild both with the same rpal")]
+    #[error(
+        "layout mismatch: our layout hash is {ours:#018x}, the peer's is {theirs:#018x}; rebuild both with the same rpal"
+    )]
     LayoutMismatch {
         /// Our layout hash.
         ours: u64,

@@ -109,7 +109,13 @@ impl Hello {
 
     /// A reject message.
     pub fn reject(code: RejectCode, a: u64, b: u64, text: &str) -> Self {
-        Self { code: code as u32, a, b, text: text.to_owned(), ..Self::new(Kind::Reject) }
+        Self {
+            code: code as u32,
+            a,
+            b,
+            text: text.to_owned(),
+            ..Self::new(Kind::Reject)
+        }
     }
 
     /// Encodes into the wire format.
@@ -137,7 +143,10 @@ impl Hello {
     /// Decodes the wire format; `endpoint` names the peer in errors.
     pub fn decode(m: &[u8; MESSAGE_LEN], endpoint: &str) -> Result<Self> {
         if m[0..8] != MAGIC {
-            return Err(Error::NotRpal { endpoint: endpoint.to_owned(), detail: describe_foreign(&m[..8]) });
+            return Err(Error::NotRpal {
+                endpoint: endpoint.to_owned(),
+                detail: describe_foreign(&m[..8]),
+            });
         }
         let u32_at = |at: usize| u32::from_le_bytes(m[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
@@ -145,7 +154,11 @@ impl Hello {
             1 => Kind::Hello,
             2 => Kind::Welcome,
             3 => Kind::Reject,
-            k => return Err(Error::Rejected { reason: format!("unknown control message kind {k} from {endpoint}") }),
+            k => {
+                return Err(Error::Rejected {
+                    reason: format!("unknown control message kind {k} from {endpoint}"),
+                });
+            }
         };
         let text_len = (u32_at(80) as usize).min(TEXT_LEN);
         let text = String::from_utf8_lossy(&m[128..128 + text_len]).into_owned();
@@ -169,19 +182,25 @@ impl Hello {
     /// rejected side (`ours` is what we sent).
     pub fn reject_error(&self, ours: &Hello) -> Error {
         match self.code {
-            c if c == RejectCode::PermissionDenied as u32 => {
-                Error::PermissionDenied { uid: self.a as u32, pid: self.b as i32 }
-            }
-            c if c == RejectCode::VersionMismatch as u32 => {
-                Error::VersionMismatch { ours: ours.version, theirs: self.a as u32 }
-            }
-            c if c == RejectCode::ServiceMismatch as u32 => {
-                Error::ServiceMismatch { ours: ours.text.clone(), theirs: self.text.clone() }
-            }
-            c if c == RejectCode::LayoutMismatch as u32 => {
-                Error::LayoutMismatch { ours: ours.layout_hash, theirs: self.a }
-            }
-            _ => Error::Rejected { reason: self.text.clone() },
+            c if c == RejectCode::PermissionDenied as u32 => Error::PermissionDenied {
+                uid: self.a as u32,
+                pid: self.b as i32,
+            },
+            c if c == RejectCode::VersionMismatch as u32 => Error::VersionMismatch {
+                ours: ours.version,
+                theirs: self.a as u32,
+            },
+            c if c == RejectCode::ServiceMismatch as u32 => Error::ServiceMismatch {
+                ours: ours.text.clone(),
+                theirs: self.text.clone(),
+            },
+            c if c == RejectCode::LayoutMismatch as u32 => Error::LayoutMismatch {
+                ours: ours.layout_hash,
+                theirs: self.a,
+            },
+            _ => Error::Rejected {
+                reason: self.text.clone(),
+            },
         }
     }
 }
@@ -195,7 +214,16 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 fn describe_foreign(head: &[u8]) -> String {
-    let shown: String = head.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '.' }).collect();
+    let shown: String = head
+        .iter()
+        .map(|&b| {
+            if b.is_ascii_graphic() || b == b' ' {
+                b as char
+            } else {
+                '.'
+            }
+        })
+        .collect();
     format!("it sent {:?} instead of the rpal magic", shown)
 }
 
@@ -237,7 +265,11 @@ pub struct PeerCred {
 pub fn peer_cred(sock: &UnixStream) -> Result<PeerCred> {
     let c = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| Error::io("SO_PEERCRED", e.into()))?;
-    Ok(PeerCred { pid: c.pid(), uid: c.uid(), gid: c.gid() })
+    Ok(PeerCred {
+        pid: c.pid(),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
 
 /// Sends one control message, with `fd` attached if given.
@@ -245,14 +277,21 @@ pub fn send(sock: &UnixStream, msg: &Hello, fd: Option<BorrowedFd<'_>>) -> Resul
     let buf = msg.encode();
     let iov = [IoSlice::new(&buf)];
     let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: Vec<ControlMessage<'_>> =
-        if fds.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&fds)] };
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
     let n = match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
         Ok(n) => n,
         Err(nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET) => {
-            return Err(Error::HandshakeClosed { stage: "sending a control message" });
+            return Err(Error::HandshakeClosed {
+                stage: "sending a control message",
+            });
         }
-        Err(nix::errno::Errno::EAGAIN) => return Err(Error::Timeout(sock.write_timeout().ok().flatten().unwrap_or_default())),
+        Err(nix::errno::Errno::EAGAIN) => {
+            return Err(Error::Timeout(sock.write_timeout().ok().flatten().unwrap_or_default()));
+        }
         Err(e) => return Err(Error::io("send handshake message", e.into())),
     };
     if n != MESSAGE_LEN {
@@ -264,7 +303,12 @@ pub fn send(sock: &UnixStream, msg: &Hello, fd: Option<BorrowedFd<'_>>) -> Resul
 
 /// Receives one control message and the descriptor attached to it, if any.
 /// Extra descriptors are closed and refused.
-pub fn recv(sock: &UnixStream, endpoint: &str, stage: &'static str, timeout: Duration) -> Result<(Hello, Option<OwnedFd>)> {
+pub fn recv(
+    sock: &UnixStream,
+    endpoint: &str,
+    stage: &'static str,
+    timeout: Duration,
+) -> Result<(Hello, Option<OwnedFd>)> {
     let mut buf = [0u8; MESSAGE_LEN];
     let mut got = 0;
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -272,7 +316,12 @@ pub fn recv(sock: &UnixStream, endpoint: &str, stage: &'static str, timeout: Dur
     while got < MESSAGE_LEN {
         let mut cspace = nix::cmsg_space!([RawFd; 4]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
-        let r = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cspace), MsgFlags::MSG_CMSG_CLOEXEC);
+        let r = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cspace),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        );
         let msg = match r {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -290,7 +339,10 @@ pub fn recv(sock: &UnixStream, endpoint: &str, stage: &'static str, timeout: Dur
         }
         if msg.bytes == 0 {
             return Err(if got >= MAGIC.len() && buf[..MAGIC.len()] != MAGIC {
-                Error::NotRpal { endpoint: endpoint.to_owned(), detail: describe_foreign(&buf[..MAGIC.len()]) }
+                Error::NotRpal {
+                    endpoint: endpoint.to_owned(),
+                    detail: describe_foreign(&buf[..MAGIC.len()]),
+                }
             } else {
                 Error::HandshakeClosed { stage }
             });
@@ -298,12 +350,17 @@ pub fn recv(sock: &UnixStream, endpoint: &str, stage: &'static str, timeout: Dur
         got += msg.bytes;
         // Fail fast on a foreign protocol instead of waiting for 256 bytes.
         if got >= MAGIC.len() && buf[..MAGIC.len()] != MAGIC {
-            return Err(Error::NotRpal { endpoint: endpoint.to_owned(), detail: describe_foreign(&buf[..MAGIC.len()]) });
+            return Err(Error::NotRpal {
+                endpoint: endpoint.to_owned(),
+                detail: describe_foreign(&buf[..MAGIC.len()]),
+            });
         }
     }
     let hello = Hello::decode(&buf, endpoint)?;
     if truncated || fds.len() > 1 {
-        return Err(Error::InvalidDescriptor { reason: format!("{endpoint} sent more than one descriptor") });
+        return Err(Error::InvalidDescriptor {
+            reason: format!("{endpoint} sent more than one descriptor"),
+        });
     }
     Ok((hello, fds.pop()))
 }
@@ -311,7 +368,9 @@ pub fn recv(sock: &UnixStream, endpoint: &str, stage: &'static str, timeout: Dur
 /// Sends a reject naming `err`, best effort, and returns `err`.
 pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
     let msg = match &err {
-        Error::PermissionDenied { uid, pid } => Hello::reject(RejectCode::PermissionDenied, *uid as u64, *pid as u64, ""),
+        Error::PermissionDenied { uid, pid } => {
+            Hello::reject(RejectCode::PermissionDenied, *uid as u64, *pid as u64, "")
+        }
         Error::VersionMismatch { .. } => Hello::reject(RejectCode::VersionMismatch, ours.version as u64, 0, ""),
         Error::ServiceMismatch { .. } => Hello::reject(RejectCode::ServiceMismatch, 0, 0, &ours.text),
         Error::LayoutMismatch { .. } => Hello::reject(RejectCode::LayoutMismatch, ours.layout_hash, 0, ""),
@@ -324,14 +383,23 @@ pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
 /// Checks the fixed fields of a peer's hello against ours.
 pub(crate) fn check_compatible(theirs: &Hello, ours: &Hello) -> Result<()> {
     if theirs.version != ours.version {
-        return Err(Error::VersionMismatch { ours: ours.version, theirs: theirs.version });
+        return Err(Error::VersionMismatch {
+            ours: ours.version,
+            theirs: theirs.version,
+        });
     }
     if theirs.layout_hash != ours.layout_hash {
-        return Err(Error::LayoutMismatch { ours: ours.layout_hash, theirs: theirs.layout_hash });
+        return Err(Error::LayoutMismatch {
+            ours: ours.layout_hash,
+            theirs: theirs.layout_hash,
+        });
     }
     if theirs.text != ours.text || theirs.method_hash != ours.method_hash {
         let show = |h: &Hello| format!("{} (methods {:#x})", h.text, h.method_hash);
-        return Err(Error::ServiceMismatch { ours: show(ours), theirs: show(theirs) });
+        return Err(Error::ServiceMismatch {
+            ours: show(ours),
+            theirs: show(theirs),
+        });
     }
     Ok(())
 }

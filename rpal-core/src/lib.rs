@@ -25,7 +25,7 @@ pub use client::{Client, ClientOptions};
 pub use conn::{INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE, Peer};
 pub use doorbell::{DoorbellSnapshot, WaitConfig};
 pub use error::{Error, RemoteStatus, Result};
-pub use handshake::{PeerCred, PeerPolicy, PROTOCOL_VERSION};
+pub use handshake::{PROTOCOL_VERSION, PeerCred, PeerPolicy};
 pub use pkey::PkeyStatus;
 pub use region::{PeerRegion, Region};
 pub use server::{Handler, Request, Server, ServerConn, ServerOptions};

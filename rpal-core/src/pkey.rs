@@ -36,7 +36,9 @@ static STATUS: OnceLock<PkeyStatus> = OnceLock::new();
 /// Turns protection keys on or off for this process. Only the first call
 /// before the first use of keys counts; returns whether this call decided.
 pub fn set_enabled(on: bool) -> bool {
-    SWITCH.compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    SWITCH
+        .compare_exchange(0, if on { 1 } else { 2 }, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
         && STATUS.get().is_none()
 }
 
@@ -118,7 +120,10 @@ impl Pkey {
             // SAFETY: PKU is supported (a Pkey exists); granting access cannot fault.
             unsafe { raw::write_pkru(next) };
         }
-        AccessGuard { prev, _thread: PhantomData }
+        AccessGuard {
+            prev,
+            _thread: PhantomData,
+        }
     }
 
     /// Denies this thread access to memory of this key. Runtime threads call
@@ -164,8 +169,12 @@ struct FaultEntry {
 
 const FAULT_SLOTS: usize = 64;
 #[allow(clippy::declare_interior_mutable_const)]
-const EMPTY: FaultEntry =
-    FaultEntry { start: AtomicU64::new(0), len: AtomicU64::new(0), pid: AtomicI32::new(0), key: AtomicI32::new(0) };
+const EMPTY: FaultEntry = FaultEntry {
+    start: AtomicU64::new(0),
+    len: AtomicU64::new(0),
+    pid: AtomicI32::new(0),
+    key: AtomicI32::new(0),
+};
 static FAULT_TABLE: [FaultEntry; FAULT_SLOTS] = [EMPTY; FAULT_SLOTS];
 static PREV_ACTION: OnceLock<libc::sigaction> = OnceLock::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -176,7 +185,10 @@ pub(crate) fn register_region(start: u64, len: u64, pid: i32, key: i32) {
         // Claim a free entry with a CAS on `start`; the other fields are
         // written after, so the handler may briefly see a half entry and
         // report less detail, never touch bad memory.
-        if e.start.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+        if e.start
+            .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
             e.len.store(len, Ordering::Release);
             e.pid.store(pid, Ordering::Release);
             e.key.store(key, Ordering::Release);
@@ -254,14 +266,20 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     }
     // Restore the previous disposition; returning re-runs the faulting
     // instruction, which then faults under it (by default: killed by SIGSEGV).
-    let prev = PREV_ACTION.get().map_or(std::ptr::null(), |p| p as *const libc::sigaction);
+    let prev = PREV_ACTION
+        .get()
+        .map_or(std::ptr::null(), |p| p as *const libc::sigaction);
     let dfl = {
         // SAFETY: sigaction is plain data.
         let mut d: libc::sigaction = unsafe { std::mem::zeroed() };
         d.sa_sigaction = libc::SIG_DFL;
         d
     };
-    let act = if prev.is_null() { &dfl as *const libc::sigaction } else { prev };
+    let act = if prev.is_null() {
+        &dfl as *const libc::sigaction
+    } else {
+        prev
+    };
     // SAFETY: sigaction is async-signal-safe and `act` points to a live struct.
     unsafe { libc::sigaction(libc::SIGSEGV, act, std::ptr::null_mut()) };
 }

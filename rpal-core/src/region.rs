@@ -37,16 +37,27 @@ impl Region {
         let len = len.max(min_len()).div_ceil(page) * page;
         let slot_size = space.config().slot_size;
         if len > slot_size {
-            return Err(Error::RegionFull { requested: len as usize, available: slot_size as usize, capacity: slot_size as usize });
+            return Err(Error::RegionFull {
+                requested: len as usize,
+                available: slot_size as usize,
+                capacity: slot_size as usize,
+            });
         }
         let mfd = memfd::MemfdOptions::default()
             .allow_sealing(true)
             .close_on_exec(true)
             .create(name)
             .map_err(|e| Error::io(format!("memfd_create({name})"), std::io::Error::other(e)))?;
-        mfd.as_file().set_len(len).map_err(|e| Error::io(format!("size memfd {name} to {len}"), e))?;
-        let seals = [memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow, memfd::FileSeal::SealSeal];
-        mfd.add_seals(&seals).map_err(|e| Error::io(format!("seal memfd {name}"), std::io::Error::other(e)))?;
+        mfd.as_file()
+            .set_len(len)
+            .map_err(|e| Error::io(format!("size memfd {name} to {len}"), e))?;
+        let seals = [
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealSeal,
+        ];
+        mfd.add_seals(&seals)
+            .map_err(|e| Error::io(format!("seal memfd {name}"), std::io::Error::other(e)))?;
         let fd: OwnedFd = mfd.into_file().into();
 
         let slot = space.claim_slot()?;
@@ -62,7 +73,13 @@ impl Region {
             space.release_slot(slot);
             return Err(Error::io(format!("map region {name} at {addr:#x}"), e));
         }
-        Ok(Region { addr, len, slot, fd, space })
+        Ok(Region {
+            addr,
+            len,
+            slot,
+            fd,
+            space,
+        })
     }
 
     /// Start address (the same in every process).
@@ -133,17 +150,22 @@ impl PeerRegion {
     /// mapped there here, and the registry says `pid` owns that slot.
     pub fn map(space: &'static Space, fd: OwnedFd, addr: u64, len: u64, pid: i32) -> Result<PeerRegion> {
         let bad = |reason: String| Error::InvalidRegion { addr, len, reason };
-        let seals = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| Error::InvalidDescriptor {
-            reason: format!("fd {} is not a sealable memfd (F_GET_SEALS: {e})", fd.as_raw_fd()),
-        })?;
+        let seals =
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| Error::InvalidDescriptor {
+                reason: format!("fd {} is not a sealable memfd (F_GET_SEALS: {e})", fd.as_raw_fd()),
+            })?;
         let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         if seals & need != need {
             return Err(Error::InvalidDescriptor {
-                reason: format!("memfd lacks shrink/grow seals (seals {seals:#x}); the peer could truncate it under us"),
+                reason: format!(
+                    "memfd lacks shrink/grow seals (seals {seals:#x}); the peer could truncate it under us"
+                ),
             });
         }
         let size = nix::sys::stat::fstat(&fd)
-            .map_err(|e| Error::InvalidDescriptor { reason: format!("fstat of the peer's memfd: {e}") })?
+            .map_err(|e| Error::InvalidDescriptor {
+                reason: format!("fstat of the peer's memfd: {e}"),
+            })?
             .st_size as u64;
         if size != len {
             return Err(Error::InvalidDescriptor {
@@ -152,7 +174,10 @@ impl PeerRegion {
         }
         let page = sys::page_size() as u64;
         if len < min_len() || len % page != 0 || len > space.config().slot_size {
-            return Err(bad(format!("length must be whole pages, at most one slot ({:#x})", space.config().slot_size)));
+            return Err(bad(format!(
+                "length must be whole pages, at most one slot ({:#x})",
+                space.config().slot_size
+            )));
         }
         if !space.in_window(addr, len) {
             return Err(bad(format!(
@@ -206,7 +231,14 @@ impl PeerRegion {
         } else {
             None
         };
-        Ok(PeerRegion { addr, len, pid, _fd: fd, pkey, space })
+        Ok(PeerRegion {
+            addr,
+            len,
+            pid,
+            _fd: fd,
+            pkey,
+            space,
+        })
     }
 
     /// Start address.
@@ -269,7 +301,11 @@ impl PeerRegion {
     /// A validated view of `count` values of `T` at `addr`.
     pub fn slice<T: Pod>(&self, addr: u64, count: u64) -> Result<&[T]> {
         let Some(bytes) = count.checked_mul(size_of::<T>() as u64) else {
-            return Err(Error::InvalidPointer { addr, len: u64::MAX, reason: "has a length that overflows" });
+            return Err(Error::InvalidPointer {
+                addr,
+                len: u64::MAX,
+                reason: "has a length that overflows",
+            });
         };
         self.check(addr, bytes, align_of::<T>() as u64)?;
         // SAFETY: as in `view`, for `count` contiguous values.

@@ -110,11 +110,15 @@ impl Server {
         if path.exists() && UnixStream::connect(&path).is_err() {
             let _ = std::fs::remove_file(&path);
         }
-        let listener =
-            UnixListener::bind(&path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        let listener = UnixListener::bind(&path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(opts.socket_mode))
             .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-        Ok(Server { listener, path, opts, stats: Arc::default() })
+        Ok(Server {
+            listener,
+            path,
+            opts,
+            stats: Arc::default(),
+        })
     }
 
     /// The socket path.
@@ -147,7 +151,11 @@ impl Server {
     /// Runs the server side of the handshake on an accepted socket.
     pub fn handshake(&self, sock: UnixStream) -> Result<ServerConn> {
         let r = self.handshake_inner(sock);
-        let counter = if r.is_ok() { &self.stats.accepted } else { &self.stats.rejected };
+        let counter = if r.is_ok() {
+            &self.stats.accepted
+        } else {
+            &self.stats.rejected
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         r
     }
@@ -170,14 +178,31 @@ impl Server {
             ..Hello::new(Kind::Welcome)
         };
         if !self.opts.policy.allows(cred.uid) {
-            return Err(handshake::refuse(&sock, Error::PermissionDenied { uid: cred.uid, pid: cred.pid }, &ours));
+            return Err(handshake::refuse(
+                &sock,
+                Error::PermissionDenied {
+                    uid: cred.uid,
+                    pid: cred.pid,
+                },
+                &ours,
+            ));
         }
-        let (hello, fd) = handshake::recv(&sock, &endpoint, "waiting for the client's hello", self.opts.handshake_timeout)?;
+        let (hello, fd) = handshake::recv(
+            &sock,
+            &endpoint,
+            "waiting for the client's hello",
+            self.opts.handshake_timeout,
+        )?;
         if hello.kind != Kind::Hello {
-            return Err(Error::NotRpal { endpoint, detail: format!("it opened with a {:?}, not a hello", hello.kind) });
+            return Err(Error::NotRpal {
+                endpoint,
+                detail: format!("it opened with a {:?}, not a hello", hello.kind),
+            });
         }
         handshake::check_compatible(&hello, &ours).map_err(|e| handshake::refuse(&sock, e, &ours))?;
-        let fd = fd.ok_or_else(|| Error::InvalidDescriptor { reason: "the client's hello carried no memfd".into() });
+        let fd = fd.ok_or_else(|| Error::InvalidDescriptor {
+            reason: "the client's hello carried no memfd".into(),
+        });
         let fd = fd.map_err(|e| handshake::refuse(&sock, e, &ours))?;
         let region = PeerRegion::map(space, fd, hello.region_addr, hello.region_len, cred.pid)
             .map_err(|e| handshake::refuse(&sock, e, &ours))?;
@@ -185,7 +210,10 @@ impl Server {
         handshake::send(&conn.sock, &ours, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
         conn.sock.set_read_timeout(None).map_err(io)?;
         tracing::debug!(client = cred.pid, "rpal client accepted");
-        Ok(ServerConn { conn, stats: self.stats.clone() })
+        Ok(ServerConn {
+            conn,
+            stats: self.stats.clone(),
+        })
     }
 
     /// Accepts forever, serving each connection on its own thread with a
@@ -264,7 +292,14 @@ impl ServerConn {
             // SAFETY: `payload` and `region` point into the peer mapping owned by
             // `self.conn.peer`, which `send` does not touch; they stay valid
             // for this closure.
-            let req = unsafe { Request { method: h.method, call_id: h.call_id, payload: &*payload, peer: &*region } };
+            let req = unsafe {
+                Request {
+                    method: h.method,
+                    call_id: h.call_id,
+                    payload: &*payload,
+                    peer: &*region,
+                }
+            };
             let cap = reply.len();
             match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, reply))) {
                 Ok(Ok(n)) if n <= cap => (n, 0),

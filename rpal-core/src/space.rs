@@ -43,7 +43,11 @@ pub struct SpaceConfig {
 
 impl Default for SpaceConfig {
     fn default() -> Self {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let dir = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
         Self {
             base: DEFAULT_BASE,
             slot_size: DEFAULT_SLOT_SIZE,
@@ -142,10 +146,14 @@ impl Registry {
             .open(&path)
             .map_err(|e| Error::io(format!("open slot registry {}", path.display()), e))?;
         let len = std::mem::size_of::<RegistryHeader>() + cfg.slots as usize * std::mem::size_of::<SlotEntry>();
-        let cur = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+        let cur = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
         if cur < len as u64 {
             // Growing a zero file to the same length is idempotent, so racing creators agree.
-            file.set_len(len as u64).map_err(|e| Error::io(format!("size {}", path.display()), e))?;
+            file.set_len(len as u64)
+                .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
         }
         let ptr = sys::map_file(file.as_fd(), len).map_err(|e| Error::io(format!("map {}", path.display()), e))?;
         // SAFETY: the mapping is `len` bytes, page aligned, lives for the process
@@ -168,7 +176,10 @@ impl Registry {
         let h = self.header;
         // The first opener writes the geometry, then publishes the magic
         // (Release: pairs with the Acquire below in later openers).
-        if h.magic.load(Ordering::Acquire) == 0 && h.version.compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        if h.magic.load(Ordering::Acquire) == 0
+            && h.version
+                .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
         {
             h.base.store(cfg.base, Ordering::Relaxed);
             h.slot_size.store(cfg.slot_size, Ordering::Relaxed);
@@ -199,7 +210,10 @@ impl Registry {
     }
 
     fn mismatch(&self, detail: &str) -> Error {
-        Error::RegistryMismatch { path: self.path.clone(), detail: detail.to_owned() }
+        Error::RegistryMismatch {
+            path: self.path.clone(),
+            detail: detail.to_owned(),
+        }
     }
 
     /// Whether the recorded owner is gone: pid dead, or pid reused (the
@@ -228,13 +242,19 @@ impl Registry {
             }
             let new = pack(generation(word).wrapping_add(1), me);
             // AcqRel: the winner alone proceeds; losers move on.
-            if e.owner.compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+            if e.owner
+                .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
                 // Release: pairs with the Acquire of `start` in `claim`/`owner`.
                 e.start.store(my_start, Ordering::Release);
                 return Ok(i);
             }
         }
-        Err(Error::NoFreeSlot { slots: self.entries.len(), registry: self.path.clone() })
+        Err(Error::NoFreeSlot {
+            slots: self.entries.len(),
+            registry: self.path.clone(),
+        })
     }
 
     /// Frees a slot this process owns.
@@ -244,7 +264,9 @@ impl Registry {
         if owner_pid(word) == sys::getpid() {
             e.start.store(0, Ordering::Relaxed);
             // Release: our use of the slot happens before anyone's next claim.
-            let _ = e.owner.compare_exchange(word, pack(generation(word), 0), Ordering::Release, Ordering::Relaxed);
+            let _ = e
+                .owner
+                .compare_exchange(word, pack(generation(word), 0), Ordering::Release, Ordering::Relaxed);
         }
     }
 
@@ -303,7 +325,10 @@ impl Space {
                 path: s.cfg.registry.clone(),
                 detail: format!("this process already uses {:?}, not {cfg:?}", s.cfg),
             }),
-            Err(msg) => Err(Error::io("set up the rpal address space", std::io::Error::other(msg.clone()))),
+            Err(msg) => Err(Error::io(
+                "set up the rpal address space",
+                std::io::Error::other(msg.clone()),
+            )),
         }
     }
 
@@ -322,7 +347,11 @@ impl Space {
             source,
         })?;
         let registry = Registry::open(&cfg)?;
-        Ok(Self { cfg, registry, mapped: Mutex::new(BTreeMap::new()) })
+        Ok(Self {
+            cfg,
+            registry,
+            mapped: Mutex::new(BTreeMap::new()),
+        })
     }
 
     /// The configuration in force.
@@ -338,7 +367,8 @@ impl Space {
 
     /// Slot index of an address inside the window.
     pub fn slot_of(&self, addr: u64) -> Option<usize> {
-        self.in_window(addr, 1).then(|| ((addr - self.cfg.base) / self.cfg.slot_size) as usize)
+        self.in_window(addr, 1)
+            .then(|| ((addr - self.cfg.base) / self.cfg.slot_size) as usize)
     }
 
     /// Start address of a slot.
@@ -369,7 +399,11 @@ impl Space {
         // because recorded ranges never overlap each other.
         if let Some((&start, &(l, _))) = map.range(..end).next_back() {
             if start + l > addr {
-                return Err(Error::AddressInUse { addr, len, other: start });
+                return Err(Error::AddressInUse {
+                    addr,
+                    len,
+                    other: start,
+                });
             }
         }
         map.insert(addr, (len, who));

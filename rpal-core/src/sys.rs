@@ -53,10 +53,21 @@ pub fn reserve(addr: usize, len: usize) -> io::Result<()> {
 /// `[addr, addr+len)` must be address space this process reserved for rpal and
 /// that no live Rust reference points into.
 pub unsafe fn map_shared_fixed(addr: usize, len: usize, fd: BorrowedFd<'_>, writable: bool) -> io::Result<()> {
-    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
     // SAFETY: the caller guarantees the range is ours to replace.
     let got = unsafe {
-        libc::mmap(addr as *mut libc::c_void, len, prot, libc::MAP_SHARED | libc::MAP_FIXED, fd.as_raw_fd(), 0)
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            0,
+        )
     };
     check_map(addr, len, got)
 }
@@ -93,7 +104,11 @@ pub fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
             0,
         )
     };
-    if got == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(got.cast()) }
+    if got == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(got.cast())
+    }
 }
 
 /// Result of a futex wait.
@@ -117,7 +132,17 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a valid, aligned u32 for the duration of the call; the
     // kernel only reads it. `tsp` is null or points to a live timespec.
-    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, tsp, 0usize, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            tsp,
+            0usize,
+            0u32,
+        )
+    };
     if r == 0 {
         return FutexWait::Woken;
     }
@@ -131,7 +156,17 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 /// `FUTEX_WAKE` (shared) of up to `n` waiters on `word`. Returns how many woke.
 pub fn futex_wake(word: &AtomicU32, n: i32) -> usize {
     // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not touch its value.
-    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0usize, 0usize, 0u32) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n,
+            0usize,
+            0usize,
+            0u32,
+        )
+    };
     r.max(0) as usize
 }
 
@@ -148,11 +183,21 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 
 /// Whether any of `fds` is readable or hung up, without blocking.
 pub fn poll_ready(fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
-    let mut p: Vec<libc::pollfd> =
-        fds.iter().map(|f| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     // SAFETY: `p` is a live array of `p.len()` pollfd structs.
     let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r > 0) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r > 0)
+    }
 }
 
 /// Whether a process with this pid exists (it may be a zombie).
@@ -233,7 +278,11 @@ pub mod pkey {
     pub fn alloc(init_rights: u32) -> io::Result<i32> {
         // SAFETY: integer-only syscall.
         let r = unsafe { libc::syscall(libc::SYS_pkey_alloc, 0u32, init_rights) };
-        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as i32) }
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as i32)
+        }
     }
 
     /// `pkey_free(2)`.

@@ -72,7 +72,8 @@ pub fn spawn(test: &str, role: &str, env: &[(&str, String)]) -> ChildGuard {
 pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool) -> ChildGuard {
     let exe = std::env::current_exe().expect("current_exe");
     let mut cmd = Command::new(exe);
-    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"]).env("RPAL_TEST_ROLE", role);
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("RPAL_TEST_ROLE", role);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -80,7 +81,9 @@ pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool)
     if capture {
         cmd.stderr(Stdio::piped());
     }
-    ChildGuard { child: Some(cmd.spawn().expect("spawn child")) }
+    ChildGuard {
+        child: Some(cmd.spawn().expect("spawn child")),
+    }
 }
 
 /// A socket path unique to this process and `name`.

@@ -17,7 +17,12 @@ struct Args {
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args { json: false, iters: None, quick: false, only: None };
+    let mut a = Args {
+        json: false,
+        iters: None,
+        quick: false,
+        only: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -58,7 +63,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if args.only.as_deref().is_some_and(|o| o != transport) {
             continue;
         }
-        let iters = args.iters.unwrap_or(if args.quick { default_iters / 20 } else { default_iters });
+        let iters = args
+            .iters
+            .unwrap_or(if args.quick { default_iters / 20 } else { default_iters });
         let mut rt: Box<dyn RoundTrip> = match (transport, mode) {
             ("raw-spin", _) => Box::new(RawPingPong::start(&exe, false)?),
             ("raw-futex", _) => Box::new(RawPingPong::start(&exe, true)?),
@@ -67,7 +74,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let (p50, p99, mean) = measure(rt.as_mut(), iters / 10 + 10, iters);
         drop(rt);
-        let row = Row { transport, mode, payload: 8, p50_ns: p50, p99_ns: p99, mean_ns: mean, iters };
+        let row = Row {
+            transport,
+            mode,
+            payload: 8,
+            p50_ns: p50,
+            p99_ns: p99,
+            mean_ns: mean,
+            iters,
+        };
         if args.json {
             println!("{}", row.json());
         }
@@ -108,5 +123,7 @@ fn print_table(rows: &[Row]) {
             ratio(tcp, true)
         );
     }
-    println!("p50/p99/mean are per round trip; /raw-spin: p50 over the spin floor; tcp/x: how many times faster than TCP.");
+    println!(
+        "p50/p99/mean are per round trip; /raw-spin: p50 over the spin floor; tcp/x: how many times faster than TCP."
+    );
 }
