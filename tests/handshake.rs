@@ -223,7 +223,7 @@ fn server_survives_bad_handshakes() {
 #[test]
 fn policy_refuses_a_uid() {
     let path = common::sock_path("policy");
-    let me = unsafe { libc::getuid() };
+    let me = rpal::sys::getuid();
     let mut opts = ServerOptions::new("policy");
     opts.policy = PeerPolicy::AllowUids(vec![me.wrapping_add(1)]);
     let server = Server::bind(&path, opts).unwrap();

@@ -75,16 +75,23 @@ impl Client {
             text: opts.service.clone(),
             ..Hello::new(Kind::Hello)
         };
-        handshake::send(&sock, &hello, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
-        let (reply, fd) = handshake::recv(
+        let sent = handshake::send(&sock, &hello, Some(std::os::fd::AsFd::as_fd(arena.region())));
+        // A server that refuses us (policy) may answer and hang up before our
+        // hello lands: read its reject, which names the reason, if there is one.
+        let received = handshake::recv(
             &sock,
             endpoint,
             "waiting for the server's welcome",
             opts.handshake_timeout,
-        )?;
+        );
+        let (reply, fd) = match (sent, received) {
+            (_, Ok((r, _))) if r.kind == Kind::Reject => return Err(r.reject_error(&hello)),
+            (Err(e), _) => return Err(e),
+            (Ok(()), r) => r?,
+        };
         match reply.kind {
             Kind::Welcome => {}
-            Kind::Reject => return Err(reply.reject_error(&hello)),
+            Kind::Reject => unreachable!("handled above"),
             Kind::Hello => {
                 return Err(Error::NotRpal {
                     endpoint: endpoint.to_owned(),
