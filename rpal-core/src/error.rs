@@ -175,6 +175,27 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A peer released a block that is not lent to it.
+    #[error("refused release of {addr:#x} by pid {pid}: {reason}")]
+    InvalidRelease {
+        /// The released address.
+        addr: u64,
+        /// The releasing peer.
+        pid: i32,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A walk over nested peer pointers went past its limits (a cycle or an
+    /// oversized structure).
+    #[error("walk over peer data stopped after {visits} blocks at depth {depth}: {reason}")]
+    WalkLimit {
+        /// Blocks visited.
+        visits: usize,
+        /// Nesting depth reached.
+        depth: usize,
+        /// Which limit was hit.
+        reason: &'static str,
+    },
     /// A string received from a peer is not UTF-8.
     #[error("invalid UTF-8 in a peer string at {addr:#x}")]
     InvalidUtf8 {

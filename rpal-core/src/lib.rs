@@ -8,6 +8,7 @@
 //! - [`handshake`]: the Unix-socket control plane;
 //! - [`client`] and [`server`]: the first call path, one call in flight per connection.
 
+pub mod alloc;
 pub mod arena;
 pub mod client;
 mod conn;

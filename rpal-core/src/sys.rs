@@ -111,6 +111,14 @@ pub fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
     }
 }
 
+/// Gives the pages of `[addr, addr+len)` of a shared memfd mapping back to
+/// the kernel (`MADV_REMOVE`); they read as zeros afterwards. Best effort.
+pub fn discard(addr: usize, len: usize) {
+    // SAFETY: callers pass page-aligned ranges of free arena blocks, which no
+    // live reference points into; the mapping itself stays valid.
+    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) };
+}
+
 /// Result of a futex wait.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FutexWait {

@@ -1,0 +1,118 @@
+//! Per-thread caches of free blocks and per-thread in-use counters.
+//!
+//! A thread frees into and allocates from its own small stack per class, so
+//! an alloc/free pair costs no atomic read-modify-write. Overflow goes back
+//! to the shared lists in one chain; a thread that exits returns everything.
+//! In-use bytes are counted per thread (a plain load and store on a counter
+//! only that thread writes) and summed on demand.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{Slab, class};
+use crate::error::Result;
+
+/// Counters of live threads.
+static COUNTERS: Mutex<Vec<Arc<AtomicI64>>> = Mutex::new(Vec::new());
+/// Sum of the counters of exited threads, and of uncached frees.
+static RETIRED: AtomicI64 = AtomicI64::new(0);
+
+struct ThreadCache {
+    slab: Option<&'static Slab>,
+    stacks: Vec<Vec<u32>>,
+    counter: Arc<AtomicI64>,
+}
+
+impl ThreadCache {
+    fn new() -> Self {
+        let counter = Arc::new(AtomicI64::new(0));
+        COUNTERS.lock().unwrap_or_else(|p| p.into_inner()).push(counter.clone());
+        Self { slab: None, stacks: (0..class::COUNT).map(|_| Vec::new()).collect(), counter }
+    }
+}
+
+impl Drop for ThreadCache {
+    fn drop(&mut self) {
+        if let Some(slab) = self.slab {
+            for (class, stack) in self.stacks.iter().enumerate() {
+                slab.give_shared(class, stack);
+            }
+        }
+        RETIRED.fetch_add(self.counter.load(Ordering::Relaxed), Ordering::Relaxed);
+        let mut all = COUNTERS.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|c| !Arc::ptr_eq(c, &self.counter));
+    }
+}
+
+thread_local! {
+    static CACHE: RefCell<ThreadCache> = RefCell::new(ThreadCache::new());
+}
+
+/// A block of `class`: from this thread's cache, else the shared list.
+pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
+    let depth = class::cache_depth(class);
+    if depth == 0 {
+        return slab.take_shared(class);
+    }
+    let cached = CACHE.try_with(|c| {
+        let mut c = c.borrow_mut();
+        c.slab = Some(slab);
+        let stack = &mut c.stacks[class];
+        if let Some(b) = stack.pop() {
+            return Ok(b);
+        }
+        // Refill half the cache at once, then hand out one more.
+        for _ in 0..depth / 2 {
+            match super::freelist::pop(&slab.meta.heads[class], &slab.links()) {
+                Some(b) => stack.push(b),
+                None => break,
+            }
+        }
+        match stack.pop() {
+            Some(b) => Ok(b),
+            None => slab.take_shared(class),
+        }
+    });
+    cached.unwrap_or_else(|_| slab.take_shared(class))
+}
+
+/// Returns a freed block of `class` to this thread's cache (or the shared list).
+pub(crate) fn give(slab: &'static Slab, class: usize, block: u32) {
+    let depth = class::cache_depth(class);
+    if depth == 0 {
+        return slab.give_shared(class, &[block]);
+    }
+    let kept = CACHE.try_with(|c| {
+        let mut c = c.borrow_mut();
+        c.slab = Some(slab);
+        let stack = &mut c.stacks[class];
+        stack.push(block);
+        if stack.len() > depth {
+            let keep = depth / 2;
+            slab.give_shared(class, &stack[keep..]);
+            stack.truncate(keep);
+        }
+    });
+    if kept.is_err() {
+        slab.give_shared(class, &[block]);
+    }
+}
+
+/// Adds `delta` to this thread's in-use bytes.
+pub(crate) fn count(delta: i64) {
+    let counted = CACHE.try_with(|c| {
+        let c = c.borrow();
+        // Only this thread writes its counter: no read-modify-write needed.
+        c.counter.store(c.counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
+    });
+    if counted.is_err() {
+        RETIRED.fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+/// In-use bytes over all threads (exact once other threads are quiet).
+pub(crate) fn in_use() -> i64 {
+    let live: i64 = COUNTERS.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    live + RETIRED.load(Ordering::Relaxed)
+}
