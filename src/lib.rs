@@ -15,11 +15,14 @@
 //! ```
 
 pub use rpal_core::*;
+/// Derives [`ShmSafe`] after checking the type may be shared (see the trait's rules).
+pub use rpal_macros::ShmSafe;
 
 /// The types most programs use.
 pub mod prelude {
     pub use rpal_core::{
         Arena, Client, ClientOptions, Error, Handler, PeerPolicy, PeerRegion, RemoteStatus, Request, Result, Server,
-        ServerOptions, WaitConfig,
+        ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
     };
+    pub use rpal_macros::ShmSafe;
 }

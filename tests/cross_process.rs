@@ -4,18 +4,17 @@ mod common;
 
 use std::time::Duration;
 
-use bytemuck::{Pod, Zeroable};
 use rpal::prelude::*;
 
 /// A node of both a linked list (`next`) and a binary search tree
 /// (`left`/`right`), with its name in a separate string: real pointers
-/// between blocks of the client's arena.
+/// between blocks of the client's arena. Links are plain addresses (0: none);
+/// the name is a `ShmString`.
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(ShmSafe)]
 struct Node {
     value: u64,
-    name_ptr: u64,
-    name_len: u64,
+    name: ShmString,
     next: u64,
     left: u64,
     right: u64,
@@ -41,13 +40,11 @@ fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
     );
     let (mut count, mut sum, mut names_ok, mut in_place, mut sorted) = (0u64, 0u64, 0u64, 0u64, 1u64);
     let mut visit = |node: &Node, addr: u64| -> Result<(), RemoteStatus> {
-        let name = req
-            .peer
-            .str(node.name_ptr, node.name_len)
-            .map_err(|_| RemoteStatus::BadRequest)?;
+        let name = node.name.get(req.peer).map_err(|_| RemoteStatus::BadRequest)?;
         names_ok += (name == name_of(node.value)) as u64;
         // The view is the client's memory itself, not a copy.
-        in_place += (std::ptr::eq(node, addr as *const Node) && req.peer.check(addr, 48, 8).is_ok()) as u64;
+        in_place += (std::ptr::eq(node, addr as *const Node)
+            && req.peer.check(addr, size_of::<Node>() as u64, 8).is_ok()) as u64;
         count += 1;
         sum += node.value;
         Ok(())
@@ -95,47 +92,40 @@ fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
     Ok(40)
 }
 
-fn build_structure(arena: &'static Arena) -> (u64, u64) {
+fn build_structure() -> (Vec<ShmBox<Node>>, u64, u64) {
+    let mut nodes: Vec<ShmBox<Node>> = Vec::new();
     let mut head = 0u64;
-    let mut tree_root = 0u64;
-    let mut nodes: Vec<&'static mut Node> = Vec::new();
     // Insert in a scrambled order so the tree has real shape.
     for i in 0..NODES {
         let v = (i * 7919) % NODES;
-        let name = arena.alloc_str(&name_of(v)).unwrap();
-        let node = arena
-            .alloc(Node {
-                value: v,
-                name_ptr: name.as_ptr() as u64,
-                name_len: name.len() as u64,
-                next: head,
-                left: 0,
-                right: 0,
-            })
-            .unwrap();
-        head = node as *mut Node as u64;
+        let name = ShmString::from_str(&name_of(v)).unwrap();
+        let node = ShmBox::new(Node {
+            value: v,
+            name,
+            next: head,
+            left: 0,
+            right: 0,
+        })
+        .unwrap();
+        head = node.addr();
         nodes.push(node);
     }
-    for node in &nodes {
-        let addr = &**node as *const Node as u64;
-        let v = node.value;
-        if tree_root == 0 {
-            tree_root = addr;
-            continue;
-        }
-        let mut cur = tree_root;
+    let index: std::collections::HashMap<u64, usize> = nodes.iter().enumerate().map(|(i, n)| (n.addr(), i)).collect();
+    let root = nodes[0].addr();
+    for i in 1..nodes.len() {
+        let (addr, v) = (nodes[i].addr(), nodes[i].value);
+        let mut cur = root;
         loop {
-            // SAFETY: `cur` is one of our own nodes, alive for the process.
-            let n = unsafe { &mut *(cur as *mut Node) };
-            let slot = if v < n.value { &mut n.left } else { &mut n.right };
-            if *slot == 0 {
-                *slot = addr;
+            let n = &mut nodes[index[&cur]];
+            let link = if v < n.value { &mut n.left } else { &mut n.right };
+            if *link == 0 {
+                *link = addr;
                 break;
             }
-            cur = *slot;
+            cur = *link;
         }
     }
-    (head, tree_root)
+    (nodes, head, root)
 }
 
 fn words(reply: &[u8]) -> Vec<u64> {
@@ -149,8 +139,7 @@ fn words(reply: &[u8]) -> Vec<u64> {
 fn pointers_cross_processes() {
     if common::role().is_some() {
         // Child: build a list and a tree with strings in our arena, pass the roots.
-        let arena = Arena::global().unwrap();
-        let (head, tree) = build_structure(arena);
+        let (_nodes, head, tree) = build_structure();
         let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("walker")).unwrap();
         let expect_sum = (0..NODES).sum::<u64>();
         for (method, root) in [(WALK_LIST, head), (WALK_TREE, tree)] {

@@ -32,7 +32,10 @@ pub struct Arena {
 
 impl std::fmt::Debug for Arena {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arena").field("region", &self.region).field("stats", &self.slab.stats()).finish()
+        f.debug_struct("Arena")
+            .field("region", &self.region)
+            .field("stats", &self.slab.stats())
+            .finish()
     }
 }
 
@@ -51,10 +54,15 @@ impl Arena {
     /// bytes (decimal or `0x` hex; default [`DEFAULT_ARENA_SIZE`]).
     pub fn global() -> Result<&'static Arena> {
         let arena = GLOBAL.get_or_init(|| {
-            let size = std::env::var("RPAL_ARENA_SIZE").ok().and_then(|v| parse_size(&v)).unwrap_or(DEFAULT_ARENA_SIZE);
+            let size = std::env::var("RPAL_ARENA_SIZE")
+                .ok()
+                .and_then(|v| parse_size(&v))
+                .unwrap_or(DEFAULT_ARENA_SIZE);
             Self::create(size).map_err(|e| e.to_string())
         });
-        arena.as_ref().map_err(|msg| Error::io("create the process arena", std::io::Error::other(msg.clone())))
+        arena
+            .as_ref()
+            .map_err(|msg| Error::io("create the process arena", std::io::Error::other(msg.clone())))
     }
 
     fn create(size: u64) -> Result<Arena> {
@@ -67,7 +75,12 @@ impl Arena {
             (*h).magic = ARENA_MAGIC;
             (*h).owner_pid = sys::getpid() as u64;
             (*h).capacity = region.len();
-            Slab::new(region.addr(), region.len(), std::ptr::addr_of_mut!((*h).slab), size_of::<ArenaHeader>() as u64)
+            Slab::new(
+                region.addr(),
+                region.len(),
+                std::ptr::addr_of_mut!((*h).slab),
+                size_of::<ArenaHeader>() as u64,
+            )
         };
         Ok(Arena { region, slab })
     }
@@ -145,11 +158,16 @@ mod tests {
         unsafe {
             a.free_raw(p).unwrap();
             a.free_raw(q).unwrap();
-            assert!(matches!(a.free_raw(p), Err(Error::InvalidPointer { .. })), "double free is refused");
+            assert!(
+                matches!(a.free_raw(p), Err(Error::InvalidPointer { .. })),
+                "double free is refused"
+            );
         }
         assert_eq!(a.stats().in_use, before);
         match a.alloc_raw(usize::MAX / 4, 8) {
-            Err(Error::RegionFull { requested, capacity, .. }) => {
+            Err(Error::RegionFull {
+                requested, capacity, ..
+            }) => {
                 assert_eq!(requested, usize::MAX / 4);
                 assert_eq!(capacity as u64, a.capacity());
             }
@@ -166,10 +184,19 @@ mod tests {
         a.lend(p, 4242).unwrap();
         // SAFETY: nothing refers to the block.
         assert!(unsafe { a.free_raw(p) }.is_err(), "the owner cannot free a lent block");
-        assert!(matches!(a.reclaim(p.as_ptr() as u64, 1), Err(Error::InvalidRelease { .. })));
-        assert!(matches!(a.reclaim(p.as_ptr() as u64 + 16, 4242), Err(Error::InvalidRelease { .. })));
+        assert!(matches!(
+            a.reclaim(p.as_ptr() as u64, 1),
+            Err(Error::InvalidRelease { .. })
+        ));
+        assert!(matches!(
+            a.reclaim(p.as_ptr() as u64 + 16, 4242),
+            Err(Error::InvalidRelease { .. })
+        ));
         a.reclaim(p.as_ptr() as u64, 4242).unwrap();
-        assert!(a.reclaim(p.as_ptr() as u64, 4242).is_err(), "a second release is refused");
+        assert!(
+            a.reclaim(p.as_ptr() as u64, 4242).is_err(),
+            "a second release is refused"
+        );
         assert_eq!(a.stats().in_use, before);
     }
 }

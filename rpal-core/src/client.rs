@@ -161,7 +161,8 @@ impl Client {
         }
         let id = self.next_call;
         self.next_call += 1;
-        self.conn.send(method, id, |buf| (write(buf), 0))?;
+        let len = write(self.conn.out_buf());
+        self.conn.commit(method, id, len, 0)?;
         let h = match self.conn.recv(deadline) {
             Ok(h) => h,
             Err(e @ Error::Timeout(_)) => {
@@ -182,7 +183,26 @@ impl Client {
                 status: RemoteStatus::from_code(h.status),
             });
         }
-        Ok(read(self.conn.payload(&h), &self.conn.peer.region))
+        let parts = self.conn.parts(&h);
+        Ok(read(parts.request, parts.region))
+    }
+
+    /// Says we are done with the server's block at `addr` (one it lent us);
+    /// the server frees it once it sees the release.
+    pub fn release(&mut self, addr: u64) {
+        self.conn.release(addr);
+    }
+
+    /// Frees our blocks that the server released, now (this also happens on
+    /// every reply). Returns how many were freed.
+    pub fn reclaim(&mut self) -> Result<usize> {
+        let _access = self.conn.peer.region.access();
+        self.conn.reclaim()
+    }
+
+    /// Releases by the server that matched no block lent to it, refused so far.
+    pub fn refused_releases(&self) -> u64 {
+        self.conn.refused_releases
     }
 
     /// Calls `method` with `request` copied inline and returns a copy of the reply.
@@ -215,6 +235,6 @@ impl Drop for Client {
             return;
         }
         let _access = self.conn.peer.region.access();
-        let _ = self.conn.send(METHOD_CLOSE, 0, |_| (0, 0));
+        let _ = self.conn.commit(METHOD_CLOSE, 0, 0, 0);
     }
 }

@@ -7,11 +7,12 @@
 //! consumed once the server's reply appears, and the reply once the next
 //! request appears, so neither side overwrites a record still being read.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::ptr::addr_of_mut;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -47,7 +48,16 @@ pub struct Endpoint {
     payload: [u8; INLINE_CAPACITY],
     /// Non-zero while the owner sleeps on the peer's `seq`.
     parked: CachePadded<AtomicU32>,
+    /// How many releases this side has published in `releases`.
+    release_tail: CachePadded<AtomicU64>,
+    /// How many of the *peer's* releases this side has consumed.
+    release_head: CachePadded<AtomicU64>,
+    /// Ring of addresses of the peer's blocks that this side is done with.
+    releases: [AtomicU64; RELEASE_SLOTS],
 }
+
+/// Entries in each side's release ring.
+pub const RELEASE_SLOTS: usize = 256;
 
 const _: () = assert!(std::mem::offset_of!(Endpoint, payload) == RECORD_HEADER);
 
@@ -73,6 +83,10 @@ pub const LAYOUT_HASH: u64 = {
     h = fnv1a(h, std::mem::offset_of!(Endpoint, call_id) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, payload) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, parked) as u64);
+    h = fnv1a(h, std::mem::offset_of!(Endpoint, release_tail) as u64);
+    h = fnv1a(h, std::mem::offset_of!(Endpoint, release_head) as u64);
+    h = fnv1a(h, std::mem::offset_of!(Endpoint, releases) as u64);
+    h = fnv1a(h, RELEASE_SLOTS as u64);
     h
 };
 
@@ -103,6 +117,8 @@ impl OwnEndpoint {
         unsafe {
             (*ptr).seq = AtomicU32::new(0);
             (*ptr).parked = CachePadded::new(AtomicU32::new(0));
+            (*ptr).release_tail = CachePadded::new(AtomicU64::new(0));
+            (*ptr).release_head = CachePadded::new(AtomicU64::new(0));
         }
         Ok(Self { ptr })
     }
@@ -119,6 +135,13 @@ impl OwnEndpoint {
     fn parked(&self) -> &AtomicU32 {
         // SAFETY: as for `seq`.
         unsafe { &(*self.ptr).parked }
+    }
+
+    fn block(&self) -> &Endpoint {
+        // SAFETY: the block is live; the fields read through this shared
+        // reference are atomics (the record fields are written only through
+        // `payload_mut`/`write_header`, never while this borrow is used).
+        unsafe { &*self.ptr }
     }
 
     /// The inline payload area, for writing the next record.
@@ -146,6 +169,14 @@ impl Drop for OwnEndpoint {
             .unwrap_or_else(|p| p.into_inner())
             .push(self.ptr as usize);
     }
+}
+
+/// What serving one request borrows from a connection (see [`Conn::parts`]).
+pub(crate) struct Parts<'a> {
+    pub request: &'a [u8],
+    pub region: &'a PeerRegion,
+    pub reply: &'a mut [u8],
+    pub releases: &'a RefCell<Vec<u64>>,
 }
 
 /// A record header copied out of the peer's block.
@@ -179,6 +210,10 @@ pub(crate) struct Conn {
     their_seq: u32,
     pub wait: WaitConfig,
     pub stats: DoorbellStats,
+    /// Releases of the peer's blocks not yet published (our ring was full).
+    pending_releases: RefCell<Vec<u64>>,
+    /// Releases by the peer that matched no block lent to it (refused).
+    pub refused_releases: u64,
 }
 
 // SAFETY: `theirs` points into `peer.region`, which the Conn owns and keeps
@@ -220,6 +255,8 @@ impl Conn {
             their_seq,
             wait,
             stats: DoorbellStats::default(),
+            pending_releases: RefCell::new(Vec::new()),
+            refused_releases: 0,
         })
     }
 
@@ -254,25 +291,43 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes a record, then rings. `write` fills the payload and returns
-    /// its length and the record's status (0: success).
-    pub(crate) fn send(
-        &mut self,
-        method: u32,
-        call_id: u64,
-        write: impl FnOnce(&mut [u8]) -> (usize, u32),
-    ) -> Result<()> {
-        let (len, status) = write(self.mine.payload_mut());
+    /// Our outgoing payload area, to fill before [`Conn::commit`].
+    pub(crate) fn out_buf(&mut self) -> &mut [u8] {
+        self.mine.payload_mut()
+    }
+
+    /// Publishes the record whose payload was written into [`Conn::out_buf`]
+    /// (after any pending releases), then rings.
+    pub(crate) fn commit(&mut self, method: u32, call_id: u64, len: usize, status: u32) -> Result<()> {
         if len > INLINE_CAPACITY {
             return Err(Error::TooLarge {
                 len,
                 capacity: INLINE_CAPACITY,
             });
         }
+        self.flush_releases();
         self.mine.write_header(method, len as u32, status, call_id);
         self.my_seq = self.my_seq.wrapping_add(1);
         doorbell::ring(self.mine.seq(), self.my_seq, self.their_parked(), &self.stats);
         Ok(())
+    }
+
+    /// Borrows, all at once, what serving a request needs: the request
+    /// payload and the client's region (peer memory), our reply area, and
+    /// the list where releases are queued.
+    pub(crate) fn parts(&mut self, h: &RecordHeader) -> Parts<'_> {
+        // SAFETY: `h.len <= INLINE_CAPACITY` (checked in `recv`), so the bytes
+        // lie inside the peer's validated block, mapped as long as `self`;
+        // it is peer memory, disjoint from everything else borrowed here.
+        let request = unsafe {
+            std::slice::from_raw_parts(std::ptr::addr_of!((*self.theirs).payload).cast::<u8>(), h.len as usize)
+        };
+        Parts {
+            request,
+            region: &self.peer.region,
+            reply: self.mine.payload_mut(),
+            releases: &self.pending_releases,
+        }
     }
 
     /// Waits for the peer's next record and returns its validated header.
@@ -306,6 +361,7 @@ impl Conn {
                 call_id: std::ptr::addr_of!((*self.theirs).call_id).read_volatile(),
             }
         };
+        self.reclaim()?;
         if h.len as usize > INLINE_CAPACITY {
             return Err(Error::Protocol {
                 pid,
@@ -315,14 +371,93 @@ impl Conn {
         Ok(h)
     }
 
-    /// The payload of the record `h` (validated by `recv`).
-    pub(crate) fn payload(&self, h: &RecordHeader) -> &[u8] {
-        // SAFETY: `h.len <= INLINE_CAPACITY` (checked in `recv`), so the bytes
-        // lie inside the peer's validated block, mapped as long as `self`.
-        unsafe { std::slice::from_raw_parts(std::ptr::addr_of!((*self.theirs).payload).cast::<u8>(), h.len as usize) }
+    fn theirs(&self) -> &Endpoint {
+        // SAFETY: `theirs` was validated in `new` and stays mapped with `self`;
+        // only its atomics are read through this reference.
+        unsafe { &*self.theirs }
+    }
+
+    /// Says we are done with the peer's block at `addr`; published in our
+    /// release ring now or, if it is full, at the next send or receive.
+    pub(crate) fn release(&mut self, addr: u64) {
+        self.pending_releases.get_mut().push(addr);
+        self.flush_releases();
+    }
+
+    /// Publishes pending releases while our ring has room.
+    pub(crate) fn flush_releases(&mut self) {
+        let pending = self.pending_releases.get_mut();
+        if pending.is_empty() {
+            return;
+        }
+        let mine = self.mine.block();
+        let tail = mine.release_tail.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store of `release_head` in the
+        // peer's `reclaim`; slots it consumed may be overwritten.
+        // SAFETY: `theirs` was validated in `new` and stays mapped with `self`.
+        let head = unsafe { (*self.theirs).release_head.load(Ordering::Acquire) };
+        let room = (RELEASE_SLOTS as u64).saturating_sub(tail.wrapping_sub(head));
+        let n = (room as usize).min(pending.len());
+        for (i, &addr) in pending[..n].iter().enumerate() {
+            mine.releases[(tail as usize + i) % RELEASE_SLOTS].store(addr, Ordering::Relaxed);
+        }
+        // Release: publishes the slots written above; pairs with the Acquire in `reclaim`.
+        mine.release_tail.store(tail + n as u64, Ordering::Release);
+        pending.drain(..n);
+    }
+
+    /// Frees our blocks that the peer released. A release that matches no
+    /// block lent to this peer is refused and counted; a release cursor that
+    /// jumps or goes backwards is a protocol violation.
+    pub(crate) fn reclaim(&mut self) -> Result<usize> {
+        let pid = self.peer.cred.pid;
+        let mine = self.mine.block();
+        let head = mine.release_head.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store of `release_tail` in the peer's `flush_releases`.
+        let tail = self.theirs().release_tail.load(Ordering::Acquire);
+        let ahead = tail.wrapping_sub(head);
+        if ahead == 0 {
+            return Ok(0);
+        }
+        if ahead > RELEASE_SLOTS as u64 {
+            return Err(Error::Protocol {
+                pid,
+                detail: format!("release cursor moved from {head} to {tail}: ahead of its ring or backwards"),
+            });
+        }
+        let arena = Arena::global()?;
+        let mut freed = 0;
+        for i in head..tail {
+            let addr = self.theirs().releases[i as usize % RELEASE_SLOTS].load(Ordering::Relaxed);
+            match arena.reclaim(addr, pid) {
+                Ok(()) => freed += 1,
+                Err(e) => {
+                    self.refused_releases += 1;
+                    tracing::warn!(pid, %e, "refused a release");
+                }
+            }
+        }
+        // Release: the peer may reuse the slots we read; pairs with the Acquire in `flush_releases`.
+        mine.release_head.store(tail, Ordering::Release);
+        self.flush_releases();
+        Ok(freed)
     }
 
     pub(crate) fn snapshot(&self) -> DoorbellSnapshot {
         self.stats.snapshot()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // Blocks lent to a peer that died will never be released: take them back.
+        if sys::poll_ready(&[self.peer.pidfd.as_fd()]).unwrap_or(false) {
+            if let Ok(arena) = Arena::global() {
+                let n = arena.reclaim_all(self.peer.cred.pid);
+                if n > 0 {
+                    tracing::debug!(pid = self.peer.cred.pid, n, "reclaimed blocks lent to a dead peer");
+                }
+            }
+        }
     }
 }

@@ -20,6 +20,7 @@ pub mod region;
 pub mod server;
 pub mod space;
 pub mod sys;
+pub mod types;
 
 pub use arena::Arena;
 pub use client::{Client, ClientOptions};
@@ -31,3 +32,4 @@ pub use pkey::PkeyStatus;
 pub use region::{PeerRegion, Region};
 pub use server::{Handler, Request, Server, ServerConn, ServerOptions};
 pub use space::{Space, SpaceConfig};
+pub use types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, Walk, WalkLimits};

@@ -7,12 +7,11 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
-use bytemuck::Pod;
-
 use crate::error::{Error, Result};
 use crate::pkey::{self, AccessGuard, Pkey};
 use crate::space::{Occupant, Space};
 use crate::sys;
+use crate::types::{ShmSafe, Walk};
 
 /// Smallest region: one page.
 fn min_len() -> u64 {
@@ -289,17 +288,17 @@ impl PeerRegion {
     }
 
     /// A validated view of one `T` at `addr` in the peer's region.
-    pub fn view<T: Pod>(&self, addr: u64) -> Result<&T> {
+    pub fn view<T: ShmSafe>(&self, addr: u64) -> Result<&T> {
         self.check(addr, size_of::<T>() as u64, align_of::<T>() as u64)?;
         // SAFETY: `check` proved the bytes lie inside our read-only mapping,
-        // which lives as long as `self`, and are aligned; `T: Pod` accepts any
-        // bit pattern. The peer may change the bytes concurrently (documented
+        // which lives as long as `self`, and are aligned; `T: ShmSafe` accepts any
+        // bit pattern (ShmSafe rule 2). The peer may change the bytes concurrently (documented
         // on the type): we hand out plain data, never a pointer we follow.
         Ok(unsafe { &*(addr as *const T) })
     }
 
     /// A validated view of `count` values of `T` at `addr`.
-    pub fn slice<T: Pod>(&self, addr: u64, count: u64) -> Result<&[T]> {
+    pub fn slice<T: ShmSafe>(&self, addr: u64, count: u64) -> Result<&[T]> {
         let Some(bytes) = count.checked_mul(size_of::<T>() as u64) else {
             return Err(Error::InvalidPointer {
                 addr,
@@ -310,6 +309,12 @@ impl PeerRegion {
         self.check(addr, bytes, align_of::<T>() as u64)?;
         // SAFETY: as in `view`, for `count` contiguous values.
         Ok(unsafe { std::slice::from_raw_parts(addr as *const T, count as usize) })
+    }
+
+    /// A `T` at `addr` with every nested pointer validated, following them
+    /// all within the default [`crate::types::WalkLimits`].
+    pub fn walk<T: ShmSafe>(&self, addr: u64) -> Result<&T> {
+        Ok(&Walk::new(self).visit::<T>(addr, 1)?[0])
     }
 
     /// A validated byte view.

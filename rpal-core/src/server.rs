@@ -4,6 +4,7 @@
 //! budget and then parks on the client's sequence word; the io_uring poller
 //! replaces that with a few poller threads for many connections.
 
+use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -63,6 +64,15 @@ pub struct Request<'a> {
     pub payload: &'a [u8],
     /// The client's region, for following pointers.
     pub peer: &'a PeerRegion,
+    releases: &'a RefCell<Vec<u64>>,
+}
+
+impl Request<'_> {
+    /// Says we are done with the client's block at `addr` (one it lent us).
+    /// Published with the reply; the client frees it when it sees it.
+    pub fn release(&self, addr: u64) {
+        self.releases.borrow_mut().push(addr);
+    }
 }
 
 /// Serves requests: fill `reply` (in place in our arena) and return its
@@ -267,6 +277,18 @@ impl ServerConn {
         self.conn.snapshot()
     }
 
+    /// Frees our blocks that the client released (this also happens on
+    /// every request). Returns how many were freed.
+    pub fn reclaim(&mut self) -> Result<usize> {
+        let _access = self.conn.peer.region.access();
+        self.conn.reclaim()
+    }
+
+    /// Releases by the client that matched no block lent to it, refused so far.
+    pub fn refused_releases(&self) -> u64 {
+        self.conn.refused_releases
+    }
+
     /// Changes the spin budget and park slice.
     pub fn set_wait(&mut self, wait: WaitConfig) {
         self.conn.wait = wait;
@@ -284,30 +306,24 @@ impl ServerConn {
         if h.method == METHOD_CLOSE {
             return Ok(false);
         }
-        // The reply goes into our block while the request is read from the
-        // client's: the two never alias.
-        let payload: *const [u8] = self.conn.payload(&h);
-        let region: *const PeerRegion = &self.conn.peer.region;
-        self.conn.send(h.method, h.call_id, |reply| {
-            // SAFETY: `payload` and `region` point into the peer mapping owned by
-            // `self.conn.peer`, which `send` does not touch; they stay valid
-            // for this closure.
-            let req = unsafe {
-                Request {
-                    method: h.method,
-                    call_id: h.call_id,
-                    payload: &*payload,
-                    peer: &*region,
-                }
-            };
-            let cap = reply.len();
-            match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, reply))) {
-                Ok(Ok(n)) if n <= cap => (n, 0),
-                Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
-                Ok(Err(s)) => (0, s.code()),
-                Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
-            }
-        })?;
+        // The reply goes into our block while the request is read in place
+        // from the client's: the two never alias.
+        let parts = self.conn.parts(&h);
+        let req = Request {
+            method: h.method,
+            call_id: h.call_id,
+            payload: parts.request,
+            peer: parts.region,
+            releases: parts.releases,
+        };
+        let cap = parts.reply.len();
+        let (len, status) = match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, parts.reply))) {
+            Ok(Ok(n)) if n <= cap => (n, 0),
+            Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
+            Ok(Err(s)) => (0, s.code()),
+            Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
+        };
+        self.conn.commit(h.method, h.call_id, len, status)?;
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }

@@ -28,7 +28,11 @@ impl ThreadCache {
     fn new() -> Self {
         let counter = Arc::new(AtomicI64::new(0));
         COUNTERS.lock().unwrap_or_else(|p| p.into_inner()).push(counter.clone());
-        Self { slab: None, stacks: (0..class::COUNT).map(|_| Vec::new()).collect(), counter }
+        Self {
+            slab: None,
+            stacks: (0..class::COUNT).map(|_| Vec::new()).collect(),
+            counter,
+        }
     }
 }
 
@@ -104,7 +108,8 @@ pub(crate) fn count(delta: i64) {
     let counted = CACHE.try_with(|c| {
         let c = c.borrow();
         // Only this thread writes its counter: no read-modify-write needed.
-        c.counter.store(c.counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
+        c.counter
+            .store(c.counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
     });
     if counted.is_err() {
         RETIRED.fetch_add(delta, Ordering::Relaxed);
@@ -113,6 +118,11 @@ pub(crate) fn count(delta: i64) {
 
 /// In-use bytes over all threads (exact once other threads are quiet).
 pub(crate) fn in_use() -> i64 {
-    let live: i64 = COUNTERS.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    let live: i64 = COUNTERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum();
     live + RETIRED.load(Ordering::Relaxed)
 }

@@ -110,8 +110,14 @@ impl Slab {
     pub(crate) unsafe fn new(base: u64, capacity: u64, meta: *mut SlabHeader, first: u64) -> Slab {
         // SAFETY: guaranteed by the caller.
         let meta = unsafe { &*meta };
-        meta.bump.store(first.next_multiple_of(HEADER as u64), Ordering::Relaxed);
-        Slab { base, capacity, meta, lent: Mutex::new(HashMap::new()) }
+        meta.bump
+            .store(first.next_multiple_of(HEADER as u64), Ordering::Relaxed);
+        Slab {
+            base,
+            capacity,
+            meta,
+            lent: Mutex::new(HashMap::new()),
+        }
     }
 
     fn links(&self) -> ArenaLinks {
@@ -137,9 +143,16 @@ impl Slab {
     fn carve(&self, bytes: usize) -> Result<u64> {
         let mut cur = self.meta.bump.load(Ordering::Relaxed);
         loop {
-            let end = cur.checked_add(bytes as u64).filter(|&e| e <= self.capacity).ok_or_else(|| self.full(bytes))?;
+            let end = cur
+                .checked_add(bytes as u64)
+                .filter(|&e| e <= self.capacity)
+                .ok_or_else(|| self.full(bytes))?;
             // Relaxed: the offset only splits our own memory among our threads.
-            match self.meta.bump.compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .meta
+                .bump
+                .compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return Ok(cur),
                 Err(now) => cur = now,
             }
@@ -160,16 +173,24 @@ impl Slab {
             let step = (cs / 16) as u32;
             let links = self.links();
             for i in 1..n as u32 - 1 {
-                freelist::Links::link(&links, first + i * step).store((first + (i + 1) * step) as u64, Ordering::Relaxed);
+                freelist::Links::link(&links, first + i * step)
+                    .store((first + (i + 1) * step) as u64, Ordering::Relaxed);
             }
-            freelist::push_chain(&self.meta.heads[class], &links, first + step, first + (n as u32 - 1) * step);
+            freelist::push_chain(
+                &self.meta.heads[class],
+                &links,
+                first + step,
+                first + (n as u32 - 1) * step,
+            );
         }
         Ok(first)
     }
 
     /// Returns a chain of blocks of `class` to the shared list.
     pub(crate) fn give_shared(&'static self, class: usize, blocks: &[u32]) {
-        let Some((&first, rest)) = blocks.split_first() else { return };
+        let Some((&first, rest)) = blocks.split_first() else {
+            return;
+        };
         let links = self.links();
         let mut prev = first;
         for &b in rest {
@@ -182,7 +203,11 @@ impl Slab {
     /// Allocates `size` bytes aligned to `align` (a power of two).
     pub(crate) fn alloc(&'static self, size: usize, align: usize) -> Result<NonNull<u8>> {
         if !align.is_power_of_two() {
-            return Err(Error::InvalidPointer { addr: 0, len: size as u64, reason: "asked with a non-power-of-two alignment" });
+            return Err(Error::InvalidPointer {
+                addr: 0,
+                len: size as u64,
+                reason: "asked with a non-power-of-two alignment",
+            });
         }
         let align = align.max(HEADER);
         let Some(class) = size.checked_add(align).and_then(class::of) else {
@@ -191,7 +216,8 @@ impl Slab {
         let block = cache::take(self, class)?;
         let start = self.base + block as u64 * 16;
         let payload = (start + HEADER as u64).next_multiple_of(align as u64);
-        self.header(payload).store(pack(class, OWNED, payload - start), Ordering::Relaxed);
+        self.header(payload)
+            .store(pack(class, OWNED, payload - start), Ordering::Relaxed);
         cache::count(class::size(class) as i64);
         Ok(NonNull::new(payload as *mut u8).expect("arena addresses are non-null"))
     }
@@ -209,7 +235,11 @@ impl Slab {
         let addr = ptr as u64;
         let (class, state, back) = self.check_block(addr)?;
         if state != OWNED {
-            let reason = if state == LENT { "is lent to a peer; it is freed when the peer releases it" } else { "is already free" };
+            let reason = if state == LENT {
+                "is lent to a peer; it is freed when the peer releases it"
+            } else {
+                "is already free"
+            };
             return Err(Error::InvalidPointer { addr, len: 0, reason });
         }
         // Clear the header, so a stale one never passes for a live block.
@@ -234,7 +264,11 @@ impl Slab {
         let addr = ptr as u64;
         let (class, state, back) = self.check_block(addr)?;
         if state != OWNED {
-            return Err(Error::InvalidPointer { addr, len: 0, reason: "is not an owned block (already lent or free)" });
+            return Err(Error::InvalidPointer {
+                addr,
+                len: 0,
+                reason: "is not an owned block (already lent or free)",
+            });
         }
         self.header(addr).store(pack(class, LENT, back), Ordering::Relaxed);
         self.lent.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, pid);
