@@ -151,6 +151,10 @@ fn emit(input: &DeriveInput, fields: &Fields) -> TokenStream {
     let has_pointers = tys
         .iter()
         .map(|ty| quote_spanned!(ty.span()=> <#ty as ::rpal::ShmSafe>::HAS_POINTERS));
+    let validations = tys
+        .iter()
+        .zip(&accessors)
+        .map(|(ty, acc)| quote_spanned!(ty.span()=> ::rpal::ShmSafe::validate(&self.#acc, walk)?;));
     let padding_msg = format!(
         "#[derive(ShmSafe)]: `{name}` has padding bytes; reorder its fields or add explicit `_pad: [u8; N]` fields, \
          so that no uninitialised byte is shared with a peer"
@@ -163,7 +167,7 @@ fn emit(input: &DeriveInput, fields: &Fields) -> TokenStream {
             const HAS_POINTERS: bool = false #(|| #has_pointers)*;
 
             fn validate(&self, walk: &mut ::rpal::Walk<'_>) -> ::core::result::Result<(), ::rpal::Error> {
-                #( ::rpal::ShmSafe::validate(&self.#accessors, walk)?; )*
+                #( #validations )*
                 let _ = walk;
                 ::core::result::Result::Ok(())
             }
