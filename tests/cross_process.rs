@@ -98,7 +98,7 @@ fn build_structure() -> (Vec<ShmBox<Node>>, u64, u64) {
     // Insert in a scrambled order so the tree has real shape.
     for i in 0..NODES {
         let v = (i * 7919) % NODES;
-        let name = ShmString::from_str(&name_of(v)).unwrap();
+        let name = ShmString::copy_from(&name_of(v)).unwrap();
         let node = ShmBox::new(Node {
             value: v,
             name,

@@ -49,7 +49,7 @@ fn owner_builds_nested_data_and_drops_it_without_leaks() {
         v[0] = 7;
         assert_eq!(v[0], 7);
 
-        let mut s = ShmString::from_str("héllo").unwrap();
+        let mut s = ShmString::copy_from("héllo").unwrap();
         s.push_str(", wörld").unwrap();
         assert_eq!(&*s, "héllo, wörld");
 
@@ -60,19 +60,33 @@ fn owner_builds_nested_data_and_drops_it_without_leaks() {
 
         let mut order = ShmBox::new(Order {
             id: 1,
-            customer: ShmString::from_str("ACME").unwrap(),
+            customer: ShmString::copy_from("ACME").unwrap(),
             lines: ShmVec::new(),
             note: ShmBox::new(*b"fragile, handle!").unwrap(),
         })
         .unwrap();
         for sku in 0..50 {
-            order.lines.push(Line { sku, qty: 2, price_cents: 199 }).unwrap();
+            order
+                .lines
+                .push(Line {
+                    sku,
+                    qty: 2,
+                    price_cents: 199,
+                })
+                .unwrap();
         }
-        assert_eq!(order.lines.iter().map(|l| l.qty as u64 * l.price_cents).sum::<u64>(), 50 * 398);
+        assert_eq!(
+            order.lines.iter().map(|l| l.qty as u64 * l.price_cents).sum::<u64>(),
+            50 * 398
+        );
         assert_eq!(&*order.customer, "ACME");
         assert!(in_use() > start);
     }
-    assert_eq!(in_use(), start, "dropping the values frees every block, nested ones included");
+    assert_eq!(
+        in_use(),
+        start,
+        "dropping the values frees every block, nested ones included"
+    );
 }
 
 #[test]
@@ -162,7 +176,7 @@ fn peer_releases_every_block_and_the_owner_reclaims_them() {
             x ^= x << 17;
             // Mixed sizes: mostly small, some pages, a few big blocks.
             let len = match x % 100 {
-                0 => 64 << 10 | (x >> 40) as usize % 4096,
+                0 => (64 << 10) + (x >> 40) as usize % (192 << 10),
                 1..=10 => 1 + (x >> 20) as usize % 16384,
                 _ => 1 + (x >> 20) as usize % 512,
             };
@@ -177,7 +191,11 @@ fn peer_releases_every_block_and_the_owner_reclaims_them() {
         }
         let n = pairs.len() / 16;
         let ok = client.call(1, &pairs).unwrap();
-        assert_eq!(u32::from_le_bytes(ok[..4].try_into().unwrap()) as usize, n, "the peer saw every block intact");
+        assert_eq!(
+            u32::from_le_bytes(ok[..4].try_into().unwrap()) as usize,
+            n,
+            "the peer saw every block intact"
+        );
         sent += n;
     }
     // One more call whose forged release must be refused.
@@ -204,8 +222,11 @@ fn blocks_lent_to_a_dead_peer_are_reclaimed() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let path = common::sock_path("dies");
-    let mut child =
-        common::spawn("blocks_lent_to_a_dead_peer_are_reclaimed", "peer", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "blocks_lent_to_a_dead_peer_are_reclaimed",
+        "peer",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let mut client = connect_retry(&path);
     let pid = client.peer().cred.pid;
     let arena = Arena::global().unwrap();
@@ -224,7 +245,11 @@ fn blocks_lent_to_a_dead_peer_are_reclaimed() {
 fn connect_retry(path: &std::path::Path) -> Client {
     let t0 = std::time::Instant::now();
     loop {
-        let service = if path.to_string_lossy().contains("sink") { "sink" } else { "dies" };
+        let service = if path.to_string_lossy().contains("sink") {
+            "sink"
+        } else {
+            "dies"
+        };
         match Client::connect(path, ClientOptions::new(service)) {
             Ok(c) => return c,
             Err(_) if t0.elapsed() < Duration::from_secs(20) => std::thread::sleep(Duration::from_millis(10)),

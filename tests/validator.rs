@@ -65,8 +65,11 @@ fn validator_against_a_real_peer() {
     }
     let path = common::sock_path("validate");
     let server = Server::bind(&path, ServerOptions::new("validate")).unwrap();
-    let mut child =
-        common::spawn("validator_against_a_real_peer", "client", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let mut child = common::spawn(
+        "validator_against_a_real_peer",
+        "client",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    );
     let mut conn = server.accept().unwrap();
     let got = Mutex::new(0u64);
     let mut take = |req: &Request<'_>, _: &mut [u8]| {
@@ -90,8 +93,14 @@ fn validator_against_a_real_peer() {
     // SAFETY: as above, for ShmBox<u64> (one u64).
     let b: &ShmBox<u64> = unsafe { &*(&crafted.misaligned as *const u64 as *const ShmBox<u64>) };
     assert!(matches!(b.get(peer), Err(Error::InvalidPointer { reason, .. }) if reason.contains("aligned")));
-    let limits = rpal::WalkLimits { max_visits: 10, max_depth: 1000 };
-    let e = Walk::with_limits(peer, limits).visit::<Cyclic>(crafted_addr, 1).err().unwrap();
+    let limits = rpal::WalkLimits {
+        max_visits: 10,
+        max_depth: 1000,
+    };
+    let e = Walk::with_limits(peer, limits)
+        .visit::<Cyclic>(crafted_addr, 1)
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::WalkLimit { visits: 11, .. }), "{e}");
 
     // Properties with random pointers and lengths.
@@ -106,7 +115,10 @@ fn validator_against_a_real_peer() {
         Just(base + len),
     ];
     let lens = prop_oneof![any::<u64>(), 0..8192u64, Just(u64::MAX), Just(len)];
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 2000, ..ProptestConfig::default() });
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 2000,
+        ..ProptestConfig::default()
+    });
     runner
         .run(&(near.clone(), lens.clone(), 0..7u32), |(addr, n, align_log)| {
             let align = 1u64 << align_log;

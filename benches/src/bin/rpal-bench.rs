@@ -7,7 +7,9 @@
 
 use std::path::PathBuf;
 
-use rpal_bench::{RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure, pin, run_child};
+use rpal_bench::{
+    ALLOC_BATCH, RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure, measure_alloc, pin, run_child,
+};
 
 struct Args {
     json: bool,
@@ -31,7 +33,7 @@ fn parse() -> Result<Args, String> {
             "--iters" => a.iters = Some(it.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?),
             "--only" => a.only = Some(it.next().ok_or("--only needs a transport name")?),
             "-h" | "--help" => {
-                println!("usage: rpal-bench [--json] [--iters N] [--quick] [--only raw-spin|raw-futex|rpal|tcp]");
+                println!("usage: rpal-bench [--json] [--iters N] [--quick] [--only raw-spin|raw-futex|rpal|tcp|alloc]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}; try --help")),
@@ -88,10 +90,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         rows.push(row);
     }
+    let mut alloc_rows = Vec::new();
+    if args.only.as_deref().is_none_or(|o| o == "alloc") {
+        let samples = args.iters.unwrap_or(if args.quick { 2_000 } else { 20_000 });
+        for payload in [64, 65536] {
+            for which in ["rpal", "system"] {
+                let (p50, p99, mean) = measure_alloc(which, payload, samples);
+                let row = Row {
+                    transport: "alloc",
+                    mode: which,
+                    payload,
+                    p50_ns: p50,
+                    p99_ns: p99,
+                    mean_ns: mean,
+                    iters: samples * ALLOC_BATCH,
+                };
+                if args.json {
+                    println!("{}", row.json());
+                }
+                alloc_rows.push(row);
+            }
+        }
+    }
     if !args.json {
         print_table(&rows);
+        print_alloc_table(&alloc_rows);
     }
     Ok(())
+}
+
+fn print_alloc_table(rows: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("alloc+free of one block, same thread, ns per pair (batches of {ALLOC_BATCH})");
+    println!(
+        "{:<8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "impl", "payload", "p50", "p99", "mean", "/system"
+    );
+    for r in rows {
+        let system = rows
+            .iter()
+            .find(|s| s.mode == "system" && s.payload == r.payload)
+            .map_or(0, |s| s.p50_ns);
+        let ratio = if system > 0 {
+            format!("{:.2}x", r.p50_ns as f64 / system as f64)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<8} {:>8} {:>8} {:>8} {:>8} {:>10}",
+            r.mode, r.payload, r.p50_ns, r.p99_ns, r.mean_ns, ratio
+        );
+    }
 }
 
 fn print_table(rows: &[Row]) {

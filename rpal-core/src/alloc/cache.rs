@@ -54,14 +54,15 @@ thread_local! {
 }
 
 /// A block of `class`: from this thread's cache, else the shared list.
+/// Counts its bytes as in use.
 pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
     let depth = class::cache_depth(class);
-    if depth == 0 {
-        return slab.take_shared(class);
-    }
+    let bytes = class::size(class) as i64;
     let cached = CACHE.try_with(|c| {
         let mut c = c.borrow_mut();
+        let c = &mut *c;
         c.slab = Some(slab);
+        bump(&c.counter, bytes);
         let stack = &mut c.stacks[class];
         if let Some(b) = stack.pop() {
             return Ok(b);
@@ -73,23 +74,40 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
                 None => break,
             }
         }
-        match stack.pop() {
+        let got = match stack.pop() {
             Some(b) => Ok(b),
             None => slab.take_shared(class),
+        };
+        if got.is_err() {
+            bump(&c.counter, -bytes);
         }
+        got
     });
-    cached.unwrap_or_else(|_| slab.take_shared(class))
+    cached.unwrap_or_else(|_| {
+        let b = slab.take_shared(class)?;
+        RETIRED.fetch_add(bytes, Ordering::Relaxed);
+        Ok(b)
+    })
 }
 
-/// Returns a freed block of `class` to this thread's cache (or the shared list).
+/// Adds `delta` to a counter only this thread writes: no read-modify-write needed.
+fn bump(counter: &AtomicI64, delta: i64) {
+    counter.store(counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
+}
+
+/// Returns a freed block of `class` to this thread's cache (or the shared
+/// list) and stops counting its bytes as in use.
 pub(crate) fn give(slab: &'static Slab, class: usize, block: u32) {
     let depth = class::cache_depth(class);
-    if depth == 0 {
-        return slab.give_shared(class, &[block]);
-    }
+    let bytes = class::size(class) as i64;
     let kept = CACHE.try_with(|c| {
         let mut c = c.borrow_mut();
+        let c = &mut *c;
         c.slab = Some(slab);
+        bump(&c.counter, -bytes);
+        if depth == 0 {
+            return slab.give_shared(class, &[block]);
+        }
         let stack = &mut c.stacks[class];
         stack.push(block);
         if stack.len() > depth {
@@ -100,19 +118,7 @@ pub(crate) fn give(slab: &'static Slab, class: usize, block: u32) {
     });
     if kept.is_err() {
         slab.give_shared(class, &[block]);
-    }
-}
-
-/// Adds `delta` to this thread's in-use bytes.
-pub(crate) fn count(delta: i64) {
-    let counted = CACHE.try_with(|c| {
-        let c = c.borrow();
-        // Only this thread writes its counter: no read-modify-write needed.
-        c.counter
-            .store(c.counter.load(Ordering::Relaxed) + delta, Ordering::Relaxed);
-    });
-    if counted.is_err() {
-        RETIRED.fetch_add(delta, Ordering::Relaxed);
+        RETIRED.fetch_add(-bytes, Ordering::Relaxed);
     }
 }
 

@@ -12,7 +12,7 @@ pub const COUNT: usize = SMALL_CLASSES + 4 * (32 - 7);
 /// The class of a block of `size` bytes (header included), if any.
 pub fn of(size: usize) -> Option<usize> {
     if size <= SMALL_LIMIT {
-        return Some((size.max(MIN_BLOCK) + 15) / 16 - MIN_BLOCK / 16);
+        return Some(size.max(MIN_BLOCK).div_ceil(16) - MIN_BLOCK / 16);
     }
     // p: the largest power of two below `size`; four steps of p/4 above it.
     let log = usize::BITS - 1 - (size - 1).leading_zeros();

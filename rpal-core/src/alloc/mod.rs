@@ -218,7 +218,6 @@ impl Slab {
         let payload = (start + HEADER as u64).next_multiple_of(align as u64);
         self.header(payload)
             .store(pack(class, OWNED, payload - start), Ordering::Relaxed);
-        cache::count(class::size(class) as i64);
         Ok(NonNull::new(payload as *mut u8).expect("arena addresses are non-null"))
     }
 
@@ -255,7 +254,6 @@ impl Slab {
             }
         }
         cache::give(self, class, ((start - self.base) / 16) as u32);
-        cache::count(-(cs as i64));
         Ok(())
     }
 

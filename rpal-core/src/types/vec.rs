@@ -219,8 +219,8 @@ impl ShmString {
         Self { bytes: ShmVec::new() }
     }
 
-    /// A copy of `s`.
-    pub fn from_str(s: &str) -> Result<Self> {
+    /// A copy of `s` in the arena.
+    pub fn copy_from(s: &str) -> Result<Self> {
         let mut out = Self::new();
         out.push_str(s)?;
         Ok(out)
@@ -252,6 +252,13 @@ impl ShmString {
     /// Hands the string over to peer `pid`.
     pub fn lend(self, pid: i32) -> Result<(u64, u64)> {
         self.bytes.lend(pid)
+    }
+}
+
+impl TryFrom<&str> for ShmString {
+    type Error = Error;
+    fn try_from(s: &str) -> Result<Self> {
+        Self::copy_from(s)
     }
 }
 
