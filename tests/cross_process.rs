@@ -208,8 +208,22 @@ fn remote_errors_and_timeouts_fail_one_call() {
         assert!(matches!(e, Error::Timeout(_)), "{e}");
         // The late reply of the timed-out call is discarded, not taken for this one.
         assert_eq!(c.call(1, b"after timeout").unwrap(), b"after timeout");
-        let big = vec![0u8; rpal::INLINE_CAPACITY + 1];
-        assert!(matches!(c.call(1, &big), Err(Error::TooLarge { .. })));
+        // A request far larger than a queue block travels in a block of its own.
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let sum = u64::from_le_bytes(c.call(5, &big).unwrap()[..8].try_into().unwrap());
+        assert_eq!(sum, big.iter().map(|&b| b as u64).sum::<u64>());
+        // A reply larger than the reply buffer is the handler's bug, reported as such.
+        let e = c.call(6, b"").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Remote {
+                    status: RemoteStatus::BadReply,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         return;
     }
     let path = common::sock_path("echo");
@@ -230,6 +244,12 @@ fn remote_errors_and_timeouts_fail_one_call() {
             std::thread::sleep(Duration::from_millis(300));
             Ok(0)
         }
+        5 => {
+            let sum = req.payload.iter().map(|&b| b as u64).sum::<u64>();
+            reply[..8].copy_from_slice(&sum.to_le_bytes());
+            Ok(8)
+        }
+        6 => Ok(reply.len() + 1),
         _ => Err(RemoteStatus::UnknownMethod),
     })
     .unwrap();

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::arena::Arena;
-use crate::conn::{Conn, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint, Peer};
+use crate::conn::{Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint, Peer, next_msg};
 use crate::doorbell::{Deadline, DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind};
@@ -40,12 +40,11 @@ impl ClientOptions {
     }
 }
 
-/// A connection to one server. One call at a time (`&mut self`).
+/// A connection to one server. One call at a time (`&mut self`); one-way
+/// messages may be pipelined.
 pub struct Client {
     conn: Conn,
     next_call: u64,
-    /// Call id of a call that timed out and whose reply has not come yet.
-    outstanding: Option<u64>,
     call_timeout: Option<Duration>,
 }
 
@@ -89,15 +88,11 @@ impl Client {
             (Err(e), _) => return Err(e),
             (Ok(()), r) => r?,
         };
-        match reply.kind {
-            Kind::Welcome => {}
-            Kind::Reject => unreachable!("handled above"),
-            Kind::Hello => {
-                return Err(Error::NotRpal {
-                    endpoint: endpoint.to_owned(),
-                    detail: "it answered a hello with a hello".into(),
-                });
-            }
+        if reply.kind != Kind::Welcome {
+            return Err(Error::NotRpal {
+                endpoint: endpoint.to_owned(),
+                detail: "it answered a hello with a hello".into(),
+            });
         }
         handshake::check_compatible(&reply, &hello)?;
         let fd = fd.ok_or_else(|| Error::InvalidDescriptor {
@@ -110,7 +105,6 @@ impl Client {
         Ok(Client {
             conn,
             next_call: 1,
-            outstanding: None,
             call_timeout: opts.call_timeout,
         })
     }
@@ -130,13 +124,27 @@ impl Client {
         self.conn.wait = wait;
     }
 
-    /// Calls `method`. `write` fills the request payload in place in our
-    /// arena and returns its length; `read` gets the reply payload in place in
-    /// the server's region (validated, read-only) and the region itself for
-    /// following pointers. The reply is valid only inside `read`.
+    /// Calls `method`. `write` fills the request body in place in our queue
+    /// (at most [`INLINE_CAPACITY`] bytes) and returns its length; `read` gets
+    /// the reply body in place in the server's memory (validated, read-only)
+    /// and the server's region for following pointers. The reply is valid
+    /// only inside `read`.
     pub fn call_with<R>(
         &mut self,
         method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut [u8]) -> usize,
+        read: impl FnOnce(&[u8], &PeerRegion) -> R,
+    ) -> Result<R> {
+        self.call_sized(method, INLINE_CAPACITY, timeout, write, read)
+    }
+
+    /// As [`Client::call_with`], with room for a request body of `cap` bytes
+    /// (any size: big bodies get a queue block of their own).
+    pub fn call_sized<R>(
+        &mut self,
+        method: u32,
+        cap: usize,
         timeout: Option<Duration>,
         write: impl FnOnce(&mut [u8]) -> usize,
         read: impl FnOnce(&[u8], &PeerRegion) -> R,
@@ -149,42 +157,74 @@ impl Client {
         }
         let deadline = timeout.or(self.call_timeout).map(Deadline::after);
         let _access = self.conn.peer.region.access();
-        // A timed-out call's reply must arrive before the block can be reused.
-        if let Some(id) = self.outstanding {
-            loop {
-                let h = self.conn.recv(deadline)?;
-                if h.call_id == id {
-                    break;
-                }
-            }
-            self.outstanding = None;
-        }
         let id = self.next_call;
         self.next_call += 1;
-        let len = write(self.conn.out_buf());
-        self.conn.commit(method, id, len, 0)?;
-        let h = match self.conn.recv(deadline) {
-            Ok(h) => h,
-            Err(e @ Error::Timeout(_)) => {
-                self.outstanding = Some(id);
-                return Err(e);
+        self.conn.send(method, id, 0, cap, write)?;
+        self.conn.ring();
+        loop {
+            self.conn.wait_ready(deadline)?;
+            let pid = self.conn.pid();
+            let msg = next_msg(&mut self.conn.rx, &self.conn.peer.region)?.expect("wait_ready saw a record");
+            if msg.call_id < id {
+                continue; // the late reply of a call that timed out: discard it
             }
-            Err(e) => return Err(e),
-        };
-        if h.call_id != id {
-            return Err(Error::Protocol {
-                pid: self.conn.peer.cred.pid,
-                detail: format!("reply carries call id {} while call {id} is in flight", h.call_id),
-            });
+            if msg.call_id != id {
+                return Err(Error::Protocol {
+                    pid,
+                    detail: format!("reply carries call id {} while call {id} is in flight", msg.call_id),
+                });
+            }
+            if msg.status != 0 {
+                return Err(Error::Remote {
+                    method,
+                    status: RemoteStatus::from_code(msg.status),
+                });
+            }
+            let out = read(msg.body, &self.conn.peer.region);
+            self.conn.publish_cursor();
+            self.conn.housekeeping()?;
+            return Ok(out);
         }
-        if h.status != 0 {
+    }
+
+    /// Calls `method` with `request` copied inline and returns a copy of the reply.
+    pub fn call(&mut self, method: u32, request: &[u8]) -> Result<Vec<u8>> {
+        self.call_sized(
+            method,
+            request.len(),
+            None,
+            |buf| {
+                buf[..request.len()].copy_from_slice(request);
+                request.len()
+            },
+            |reply, _| reply.to_vec(),
+        )
+    }
+
+    /// Sends a one-way message of `len` bytes that `write` fills: no reply,
+    /// no wait (unless the server is far behind: then backpressure waits).
+    /// Messages are delivered in order; call [`Client::flush`] to wake a
+    /// parked server after a batch (the next call does it too).
+    pub fn send_oneway(&mut self, method: u32, len: usize, write: impl FnOnce(&mut [u8])) -> Result<()> {
+        if method == METHOD_CLOSE {
             return Err(Error::Remote {
                 method,
-                status: RemoteStatus::from_code(h.status),
+                status: RemoteStatus::UnknownMethod,
             });
         }
-        let parts = self.conn.parts(&h);
-        Ok(read(parts.request, parts.region))
+        let _access = self.conn.peer.region.access();
+        let id = self.next_call;
+        self.next_call += 1;
+        self.conn.send(method, id, FLAG_ONEWAY, len, |buf| {
+            write(&mut buf[..len]);
+            len
+        })
+    }
+
+    /// Wakes the server if it sleeps, so that one-way messages sent so far
+    /// are handled.
+    pub fn flush(&mut self) {
+        self.conn.ring();
     }
 
     /// Says we are done with the server's block at `addr` (one it lent us);
@@ -205,36 +245,27 @@ impl Client {
         self.conn.refused_releases
     }
 
-    /// Calls `method` with `request` copied inline and returns a copy of the reply.
-    pub fn call(&mut self, method: u32, request: &[u8]) -> Result<Vec<u8>> {
-        if request.len() > INLINE_CAPACITY {
-            return Err(Error::TooLarge {
-                len: request.len(),
-                capacity: INLINE_CAPACITY,
-            });
-        }
-        self.call_with(
-            method,
-            None,
-            |buf| {
-                buf[..request.len()].copy_from_slice(request);
-                request.len()
-            },
-            |reply, _| reply.to_vec(),
-        )
+    /// Test hook: publishes an arbitrary cursor over the server's queue.
+    #[doc(hidden)]
+    pub fn inject_cursor(&mut self, value: u64) {
+        self.conn.inject_cursor(value);
+    }
+
+    /// Test hook: publishes a raw queue header (sequence, length).
+    #[doc(hidden)]
+    pub fn inject_header(&mut self, seq: u32, len: u32) {
+        self.conn.mine.tx.inject_header(seq, len);
+        self.conn.ring();
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         // Tell the server we are done, so it stops waiting at once. Best
-        // effort: a server that died needs no goodbye. With a timed-out call
-        // still unanswered the server may not have read that request yet, so
-        // we just hang up and let it notice the closed socket.
-        if self.outstanding.is_some() {
-            return;
-        }
+        // effort: a server that died needs no goodbye.
         let _access = self.conn.peer.region.access();
-        let _ = self.conn.commit(METHOD_CLOSE, 0, 0, 0);
+        if self.conn.send(METHOD_CLOSE, 0, FLAG_ONEWAY, 0, |_| 0).is_ok() {
+            self.conn.ring();
+        }
     }
 }

@@ -1,18 +1,18 @@
-//! One established connection: the endpoint blocks and the record protocol.
+//! One established connection: endpoint blocks, the two queues, releases.
 //!
-//! Each side owns one [`Endpoint`] block per connection, in its own arena.
-//! A side writes its outgoing record into its block and bumps the block's
-//! sequence word; the other side polls that word through its read-only
-//! mapping. One call is in flight per connection: the client's request is
-//! consumed once the server's reply appears, and the reply once the next
-//! request appears, so neither side overwrites a record still being read.
+//! Each side owns, in its own arena, an [`Endpoint`] block for the
+//! connection and the blocks of its outgoing [`queue`](crate::queue). The
+//! endpoint holds what the *other* side needs to read: where our queue
+//! starts, whether we are parked, how far we have read the peer's queue
+//! (so it can recycle its blocks), and the ring of peer blocks we release.
+//!
+//! A message is one queue record: a 16-byte header (call id, method,
+//! status) and the body.
 
-use std::cell::RefCell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::ptr::addr_of_mut;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 
@@ -20,34 +20,34 @@ use crate::arena::Arena;
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
 use crate::handshake::PeerCred;
+use crate::queue::{Consumer, Producer};
 use crate::region::PeerRegion;
 use crate::sys;
 
-/// Bytes of payload a record carries inline. Larger data travels by pointer
-/// into the sender's arena.
-pub const INLINE_CAPACITY: usize = 4096 - RECORD_HEADER;
-const RECORD_HEADER: usize = 32;
-
+/// Message header: call id, method, status.
+pub const MSG_HEADER: usize = 16;
+/// Body bytes a reply (and a default request) may carry inline. Larger data
+/// travels by pointer into the sender's arena, or with a sized call.
+pub const INLINE_CAPACITY: usize = 4096 - MSG_HEADER;
 /// Reserved method id: the client is closing the connection.
 pub const METHOD_CLOSE: u32 = u32::MAX;
+/// Request status bit: the client expects no reply.
+pub(crate) const FLAG_ONEWAY: u32 = 1 << 31;
+/// Entries in each side's release ring.
+pub const RELEASE_SLOTS: usize = 256;
+/// Queue blocks (about 64 KiB each) a producer may have unread before it
+/// waits for the consumer: backpressure instead of unbounded growth.
+pub const BACKLOG_BLOCKS: usize = 256;
 
 /// One side's block for one connection, in that side's arena.
-///
-/// The first cache line holds the sequence word and the record header, so a
-/// small call moves one line each way. `parked` sits on its own line: the
-/// owner writes it when it sleeps waiting for the *peer's* record.
 #[repr(C, align(128))]
 pub struct Endpoint {
-    /// Bumped (Release) after each record is written; the peer waits on it.
-    seq: AtomicU32,
-    method: u32,
-    len: u32,
-    status: u32,
-    call_id: u64,
-    _reserved: u64,
-    payload: [u8; INLINE_CAPACITY],
-    /// Non-zero while the owner sleeps on the peer's `seq`.
+    /// First block of this side's outgoing queue.
+    queue_head: AtomicU64,
+    /// Non-zero while this side sleeps waiting on the peer's queue.
     parked: CachePadded<AtomicU32>,
+    /// Blocks of the peer's queue this side has passed.
+    cursor: CachePadded<AtomicU64>,
     /// How many releases this side has published in `releases`.
     release_tail: CachePadded<AtomicU64>,
     /// How many of the *peer's* releases this side has consumed.
@@ -55,11 +55,6 @@ pub struct Endpoint {
     /// Ring of addresses of the peer's blocks that this side is done with.
     releases: [AtomicU64; RELEASE_SLOTS],
 }
-
-/// Entries in each side's release ring.
-pub const RELEASE_SLOTS: usize = 256;
-
-const _: () = assert!(std::mem::offset_of!(Endpoint, payload) == RECORD_HEADER);
 
 const fn fnv1a(mut h: u64, v: u64) -> u64 {
     let mut i = 0;
@@ -74,118 +69,115 @@ const fn fnv1a(mut h: u64, v: u64) -> u64 {
 /// Hash of every shared-memory layout fact both sides must agree on.
 pub const LAYOUT_HASH: u64 = {
     let mut h = 0xcbf2_9ce4_8422_2325;
+    h = fnv1a(h, 2); // layout generation: linked-buffer queues
     h = fnv1a(h, size_of::<Endpoint>() as u64);
-    h = fnv1a(h, align_of::<Endpoint>() as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, seq) as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, method) as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, len) as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, status) as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, call_id) as u64);
-    h = fnv1a(h, std::mem::offset_of!(Endpoint, payload) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, parked) as u64);
+    h = fnv1a(h, std::mem::offset_of!(Endpoint, cursor) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, release_tail) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, release_head) as u64);
     h = fnv1a(h, std::mem::offset_of!(Endpoint, releases) as u64);
     h = fnv1a(h, RELEASE_SLOTS as u64);
+    h = fnv1a(h, crate::queue::BLOCK_HEADER as u64);
+    h = fnv1a(h, MSG_HEADER as u64);
     h
 };
 
-/// Endpoint blocks of closed connections, for reuse (addresses in our arena).
-static FREE_ENDPOINTS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-
-/// Our endpoint block for one connection; returned to the pool on drop.
+/// Our endpoint block for one connection and our outgoing queue.
 pub(crate) struct OwnEndpoint {
-    ptr: *mut Endpoint,
+    ptr: *const Endpoint,
+    pub tx: Producer,
 }
 
 // SAFETY: the block lives in the process-wide arena (never unmapped), and an
-// `OwnEndpoint` is its only writer in this process.
+// `OwnEndpoint` is its only user in this process.
 unsafe impl Send for OwnEndpoint {}
 
 impl OwnEndpoint {
     pub(crate) fn new() -> Result<Self> {
-        let reused = FREE_ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let ptr = match reused {
-            Some(addr) => addr as *mut Endpoint,
-            None => Arena::global()?
-                .alloc_raw(size_of::<Endpoint>(), align_of::<Endpoint>())?
-                .as_ptr()
-                .cast(),
-        };
-        // SAFETY: `ptr` is an aligned Endpoint-sized block of our arena that
-        // no one else in this process uses. Zero words: no peer is attached yet.
-        unsafe {
-            (*ptr).seq = AtomicU32::new(0);
-            (*ptr).parked = CachePadded::new(AtomicU32::new(0));
-            (*ptr).release_tail = CachePadded::new(AtomicU64::new(0));
-            (*ptr).release_head = CachePadded::new(AtomicU64::new(0));
-        }
-        Ok(Self { ptr })
+        let ptr: *mut Endpoint = Arena::global()?
+            .alloc_raw(size_of::<Endpoint>(), align_of::<Endpoint>())?
+            .as_ptr()
+            .cast();
+        let tx = Producer::new()?;
+        // SAFETY: `ptr` is a fresh, aligned Endpoint-sized block of our arena;
+        // no peer is attached yet. All fields are atomics, so initialising
+        // them by store is valid.
+        let e = unsafe { &*ptr };
+        e.queue_head.store(tx.head(), Ordering::Relaxed);
+        e.parked.store(0, Ordering::Relaxed);
+        e.cursor.store(0, Ordering::Relaxed);
+        e.release_tail.store(0, Ordering::Relaxed);
+        e.release_head.store(0, Ordering::Relaxed);
+        Ok(Self { ptr, tx })
     }
 
     pub(crate) fn addr(&self) -> u64 {
         self.ptr as u64
     }
 
-    fn seq(&self) -> &AtomicU32 {
-        // SAFETY: the block is live and `seq` is only accessed atomically.
-        unsafe { &(*self.ptr).seq }
-    }
-
-    fn parked(&self) -> &AtomicU32 {
-        // SAFETY: as for `seq`.
-        unsafe { &(*self.ptr).parked }
-    }
-
-    fn block(&self) -> &Endpoint {
-        // SAFETY: the block is live; the fields read through this shared
-        // reference are atomics (the record fields are written only through
-        // `payload_mut`/`write_header`, never while this borrow is used).
+    pub(crate) fn block(&self) -> &Endpoint {
+        // SAFETY: the block is live for as long as `self`; only atomics in it.
         unsafe { &*self.ptr }
-    }
-
-    /// The inline payload area, for writing the next record.
-    fn payload_mut(&mut self) -> &mut [u8; INLINE_CAPACITY] {
-        // SAFETY: we are the block's only writer, and the peer has consumed the
-        // previous record (see the module comment), so nobody reads it now.
-        unsafe { &mut *addr_of_mut!((*self.ptr).payload) }
-    }
-
-    fn write_header(&mut self, method: u32, len: u32, status: u32, call_id: u64) {
-        // SAFETY: as in `payload_mut`; plain field writes to our own block.
-        unsafe {
-            addr_of_mut!((*self.ptr).method).write(method);
-            addr_of_mut!((*self.ptr).len).write(len);
-            addr_of_mut!((*self.ptr).status).write(status);
-            addr_of_mut!((*self.ptr).call_id).write(call_id);
-        }
     }
 }
 
 impl Drop for OwnEndpoint {
     fn drop(&mut self) {
-        FREE_ENDPOINTS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(self.ptr as usize);
+        if let (Ok(arena), Some(p)) = (Arena::global(), std::ptr::NonNull::new(self.ptr as *mut u8)) {
+            // SAFETY: the connection is gone; nothing of ours refers to the block
+            // (a peer may still read it, harmlessly: it validates what it reads).
+            let _ = unsafe { arena.free_raw(p) };
+        }
     }
 }
 
-/// What serving one request borrows from a connection (see [`Conn::parts`]).
-pub(crate) struct Parts<'a> {
-    pub request: &'a [u8],
-    pub region: &'a PeerRegion,
-    pub reply: &'a mut [u8],
-    pub releases: &'a RefCell<Vec<u64>>,
+/// One message, read in place from the peer's queue.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Msg<'a> {
+    pub call_id: u64,
+    pub method: u32,
+    pub status: u32,
+    pub body: &'a [u8],
 }
 
-/// A record header copied out of the peer's block.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RecordHeader {
-    pub method: u32,
-    pub len: u32,
-    pub status: u32,
-    pub call_id: u64,
+/// Reads the next message, if one is ready. `rx` and `region` are separate
+/// borrows so the caller can answer while holding the message.
+pub(crate) fn next_msg<'a>(rx: &mut Consumer, region: &'a PeerRegion) -> Result<Option<Msg<'a>>> {
+    let Some(rec) = rx.next(region)? else { return Ok(None) };
+    if rec.len() < MSG_HEADER {
+        return Err(Error::Protocol {
+            pid: region.pid(),
+            detail: format!("message of {} bytes is shorter than its header", rec.len()),
+        });
+    }
+    let word = |at: usize, n: usize| rec[at..at + n].iter().rev().fold(0u64, |acc, &b| acc << 8 | b as u64);
+    Ok(Some(Msg {
+        call_id: word(0, 8),
+        method: word(8, 4) as u32,
+        status: word(12, 4) as u32,
+        body: &rec[MSG_HEADER..],
+    }))
+}
+
+/// Appends one message to `tx`: `write` fills the body (at most `cap`
+/// bytes) and returns its length and the status to send.
+pub(crate) fn write_msg(
+    tx: &mut Producer,
+    method: u32,
+    call_id: u64,
+    cap: usize,
+    write: impl FnOnce(&mut [u8]) -> (usize, u32),
+) -> Result<()> {
+    let buf = tx.reserve(MSG_HEADER + cap)?;
+    let (n, status) = write(&mut buf[MSG_HEADER..]);
+    if n > cap {
+        return Err(Error::TooLarge { len: n, capacity: cap });
+    }
+    buf[0..8].copy_from_slice(&call_id.to_le_bytes());
+    buf[8..12].copy_from_slice(&method.to_le_bytes());
+    buf[12..16].copy_from_slice(&status.to_le_bytes());
+    tx.commit(MSG_HEADER + n);
+    Ok(())
 }
 
 /// The peer of a connection.
@@ -198,20 +190,26 @@ pub struct Peer {
     pidfd: OwnedFd,
 }
 
+impl Peer {
+    /// The pidfd, readable once the peer has exited.
+    pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+}
+
 /// The state both a client and a server connection share.
 pub(crate) struct Conn {
     pub sock: UnixStream,
     pub peer: Peer,
-    mine: OwnEndpoint,
+    pub mine: OwnEndpoint,
     theirs: *const Endpoint,
-    /// Last sequence we published.
-    my_seq: u32,
-    /// Last sequence of the peer's we consumed.
-    their_seq: u32,
+    pub rx: Consumer,
+    /// Last cursor value we published.
+    cursor_shown: u64,
     pub wait: WaitConfig,
     pub stats: DoorbellStats,
     /// Releases of the peer's blocks not yet published (our ring was full).
-    pending_releases: RefCell<Vec<u64>>,
+    pending_releases: Vec<u64>,
     /// Releases by the peer that matched no block lent to it (refused).
     pub refused_releases: u64,
 }
@@ -222,7 +220,7 @@ unsafe impl Send for Conn {}
 
 impl Conn {
     /// Builds a connection once the handshake has mapped the peer's region.
-    /// `their_endpoint` is validated here.
+    /// `their_endpoint` and the peer's first queue block are validated here.
     pub(crate) fn new(
         sock: UnixStream,
         cred: PeerCred,
@@ -237,138 +235,26 @@ impl Conn {
             align_of::<Endpoint>() as u64,
         )?;
         let pidfd = sys::pidfd_open(cred.pid).map_err(|e| Error::io(format!("pidfd_open({})", cred.pid), e))?;
-        // The peer may have used this block before (a reused endpoint): start
-        // from whatever sequence it shows now.
-        // SAFETY: `check` proved the block lies inside the mapped region and is aligned.
-        let their_seq = unsafe {
-            (*(their_endpoint as *const Endpoint))
-                .seq
-                .load(std::sync::atomic::Ordering::Acquire)
-        };
         let theirs = their_endpoint as *const Endpoint;
+        // SAFETY: `check` proved the block lies inside the mapped region and is aligned.
+        let head = unsafe { (*theirs).queue_head.load(Ordering::Acquire) };
+        let rx = Consumer::new(&region, head, cred.pid)?;
         Ok(Conn {
             sock,
             peer: Peer { cred, region, pidfd },
             mine,
             theirs,
-            my_seq: 0,
-            their_seq,
+            rx,
+            cursor_shown: 0,
             wait,
             stats: DoorbellStats::default(),
-            pending_releases: RefCell::new(Vec::new()),
+            pending_releases: Vec::new(),
             refused_releases: 0,
         })
     }
 
-    fn their_seq_word(&self) -> &AtomicU32 {
-        // SAFETY: `theirs` was validated in `new` and the mapping lives as long as `self`.
-        unsafe { &(*self.theirs).seq }
-    }
-
-    fn their_parked(&self) -> &AtomicU32 {
-        // SAFETY: as in `their_seq_word`.
-        unsafe { &(*self.theirs).parked }
-    }
-
-    /// Errors if the peer died or hung up; used between sleeps.
-    pub(crate) fn check_alive(&self) -> Result<()> {
-        let pid = self.peer.cred.pid;
-        if sys::poll_ready(&[self.peer.pidfd.as_fd()]).unwrap_or(false) {
-            return Err(Error::PeerDied { pid });
-        }
-        // A readable control socket means data (unexpected) or hang-up.
-        if sys::poll_ready(&[self.sock.as_fd()]).unwrap_or(false) {
-            let mut b = [0u8; 1];
-            match nix::sys::socket::recv(
-                std::os::fd::AsRawFd::as_raw_fd(&self.sock),
-                &mut b,
-                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(0) | Err(_) => return Err(Error::Closed { pid }),
-                Ok(_) => {}
-            }
-        }
-        Ok(())
-    }
-
-    /// Our outgoing payload area, to fill before [`Conn::commit`].
-    pub(crate) fn out_buf(&mut self) -> &mut [u8] {
-        self.mine.payload_mut()
-    }
-
-    /// Publishes the record whose payload was written into [`Conn::out_buf`]
-    /// (after any pending releases), then rings.
-    pub(crate) fn commit(&mut self, method: u32, call_id: u64, len: usize, status: u32) -> Result<()> {
-        if len > INLINE_CAPACITY {
-            return Err(Error::TooLarge {
-                len,
-                capacity: INLINE_CAPACITY,
-            });
-        }
-        self.flush_releases();
-        self.mine.write_header(method, len as u32, status, call_id);
-        self.my_seq = self.my_seq.wrapping_add(1);
-        doorbell::ring(self.mine.seq(), self.my_seq, self.their_parked(), &self.stats);
-        Ok(())
-    }
-
-    /// Borrows, all at once, what serving a request needs: the request
-    /// payload and the client's region (peer memory), our reply area, and
-    /// the list where releases are queued.
-    pub(crate) fn parts(&mut self, h: &RecordHeader) -> Parts<'_> {
-        // SAFETY: `h.len <= INLINE_CAPACITY` (checked in `recv`), so the bytes
-        // lie inside the peer's validated block, mapped as long as `self`;
-        // it is peer memory, disjoint from everything else borrowed here.
-        let request = unsafe {
-            std::slice::from_raw_parts(std::ptr::addr_of!((*self.theirs).payload).cast::<u8>(), h.len as usize)
-        };
-        Parts {
-            request,
-            region: &self.peer.region,
-            reply: self.mine.payload_mut(),
-            releases: &self.pending_releases,
-        }
-    }
-
-    /// Waits for the peer's next record and returns its validated header.
-    pub(crate) fn recv(&mut self, deadline: Option<Deadline>) -> Result<RecordHeader> {
-        let now = doorbell::wait(
-            self.their_seq_word(),
-            self.their_seq,
-            self.mine.parked(),
-            &self.wait,
-            deadline,
-            &self.stats,
-            || self.check_alive(),
-        )?;
-        let pid = self.peer.cred.pid;
-        let expected = self.their_seq.wrapping_add(1);
-        if now != expected {
-            return Err(Error::Protocol {
-                pid,
-                detail: format!("sequence word jumped from {} to {now}", self.their_seq),
-            });
-        }
-        self.their_seq = now;
-        // Copy the header out once (the peer could change it under us), then validate the copy.
-        // SAFETY: `theirs` is validated and mapped; volatile reads of plain
-        // integers tolerate concurrent writes by a misbehaving peer.
-        let h = unsafe {
-            RecordHeader {
-                method: std::ptr::addr_of!((*self.theirs).method).read_volatile(),
-                len: std::ptr::addr_of!((*self.theirs).len).read_volatile(),
-                status: std::ptr::addr_of!((*self.theirs).status).read_volatile(),
-                call_id: std::ptr::addr_of!((*self.theirs).call_id).read_volatile(),
-            }
-        };
-        self.reclaim()?;
-        if h.len as usize > INLINE_CAPACITY {
-            return Err(Error::Protocol {
-                pid,
-                detail: format!("record length {} exceeds the inline capacity {INLINE_CAPACITY}", h.len),
-            });
-        }
-        Ok(h)
+    pub(crate) fn pid(&self) -> i32 {
+        self.peer.cred.pid
     }
 
     fn theirs(&self) -> &Endpoint {
@@ -377,42 +263,143 @@ impl Conn {
         unsafe { &*self.theirs }
     }
 
+    /// Our `parked` flag (the peer reads it before waking us).
+    pub(crate) fn my_parked(&self) -> &AtomicU32 {
+        &self.mine.block().parked
+    }
+
+    /// Errors if the peer died or hung up; used between sleeps.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        check_alive(&self.peer, &self.sock)
+    }
+
+    /// Appends a message whose body `write` fills (at most `cap` bytes; it
+    /// returns the length). Waits if the peer is `BACKLOG_BLOCKS` behind.
+    /// Does not wake the peer: call [`Conn::ring`] after a batch.
+    pub(crate) fn send(
+        &mut self,
+        method: u32,
+        call_id: u64,
+        status: u32,
+        cap: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<()> {
+        self.housekeeping()?;
+        if self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
+            self.wait_for_room()?;
+        }
+        write_msg(&mut self.mine.tx, method, call_id, cap, |body| (write(body), status))
+    }
+
+    /// Wakes the peer if it sleeps on our queue.
+    pub(crate) fn ring(&mut self) {
+        // SAFETY: see `theirs`; split from `self.mine` for the borrow checker.
+        let parked = unsafe { &(*self.theirs).parked };
+        if self.mine.tx.ring(parked) {
+            self.stats.wakes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Backpressure: wait until the peer's cursor frees some of our blocks.
+    fn wait_for_room(&mut self) -> Result<()> {
+        let start = Instant::now();
+        while self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
+            self.ring();
+            let cursor = &self.theirs().cursor;
+            let seen = cursor.load(Ordering::Acquire);
+            self.mine.tx.recycle(seen, self.pid())?;
+            if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
+                break;
+            }
+            // The consumer does not wake producers: poll its cursor gently.
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            if start.elapsed() > self.wait.park_slice {
+                self.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recycles our queue blocks the peer has passed, publishes pending
+    /// releases, and frees our blocks the peer released.
+    pub(crate) fn housekeeping(&mut self) -> Result<()> {
+        // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
+        let cursor = self.theirs().cursor.load(Ordering::Acquire);
+        let pid = self.pid();
+        self.mine.tx.recycle(cursor, pid)?;
+        self.flush_releases();
+        self.reclaim()?;
+        Ok(())
+    }
+
+    /// Tells the peer how many of its queue blocks we have passed.
+    pub(crate) fn publish_cursor(&mut self) {
+        let passed = self.rx.passed();
+        if passed != self.cursor_shown {
+            // Release: we are done with the passed blocks; pairs with the
+            // Acquire in the peer's `housekeeping`.
+            self.mine.block().cursor.store(passed, Ordering::Release);
+            self.cursor_shown = passed;
+        }
+    }
+
+    /// Waits until a message is ready (or the deadline, or the peer's death).
+    pub(crate) fn wait_ready(&mut self, deadline: Option<Deadline>) -> Result<()> {
+        loop {
+            if self.rx.ready_record(&self.peer.region)? {
+                return Ok(());
+            }
+            self.publish_cursor();
+            // The record may have landed since `ready_record` looked.
+            let Some((word, seen)) = self.rx.wait_word() else { continue };
+            let parked = &self.mine.block().parked;
+            let (peer, sock) = (&self.peer, &self.sock);
+            doorbell::wait(word, seen, parked, &self.wait, deadline, &self.stats, || {
+                check_alive(peer, sock)
+            })?;
+        }
+    }
+
     /// Says we are done with the peer's block at `addr`; published in our
     /// release ring now or, if it is full, at the next send or receive.
     pub(crate) fn release(&mut self, addr: u64) {
-        self.pending_releases.get_mut().push(addr);
+        self.pending_releases.push(addr);
+        self.flush_releases();
+    }
+
+    /// Queues releases gathered elsewhere (a handler's).
+    pub(crate) fn release_all(&mut self, addrs: impl IntoIterator<Item = u64>) {
+        self.pending_releases.extend(addrs);
         self.flush_releases();
     }
 
     /// Publishes pending releases while our ring has room.
-    pub(crate) fn flush_releases(&mut self) {
-        let pending = self.pending_releases.get_mut();
-        if pending.is_empty() {
+    fn flush_releases(&mut self) {
+        if self.pending_releases.is_empty() {
             return;
         }
         let mine = self.mine.block();
         let tail = mine.release_tail.load(Ordering::Relaxed);
         // Acquire: pairs with the Release store of `release_head` in the
         // peer's `reclaim`; slots it consumed may be overwritten.
-        // SAFETY: `theirs` was validated in `new` and stays mapped with `self`.
+        // SAFETY: see `theirs`.
         let head = unsafe { (*self.theirs).release_head.load(Ordering::Acquire) };
         let room = (RELEASE_SLOTS as u64).saturating_sub(tail.wrapping_sub(head));
-        let n = (room as usize).min(pending.len());
-        for (i, &addr) in pending[..n].iter().enumerate() {
+        let n = (room as usize).min(self.pending_releases.len());
+        for (i, &addr) in self.pending_releases[..n].iter().enumerate() {
             mine.releases[(tail as usize + i) % RELEASE_SLOTS].store(addr, Ordering::Relaxed);
         }
         // Release: publishes the slots written above; pairs with the Acquire in `reclaim`.
         mine.release_tail.store(tail + n as u64, Ordering::Release);
-        pending.drain(..n);
+        self.pending_releases.drain(..n);
     }
 
     /// Frees our blocks that the peer released. A release that matches no
     /// block lent to this peer is refused and counted; a release cursor that
     /// jumps or goes backwards is a protocol violation.
     pub(crate) fn reclaim(&mut self) -> Result<usize> {
-        let pid = self.peer.cred.pid;
-        let mine = self.mine.block();
-        let head = mine.release_head.load(Ordering::Relaxed);
+        let pid = self.pid();
+        let head = self.mine.block().release_head.load(Ordering::Relaxed);
         // Acquire: pairs with the Release store of `release_tail` in the peer's `flush_releases`.
         let tail = self.theirs().release_tail.load(Ordering::Acquire);
         let ahead = tail.wrapping_sub(head);
@@ -438,7 +425,7 @@ impl Conn {
             }
         }
         // Release: the peer may reuse the slots we read; pairs with the Acquire in `flush_releases`.
-        mine.release_head.store(tail, Ordering::Release);
+        self.mine.block().release_head.store(tail, Ordering::Release);
         self.flush_releases();
         Ok(freed)
     }
@@ -446,6 +433,43 @@ impl Conn {
     pub(crate) fn snapshot(&self) -> DoorbellSnapshot {
         self.stats.snapshot()
     }
+
+    /// Test hook: publishes an arbitrary queue cursor, as a hostile peer might.
+    #[doc(hidden)]
+    pub fn inject_cursor(&mut self, value: u64) {
+        self.mine.block().cursor.store(value, Ordering::Release);
+        self.cursor_shown = value;
+    }
+}
+
+/// Errors if the peer died (its pidfd is readable) or hung up its socket.
+pub(crate) fn check_alive(peer: &Peer, sock: &UnixStream) -> Result<()> {
+    let pid = peer.cred.pid;
+    if sys::poll_ready(&[peer.pidfd.as_fd()]).unwrap_or(false) {
+        return Err(Error::PeerDied { pid });
+    }
+    // A readable control socket means data (unexpected) or hang-up.
+    if sys::poll_ready(&[sock.as_fd()]).unwrap_or(false) {
+        let mut b = [0u8; 1];
+        match nix::sys::socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            &mut b,
+            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) | Err(_) => {
+                // An exiting process closes its files before its pidfd turns
+                // readable: give it a moment to tell death from a hang-up.
+                let died = sys::poll_wait(peer.pidfd.as_fd(), std::time::Duration::from_millis(200)).unwrap_or(false);
+                return Err(if died {
+                    Error::PeerDied { pid }
+                } else {
+                    Error::Closed { pid }
+                });
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Conn {

@@ -10,11 +10,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::arena::Arena;
-use crate::conn::{Conn, METHOD_CLOSE, OwnEndpoint, Peer};
+use crate::conn::{
+    BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, OwnEndpoint, Peer, next_msg,
+};
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
@@ -223,6 +225,7 @@ impl Server {
         Ok(ServerConn {
             conn,
             stats: self.stats.clone(),
+            releases: RefCell::new(Vec::new()),
         })
     }
 
@@ -260,10 +263,21 @@ impl Drop for Server {
     }
 }
 
+/// What one [`ServerConn::poll`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Polled {
+    /// Requests handled.
+    pub served: usize,
+    /// The client said goodbye.
+    pub closed: bool,
+}
+
 /// A server's end of one connection.
 pub struct ServerConn {
     conn: Conn,
     stats: Arc<ServerStats>,
+    /// Releases a handler asked for, published after each batch.
+    releases: RefCell<Vec<u64>>,
 }
 
 impl ServerConn {
@@ -278,7 +292,7 @@ impl ServerConn {
     }
 
     /// Frees our blocks that the client released (this also happens on
-    /// every request). Returns how many were freed.
+    /// every batch). Returns how many were freed.
     pub fn reclaim(&mut self) -> Result<usize> {
         let _access = self.conn.peer.region.access();
         self.conn.reclaim()
@@ -294,44 +308,141 @@ impl ServerConn {
         self.conn.wait = wait;
     }
 
+    /// Whether a request is ready, without waiting.
+    pub fn ready(&mut self) -> Result<bool> {
+        let _access = self.conn.peer.region.access();
+        self.conn.rx.ready_record(&self.conn.peer.region)
+    }
+
+    /// The word the client's next request will change and its current value:
+    /// what a poller sleeps on. `None` if a request is already there.
+    pub fn wait_target(&self) -> Option<(&AtomicU32, u32)> {
+        self.conn.rx.wait_word()
+    }
+
+    /// Our `parked` flag for this connection: set it before sleeping on
+    /// [`ServerConn::wait_target`], so the client wakes us.
+    pub fn parked_flag(&self) -> &AtomicU32 {
+        self.conn.my_parked()
+    }
+
+    /// Errors if the client died or hung up.
+    pub fn check_alive(&self) -> Result<()> {
+        self.conn.check_alive()
+    }
+
+    /// Handles up to `max` ready requests without waiting and answers them
+    /// (one wake-up for the batch, if the client sleeps).
+    pub fn poll(&mut self, handler: &mut impl Handler, max: usize) -> Result<Polled> {
+        let _access = self.conn.peer.region.access();
+        let mut out = Polled::default();
+        if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
+            // The client is not reading its replies: stop taking requests
+            // until it catches up, rather than growing without bound.
+            self.conn.housekeeping()?;
+            if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
+                return Ok(out);
+            }
+        }
+        while out.served < max {
+            let Some(msg) = next_msg(&mut self.conn.rx, &self.conn.peer.region)? else {
+                break;
+            };
+            if msg.method == METHOD_CLOSE {
+                out.closed = true;
+                break;
+            }
+            let req = Request {
+                method: msg.method,
+                call_id: msg.call_id,
+                payload: msg.body,
+                peer: &self.conn.peer.region,
+                releases: &self.releases,
+            };
+            let (method, call_id) = (msg.method, msg.call_id);
+            let reply_len = if msg.status & FLAG_ONEWAY != 0 {
+                let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut [])));
+                if !matches!(r, Ok(Ok(_))) {
+                    tracing::warn!(pid = self.conn.pid(), method, "one-way message failed in its handler");
+                }
+                None
+            } else {
+                // The reply is written in place in our queue while the request
+                // is read in place from the client's: the two never alias.
+                let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
+                let (head, reply) = buf.split_at_mut(MSG_HEADER);
+                let (n, status) = match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, reply))) {
+                    Ok(Ok(n)) if n <= INLINE_CAPACITY => (n, 0),
+                    Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
+                    Ok(Err(s)) => (0, s.code()),
+                    Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
+                };
+                head[0..8].copy_from_slice(&call_id.to_le_bytes());
+                head[8..12].copy_from_slice(&method.to_le_bytes());
+                head[12..16].copy_from_slice(&status.to_le_bytes());
+                Some(n)
+            };
+            // Releases go out before the reply, so a client that sees the
+            // reply sees them too.
+            let released = std::mem::take(&mut *self.releases.borrow_mut());
+            self.conn.release_all(released);
+            if let Some(n) = reply_len {
+                self.conn.mine.tx.commit(MSG_HEADER + n);
+            }
+            out.served += 1;
+        }
+        if out.served > 0 || out.closed {
+            self.conn.publish_cursor();
+            self.conn.housekeeping()?;
+            self.conn.ring();
+            self.stats.calls.fetch_add(out.served as u64, Ordering::Relaxed);
+        }
+        Ok(out)
+    }
+
+    /// Waits for a request (spinning, then parking) until one is ready.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let _access = self.conn.peer.region.access();
+        self.conn.wait_ready(None)
+    }
+
     /// Waits for one request and answers it. Returns `Ok(false)` when the
     /// client closed the connection.
     pub fn serve_one(&mut self, handler: &mut impl Handler) -> Result<bool> {
-        let _access = self.conn.peer.region.access();
-        let h = match self.conn.recv(None) {
-            Ok(h) => h,
-            Err(Error::Closed { .. }) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        if h.method == METHOD_CLOSE {
-            return Ok(false);
+        loop {
+            match self.wait_ready() {
+                Ok(()) => {}
+                Err(Error::Closed { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            let p = self.poll(handler, 1)?;
+            if p.closed {
+                return Ok(false);
+            }
+            if p.served > 0 {
+                return Ok(true);
+            }
         }
-        // The reply goes into our block while the request is read in place
-        // from the client's: the two never alias.
-        let parts = self.conn.parts(&h);
-        let req = Request {
-            method: h.method,
-            call_id: h.call_id,
-            payload: parts.request,
-            peer: parts.region,
-            releases: parts.releases,
-        };
-        let cap = parts.reply.len();
-        let (len, status) = match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, parts.reply))) {
-            Ok(Ok(n)) if n <= cap => (n, 0),
-            Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
-            Ok(Err(s)) => (0, s.code()),
-            Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
-        };
-        self.conn.commit(h.method, h.call_id, len, status)?;
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
     }
 
     /// Serves until the client closes (`Ok`) or fails (`Err`: died,
-    /// protocol violation).
+    /// protocol violation), on the calling thread.
     pub fn run(mut self, mut handler: impl Handler) -> Result<()> {
-        while self.serve_one(&mut handler)? {}
-        Ok(())
+        loop {
+            match self.wait_ready() {
+                Ok(()) => {}
+                Err(Error::Closed { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            if self.poll(&mut handler, 64)?.closed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Test hook: publishes an arbitrary cursor over the client's queue.
+    #[doc(hidden)]
+    pub fn inject_cursor(&mut self, value: u64) {
+        self.conn.inject_cursor(value);
     }
 }

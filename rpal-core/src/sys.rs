@@ -208,6 +208,23 @@ pub fn poll_ready(fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
     }
 }
 
+/// Waits up to `timeout` for `fd` to become readable.
+pub fn poll_wait(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `p` is one live pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, ms) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r > 0)
+    }
+}
+
 /// Whether a process with this pid exists (it may be a zombie).
 pub fn pid_exists(pid: i32) -> bool {
     if pid <= 0 {
