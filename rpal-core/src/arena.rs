@@ -110,6 +110,18 @@ impl Arena {
         self.slab.alloc(size, align)
     }
 
+    /// Allocates `size` zeroed bytes aligned to `align`. Blocks never used
+    /// before are zero already (fresh memfd pages, not touched here, so they
+    /// cost no memory until written); others are cleared.
+    pub fn alloc_zeroed(&'static self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        let (p, fresh) = self.slab.alloc_fresh(size, align)?;
+        if !fresh {
+            // SAFETY: a block of at least `size` bytes that we own exclusively.
+            unsafe { std::ptr::write_bytes(p.as_ptr(), 0, size) };
+        }
+        Ok(p)
+    }
+
     /// Frees a block from [`Arena::alloc_raw`].
     ///
     /// # Safety

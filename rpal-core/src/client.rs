@@ -162,7 +162,7 @@ impl Client {
         self.conn.send(method, id, 0, cap, write)?;
         self.conn.ring();
         loop {
-            self.conn.wait_ready(deadline)?;
+            self.conn.wait_ready(deadline.as_ref())?;
             let pid = self.conn.pid();
             let msg = next_msg(&mut self.conn.rx, &self.conn.peer.region)?.expect("wait_ready saw a record");
             if msg.call_id < id {
@@ -181,8 +181,8 @@ impl Client {
                 });
             }
             let out = read(msg.body, &self.conn.peer.region);
+            // Recycling and releases wait for the next send; the cursor goes now.
             self.conn.publish_cursor();
-            self.conn.housekeeping()?;
             return Ok(out);
         }
     }

@@ -296,7 +296,9 @@ impl Conn {
         // SAFETY: see `theirs`; split from `self.mine` for the borrow checker.
         let parked = unsafe { &(*self.theirs).parked };
         if self.mine.tx.ring(parked) {
-            self.stats.wakes.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .wakes
+                .store(self.stats.wakes.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
     }
 
@@ -344,14 +346,16 @@ impl Conn {
     }
 
     /// Waits until a message is ready (or the deadline, or the peer's death).
-    pub(crate) fn wait_ready(&mut self, deadline: Option<Deadline>) -> Result<()> {
+    pub(crate) fn wait_ready(&mut self, deadline: Option<&Deadline>) -> Result<()> {
         loop {
             if self.rx.ready_record(&self.peer.region)? {
                 return Ok(());
             }
             self.publish_cursor();
             // The record may have landed since `ready_record` looked.
-            let Some((word, seen)) = self.rx.wait_word() else { continue };
+            let Some((word, seen)) = self.rx.wait_word() else {
+                continue;
+            };
             let parked = &self.mine.block().parked;
             let (peer, sock) = (&self.peer, &self.sock);
             doorbell::wait(word, seen, parked, &self.wait, deadline, &self.stats, || {

@@ -50,7 +50,8 @@ impl WaitConfig {
     }
 }
 
-/// Doorbell counters of one connection (process-local, relaxed).
+/// Doorbell counters of one connection (process-local, written by the
+/// thread that uses the connection, read by anyone).
 #[derive(Debug, Default)]
 pub struct DoorbellStats {
     /// Waits satisfied while spinning.
@@ -83,23 +84,43 @@ impl DoorbellStats {
     }
 }
 
-/// When a wait gives up: at `at`, reported as a timeout of `after`.
-#[derive(Debug, Clone, Copy)]
+/// When a wait gives up: `after` from when it starts counting, reported as a
+/// timeout of `after`.
+///
+/// The clock starts at the first sleep, not when the deadline is made: a
+/// call that is answered while spinning never reads the clock. A timeout may
+/// therefore run up to one spin budget late.
+#[derive(Debug, Clone)]
 pub struct Deadline {
-    /// The instant the wait ends.
-    pub at: Instant,
-    /// The timeout that was asked for, for the error message.
+    started: std::cell::Cell<Option<Instant>>,
+    /// The timeout that was asked for.
     pub after: Duration,
 }
 
 impl Deadline {
-    /// A deadline `after` from now.
+    /// A deadline `after` from the first sleep.
     pub fn after(after: Duration) -> Self {
         Self {
-            at: Instant::now() + after,
+            started: std::cell::Cell::new(None),
             after,
         }
     }
+
+    /// The instant the wait ends (starting the clock if needed).
+    pub fn at(&self) -> Instant {
+        let start = self.started.get().unwrap_or_else(|| {
+            let now = Instant::now();
+            self.started.set(Some(now));
+            now
+        });
+        start + self.after
+    }
+}
+
+/// Adds one to a counter that only this thread writes: a plain load and
+/// store, no locked read-modify-write on the hot path.
+fn count(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
 /// Producer side: publish `value` in `seq` (our memory) and wake the
@@ -112,7 +133,7 @@ pub fn ring(seq: &AtomicU32, value: u32, peer_parked: &AtomicU32, stats: &Doorbe
     // (store-load), the partner of the fence in `wait`.
     fence(Ordering::SeqCst);
     if peer_parked.load(Ordering::Relaxed) != 0 {
-        stats.wakes.fetch_add(1, Ordering::Relaxed);
+        count(&stats.wakes);
         sys::futex_wake(seq, i32::MAX);
     }
 }
@@ -125,34 +146,37 @@ pub fn wait(
     seen: u32,
     parked: &AtomicU32,
     cfg: &WaitConfig,
-    deadline: Option<Deadline>,
+    deadline: Option<&Deadline>,
     stats: &DoorbellStats,
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<u32> {
     // Acquire: pairs with the Release store in `ring`.
     let now = seq.load(Ordering::Acquire);
     if now != seen {
-        stats.spin_hits.fetch_add(1, Ordering::Relaxed);
+        count(&stats.spin_hits);
         return Ok(now);
     }
     if !cfg.spin.is_zero() {
-        let start = Instant::now();
+        // The clock is read only every 1024 spins (a few microseconds), so a
+        // wait answered quickly never pays for it.
+        let mut start = None;
         loop {
-            for _ in 0..64 {
+            for _ in 0..1024 {
                 std::hint::spin_loop();
                 // Acquire: pairs with the Release store in `ring`.
                 let now = seq.load(Ordering::Acquire);
                 if now != seen {
-                    stats.spin_hits.fetch_add(1, Ordering::Relaxed);
+                    count(&stats.spin_hits);
                     return Ok(now);
                 }
             }
-            if start.elapsed() >= cfg.spin {
+            let t0 = *start.get_or_insert_with(Instant::now);
+            if t0.elapsed() >= cfg.spin {
                 break;
             }
         }
     }
-    stats.parks.fetch_add(1, Ordering::Relaxed);
+    count(&stats.parks);
     loop {
         parked.store(1, Ordering::Relaxed);
         // SeqCst fence: orders the `parked` store before the `seq` re-read
@@ -166,7 +190,7 @@ pub fn wait(
         }
         let mut slice = cfg.park_slice;
         if let Some(d) = deadline {
-            let left = d.at.saturating_duration_since(Instant::now());
+            let left = d.at().saturating_duration_since(Instant::now());
             if left.is_zero() {
                 parked.store(0, Ordering::Relaxed);
                 return Err(Error::Timeout(d.after));
@@ -184,7 +208,7 @@ pub fn wait(
             return Ok(now);
         }
         if let Some(d) = deadline {
-            if Instant::now() >= d.at {
+            if Instant::now() >= d.at() {
                 return Err(Error::Timeout(d.after));
             }
         }

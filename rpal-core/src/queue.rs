@@ -17,7 +17,13 @@
 //! protocol errors, never undefined behaviour.
 //!
 //! Sequence numbers start at 1 and skip 0 on wrap, so a zeroed block never
-//! holds a valid record.
+//! holds a valid record. A header left in a block by an earlier use must
+//! never pass for the next record either, without the producer clearing
+//! headers on the hot path (that store would delay each publication behind
+//! a cache-line transfer). So every block enters the queue *clean*: zeroed
+//! (fresh memfd pages are zero already), or recycled from this queue less
+//! than 2^31 records ago, so its stale sequence numbers are all behind the
+//! expected one and cannot match it modulo 2^32.
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -86,8 +92,9 @@ pub struct Producer {
     off: usize,
     /// Last sequence number published.
     seq: u32,
-    /// Recycled normal blocks.
-    free: Vec<u64>,
+    /// Recycled normal blocks, with the sequence number current when each
+    /// was recycled.
+    free: Vec<(u64, u32)>,
     /// Blocks we have moved past (linked a successor to).
     passed: u64,
     /// Blocks the consumer said it passed (the last cursor value accepted).
@@ -101,17 +108,37 @@ pub struct Producer {
 // every thread; a Producer is used by one thread at a time (`&mut self`).
 unsafe impl Send for Producer {}
 
-fn alloc_block(size: usize) -> Result<u64> {
-    let p = Arena::global()?.alloc_raw(size, 64)?;
-    let h = p.as_ptr() as *const BlockHeader;
-    // SAFETY: a fresh block of `size >= BLOCK_HEADER` bytes in our arena.
+/// A clean normal block: zeroed, with its header written.
+fn alloc_block() -> Result<u64> {
+    let p = Arena::global()?.alloc_zeroed(BLOCK_SIZE, 64)?;
+    init_block(p.as_ptr() as u64, BLOCK_SIZE);
+    Ok(p.as_ptr() as u64)
+}
+
+/// A block for one record of `len` bytes: only its two header positions
+/// (the record and the skip after it) need to be clean.
+fn alloc_jumbo(len: usize) -> Result<u64> {
+    let size = BLOCK_HEADER + footprint(len) + RECORD_HEADER;
+    let b = Arena::global()?.alloc_raw(size, 64)?.as_ptr() as u64;
+    init_block(b, size);
+    for at in [BLOCK_HEADER, BLOCK_HEADER + footprint(len)] {
+        // SAFETY: both positions leave room for a header inside the block.
+        unsafe {
+            (*((b + at as u64) as *const RecordHeader))
+                .seq
+                .store(0, Ordering::Relaxed)
+        };
+    }
+    Ok(b)
+}
+
+fn init_block(b: u64, size: usize) {
+    let h = b as *const BlockHeader;
+    // SAFETY: a block of `size >= BLOCK_HEADER` bytes in our arena, ours alone.
     unsafe {
         (*h).next.store(0, Ordering::Relaxed);
         (*h).size.store(size as u64, Ordering::Relaxed);
     }
-    // The first record goes here; whatever the block held before must not look like it.
-    Producer::clear_header(p.as_ptr() as u64, BLOCK_HEADER);
-    Ok(p.as_ptr() as u64)
 }
 
 fn free_block(addr: u64) {
@@ -124,7 +151,7 @@ fn free_block(addr: u64) {
 impl Producer {
     /// A queue with one empty block.
     pub fn new() -> Result<Self> {
-        let first = alloc_block(BLOCK_SIZE)?;
+        let first = alloc_block()?;
         Ok(Self {
             chain: VecDeque::from([first]),
             off: BLOCK_HEADER,
@@ -154,33 +181,16 @@ impl Producer {
         (self.current() + at as u64) as *mut RecordHeader
     }
 
-    /// Clears the sequence word at `at` of `block`, so that a header left
-    /// there by an earlier use of the block (this queue's or another's) can
-    /// never pass for the next record. Called before the record that leads
-    /// to `at` is published, so the consumer sees the clear first.
-    fn clear_header(block: u64, at: usize) {
-        // SAFETY: `at` leaves room for a header in `block`, one of our live
-        // blocks; the word is only accessed atomically.
-        unsafe {
-            (*((block + at as u64) as *const RecordHeader))
-                .seq
-                .store(0, Ordering::Relaxed)
-        };
-    }
-
-    /// Publishes the header at offset `at` of the current block; the next
-    /// header will be at `next_at` of `next_block`.
-    fn publish_header(&mut self, at: usize, len: u32, next_block: u64, next_at: usize) {
-        Self::clear_header(next_block, next_at);
+    /// Publishes the header at offset `at` of the current block.
+    fn publish_header(&mut self, at: usize, len: u32) {
         self.seq = next_seq(self.seq);
         let h = self.header(at);
         // SAFETY: `at` leaves room for a header in our current block (kept by
         // `reserve`), and the consumer does not read it before `seq` changes.
         unsafe {
             std::ptr::addr_of_mut!((*h).len).write(len);
-            // Release: publishes `len`, the payload, the cleared next header
-            // and (for a skip) the next link; pairs with the Acquire in
-            // `Consumer::ready_record`.
+            // Release: publishes `len`, the payload and (for a skip) the next
+            // link; pairs with the Acquire in `Consumer::ready_record`.
             (*h).seq.store(self.seq, Ordering::Release);
             if self.wake_word.is_none() {
                 self.wake_word = NonNull::new(std::ptr::addr_of_mut!((*h).seq));
@@ -188,21 +198,28 @@ impl Producer {
         }
     }
 
+    /// A clean normal block: recycled if one is at hand, else allocated.
+    fn clean_block(&mut self) -> Result<u64> {
+        let Some((b, recycled_at)) = self.free.pop() else {
+            return alloc_block();
+        };
+        if self.seq.wrapping_sub(recycled_at) >= 1 << 31 {
+            // Its stale headers are too old to be told from future ones.
+            // SAFETY: a recycled block of ours; nobody reads it any more.
+            unsafe { std::ptr::write_bytes((b + BLOCK_HEADER as u64) as *mut u8, 0, BLOCK_SIZE - BLOCK_HEADER) };
+        }
+        init_block(b, BLOCK_SIZE);
+        Ok(b)
+    }
+
     /// Moves to a fresh block with room for a record of `len`, leaving a skip
     /// record behind.
     fn advance(&mut self, len: usize) -> Result<()> {
         let need = BLOCK_HEADER + footprint(len) + RECORD_HEADER;
         let next = if need <= BLOCK_SIZE {
-            match self.free.pop() {
-                Some(b) => {
-                    // SAFETY: a recycled block of ours; nobody reads it any more.
-                    unsafe { (*(b as *const BlockHeader)).next.store(0, Ordering::Relaxed) };
-                    b
-                }
-                None => alloc_block(BLOCK_SIZE)?,
-            }
+            self.clean_block()?
         } else {
-            alloc_block(need)?
+            alloc_jumbo(len)?
         };
         // SAFETY: the current block is ours; the link is published by the
         // skip record's Release store below.
@@ -212,7 +229,7 @@ impl Producer {
                 .store(next, Ordering::Relaxed)
         };
         let at = self.off;
-        self.publish_header(at, SKIP, next, BLOCK_HEADER);
+        self.publish_header(at, SKIP);
         self.chain.push_back(next);
         self.passed += 1;
         self.off = BLOCK_HEADER;
@@ -244,7 +261,7 @@ impl Producer {
     pub fn commit(&mut self, len: usize) {
         let at = self.off;
         self.off += footprint(len);
-        self.publish_header(at, len as u32, self.current(), self.off);
+        self.publish_header(at, len as u32);
     }
 
     /// Appends one record (reserve, copy, commit).
@@ -297,7 +314,7 @@ impl Producer {
         for _ in self.consumed..cursor {
             let b = self.chain.pop_front().expect("passed blocks are in the chain");
             if Self::block_size(b) == BLOCK_SIZE && self.free.len() < KEEP_FREE {
-                self.free.push(b);
+                self.free.push((b, self.seq));
             } else {
                 free_block(b);
             }
@@ -327,7 +344,7 @@ impl Producer {
 
 impl Drop for Producer {
     fn drop(&mut self) {
-        for b in self.chain.drain(..).chain(self.free.drain(..)) {
+        for b in self.chain.drain(..).chain(self.free.drain(..).map(|(b, _)| b)) {
             free_block(b);
         }
     }

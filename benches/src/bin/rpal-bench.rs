@@ -62,7 +62,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut rows = Vec::new();
     for (transport, mode, default_iters) in plan {
-        if args.only.as_deref().is_some_and(|o| o != transport) {
+        // `--only rpal` runs both rpal rows; `--only rpal-busy` just one.
+        if args
+            .only
+            .as_deref()
+            .is_some_and(|o| o != transport && o != format!("{transport}-{mode}"))
+        {
             continue;
         }
         let iters = args

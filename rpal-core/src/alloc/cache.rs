@@ -54,8 +54,9 @@ thread_local! {
 }
 
 /// A block of `class`: from this thread's cache, else the shared list.
-/// Counts its bytes as in use.
-pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
+/// Counts its bytes as in use. The flag says the block was never used
+/// before (its bytes are all zero).
+pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<(u32, bool)> {
     let depth = class::cache_depth(class);
     let bytes = class::size(class) as i64;
     let cached = CACHE.try_with(|c| {
@@ -65,7 +66,7 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
         bump(&c.counter, bytes);
         let stack = &mut c.stacks[class];
         if let Some(b) = stack.pop() {
-            return Ok(b);
+            return Ok((b, false));
         }
         // Refill half the cache at once, then hand out one more.
         for _ in 0..depth / 2 {
@@ -75,7 +76,7 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<u32> {
             }
         }
         let got = match stack.pop() {
-            Some(b) => Ok(b),
+            Some(b) => Ok((b, false)),
             None => slab.take_shared(class),
         };
         if got.is_err() {

@@ -159,10 +159,11 @@ impl Slab {
         }
     }
 
-    /// Pops a block of `class` from the shared list, carving a chunk if empty.
-    pub(crate) fn take_shared(&'static self, class: usize) -> Result<u32> {
+    /// Pops a block of `class` from the shared list, carving a chunk if
+    /// empty. The flag says the block was carved just now (all zeros).
+    pub(crate) fn take_shared(&'static self, class: usize) -> Result<(u32, bool)> {
         if let Some(b) = freelist::pop(&self.meta.heads[class], &self.links()) {
-            return Ok(b);
+            return Ok((b, false));
         }
         let cs = class::size(class);
         let chunk = if cs >= CHUNK { cs } else { CHUNK / cs * cs };
@@ -183,7 +184,7 @@ impl Slab {
                 first + (n as u32 - 1) * step,
             );
         }
-        Ok(first)
+        Ok((first, true))
     }
 
     /// Returns a chain of blocks of `class` to the shared list.
@@ -202,6 +203,12 @@ impl Slab {
 
     /// Allocates `size` bytes aligned to `align` (a power of two).
     pub(crate) fn alloc(&'static self, size: usize, align: usize) -> Result<NonNull<u8>> {
+        self.alloc_fresh(size, align).map(|(p, _)| p)
+    }
+
+    /// As [`Slab::alloc`]; the flag says the block was never used before, so
+    /// its bytes are all zero (fresh memfd pages).
+    pub(crate) fn alloc_fresh(&'static self, size: usize, align: usize) -> Result<(NonNull<u8>, bool)> {
         if !align.is_power_of_two() {
             return Err(Error::InvalidPointer {
                 addr: 0,
@@ -213,12 +220,15 @@ impl Slab {
         let Some(class) = size.checked_add(align).and_then(class::of) else {
             return Err(self.full(size));
         };
-        let block = cache::take(self, class)?;
+        let (block, fresh) = cache::take(self, class)?;
         let start = self.base + block as u64 * 16;
         let payload = (start + HEADER as u64).next_multiple_of(align as u64);
         self.header(payload)
             .store(pack(class, OWNED, payload - start), Ordering::Relaxed);
-        Ok(NonNull::new(payload as *mut u8).expect("arena addresses are non-null"))
+        Ok((
+            NonNull::new(payload as *mut u8).expect("arena addresses are non-null"),
+            fresh,
+        ))
     }
 
     fn check_block(&self, addr: u64) -> Result<(usize, u64, u64)> {
