@@ -250,7 +250,7 @@ mod tests {
         let parked = AtomicU32::new(0);
         let stats = DoorbellStats::default();
         let deadline = Deadline::after(Duration::from_millis(20));
-        let r = wait(&seq, 0, &parked, &WaitConfig::default(), Some(deadline), &stats, || {
+        let r = wait(&seq, 0, &parked, &WaitConfig::default(), Some(&deadline), &stats, || {
             Ok(())
         });
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
