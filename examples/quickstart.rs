@@ -59,7 +59,7 @@ fn run_server(path: &str) -> std::result::Result<(), Box<dyn std::error::Error>>
             }
         }
     });
-    server.serve(calc)?;
+    rpal::serve(server, calc, PollerConfig::default())?.join();
     Ok(())
 }
 

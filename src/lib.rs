@@ -17,6 +17,9 @@
 pub use rpal_core::*;
 /// Derives [`ShmSafe`] after checking the type may be shared (see the trait's rules).
 pub use rpal_macros::ShmSafe;
+/// The poller crate: backends, spin slots, stats.
+pub use rpal_poller as poller;
+pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving, serve};
 
 /// The types most programs use.
 pub mod prelude {
@@ -25,4 +28,5 @@ pub mod prelude {
         ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
     };
     pub use rpal_macros::ShmSafe;
+    pub use rpal_poller::{PollerConfig, Serving, serve};
 }

@@ -192,14 +192,16 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             Ok(())
         }
         "rpal-busy" | "rpal-parked" => {
-            let mut opts = rpal::ServerOptions::new("bench");
-            if role == "rpal-parked" {
-                opts.wait = rpal::WaitConfig::parked();
-            }
-            let server = rpal::Server::bind(arg(0), opts)?;
+            let server = rpal::Server::bind(arg(0), rpal::ServerOptions::new("bench"))?;
+            let cfg = if role == "rpal-parked" {
+                rpal::PollerConfig::parked()
+            } else {
+                rpal::PollerConfig::default()
+            };
+            let serving = rpal::serve(server, echo_handler, cfg)?;
             println!("ready");
-            let conn = server.accept()?;
-            conn.run(echo_handler)
+            serving.join();
+            Ok(())
         }
         "tcp" => {
             let l = TcpListener::bind("127.0.0.1:0").map_err(|e| rpal::Error::io("bind loopback", e))?;

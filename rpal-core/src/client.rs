@@ -251,10 +251,11 @@ impl Client {
         self.conn.inject_cursor(value);
     }
 
-    /// Test hook: publishes a raw queue header (sequence, length).
+    /// Test hook: publishes a raw queue header, its sequence number
+    /// `seq_skew` past the right one, with length `len`.
     #[doc(hidden)]
-    pub fn inject_header(&mut self, seq: u32, len: u32) {
-        self.conn.mine.tx.inject_header(seq, len);
+    pub fn inject_header(&mut self, seq_skew: u32, len: u32) {
+        self.conn.mine.tx.inject_header(seq_skew, len);
         self.conn.ring();
     }
 }

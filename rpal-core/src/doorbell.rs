@@ -250,9 +250,15 @@ mod tests {
         let parked = AtomicU32::new(0);
         let stats = DoorbellStats::default();
         let deadline = Deadline::after(Duration::from_millis(20));
-        let r = wait(&seq, 0, &parked, &WaitConfig::default(), Some(&deadline), &stats, || {
-            Ok(())
-        });
+        let r = wait(
+            &seq,
+            0,
+            &parked,
+            &WaitConfig::default(),
+            Some(&deadline),
+            &stats,
+            || Ok(()),
+        );
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
         assert_eq!(
             parked.load(Ordering::Relaxed),

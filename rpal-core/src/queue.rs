@@ -328,11 +328,13 @@ impl Producer {
         self.chain.len()
     }
 
-    /// Test hook: publishes a header with arbitrary values at the write
-    /// position, as a buggy or hostile producer might.
+    /// Test hook: publishes a header at the write position whose sequence
+    /// number is `seq_skew` past the right one and whose length is `len`,
+    /// as a buggy or hostile producer might.
     #[doc(hidden)]
-    pub fn inject_header(&mut self, seq: u32, len: u32) {
+    pub fn inject_header(&mut self, seq_skew: u32, len: u32) {
         let h = self.header(self.off);
+        let seq = next_seq(self.seq).wrapping_add(seq_skew);
         // SAFETY: the write position always has room for a header.
         unsafe {
             std::ptr::addr_of_mut!((*h).len).write(len);
@@ -535,14 +537,14 @@ mod tests {
         p.push(b"ok").unwrap();
         assert_eq!(c.next(&OwnArena).unwrap(), Some(&b"ok"[..]));
         // A length past the block.
-        p.inject_header(2, 1 << 20);
+        p.inject_header(0, 1 << 20);
         assert!(matches!(c.next(&OwnArena), Err(Error::Protocol { pid: 7, .. })));
 
         let mut p = Producer::new().unwrap();
         let mut c = Consumer::new(&OwnArena, p.head(), 7).unwrap();
         assert!(c.next(&OwnArena).unwrap().is_none());
         // A sequence word that jumps.
-        p.inject_header(9, 4);
+        p.inject_header(8, 4);
         assert!(matches!(c.next(&OwnArena), Err(Error::Protocol { .. })));
 
         // Cursors that run ahead or go backwards.

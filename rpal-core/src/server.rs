@@ -1,8 +1,6 @@
-//! The serving side: a listening socket, handshakes, and the call loop.
-//!
-//! For now each connection is served by its own thread that spins its
-//! budget and then parks on the client's sequence word; the io_uring poller
-//! replaces that with a few poller threads for many connections.
+//! The serving side: a listening socket, handshakes, and serving one
+//! connection. `rpal-poller` serves many connections with a few threads;
+//! [`ServerConn::run`] serves one on the calling thread.
 
 use std::cell::RefCell;
 use std::os::unix::fs::PermissionsExt;
@@ -160,6 +158,12 @@ impl Server {
         }
     }
 
+    /// Makes a blocked [`Server::accept`] return (with an error) and refuses
+    /// later connections: used to shut an acceptor thread down.
+    pub fn stop_accepting(&self) {
+        crate::sys::shutdown_socket(std::os::fd::AsFd::as_fd(&self.listener));
+    }
+
     /// Runs the server side of the handshake on an accepted socket.
     pub fn handshake(&self, sock: UnixStream) -> Result<ServerConn> {
         let r = self.handshake_inner(sock);
@@ -227,33 +231,6 @@ impl Server {
             stats: self.stats.clone(),
             releases: RefCell::new(Vec::new()),
         })
-    }
-
-    /// Accepts forever, serving each connection on its own thread with a
-    /// clone of `handler`. Failed handshakes are logged and counted in
-    /// [`Server::stats`]; only a broken listener ends the loop.
-    pub fn serve<H>(&self, handler: H) -> Result<()>
-    where
-        H: Handler + Clone + Send + 'static,
-    {
-        loop {
-            let sock = self.accept_socket()?;
-            match self.handshake(sock) {
-                Ok(conn) => {
-                    let h = handler.clone();
-                    std::thread::Builder::new()
-                        .name(format!("rpal-conn-{}", conn.peer().cred.pid))
-                        .spawn(move || {
-                            let pid = conn.peer().cred.pid;
-                            if let Err(e) = conn.run(h) {
-                                tracing::warn!(pid, %e, "rpal connection ended with an error");
-                            }
-                        })
-                        .map_err(|e| Error::io("spawn a connection thread", e))?;
-                }
-                Err(e) => tracing::warn!(%e, path = %self.path.display(), "rpal handshake failed"),
-            }
-        }
     }
 }
 
@@ -324,6 +301,11 @@ impl ServerConn {
     /// [`ServerConn::wait_target`], so the client wakes us.
     pub fn parked_flag(&self) -> &AtomicU32 {
         self.conn.my_parked()
+    }
+
+    /// The control socket (readable when the client hangs up).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.conn.sock)
     }
 
     /// Errors if the client died or hung up.

@@ -225,6 +225,67 @@ pub fn poll_wait(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     }
 }
 
+/// `shutdown(fd, SHUT_RDWR)`: wakes threads blocked on the socket. Best effort.
+pub fn shutdown_socket(fd: BorrowedFd<'_>) {
+    // SAFETY: shutdown(2) on a descriptor we borrow; no memory involved.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+/// `futex_waitv(2)` over `words` (address, expected value), with an optional
+/// relative timeout. Returns the index of a woken word, or the error
+/// (`EAGAIN`: a value differed; `ETIMEDOUT`; `ENOSYS` before Linux 5.16).
+pub fn futex_waitv(words: &[(&AtomicU32, u32)], timeout: Option<Duration>) -> io::Result<usize> {
+    #[repr(C)]
+    struct Waiter {
+        val: u64,
+        uaddr: u64,
+        flags: u32,
+        reserved: u32,
+    }
+    const FUTEX2_SIZE_U32: u32 = 2;
+    let waiters: Vec<Waiter> = words
+        .iter()
+        .map(|(w, v)| Waiter {
+            val: *v as u64,
+            uaddr: w.as_ptr() as u64,
+            flags: FUTEX2_SIZE_U32,
+            reserved: 0,
+        })
+        .collect();
+    // futex_waitv takes an absolute CLOCK_MONOTONIC deadline.
+    let deadline = timeout.map(|d| {
+        // SAFETY: timespec is plain data.
+        let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: `now` is a live timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let ns = now.tv_nsec as u64 + d.subsec_nanos() as u64;
+        libc::timespec {
+            tv_sec: now.tv_sec + d.as_secs() as libc::time_t + (ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+        }
+    });
+    let tsp = deadline
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `waiters` is a live array of `len` futex_waitv structs pointing
+    // at live words; `tsp` is null or a live timespec.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex_waitv,
+            waiters.as_ptr(),
+            waiters.len() as u32,
+            0u32,
+            tsp,
+            libc::CLOCK_MONOTONIC,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// Whether a process with this pid exists (it may be a zombie).
 pub fn pid_exists(pid: i32) -> bool {
     if pid <= 0 {

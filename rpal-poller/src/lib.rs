@@ -1,8 +1,23 @@
-//! rpal's event poller.
+//! rpal's event poller: a few threads serve many connections.
 //!
-//! Planned: poller threads that busy-poll their connections' queues, spin an
-//! adaptive budget, then park through io_uring (`FUTEX_WAITV`, accept,
-//! `POLL_ADD` on pidfds, a timeout), with `futex_waitv(2)` and epoll
-//! fallbacks and tokio integration. Until that lands this crate exports
-//! nothing; the first call path in `rpal-core` waits with its own
-//! spin-then-park doorbell.
+//! Each poller thread owns a set of connections. It sweeps them (handling
+//! every ready request, a batch per connection), then spins an adaptive
+//! budget waiting for more, then parks: it marks itself parked on every
+//! connection and sleeps in its [`backend`] on all the clients' next-record
+//! words at once, the peers' pidfds and sockets, its own bell, and a
+//! timeout. An idle server therefore sleeps; a busy one never makes a system
+//! call. At most `cores - 1` pollers spin at a time ([`spin`]).
+//!
+//! New connections are accepted and handshaken on a separate acceptor
+//! thread (the handshake is a blocking exchange with a deadline), which
+//! hands them to the poller with the fewest connections.
+
+pub mod backend;
+mod poller;
+mod pool;
+pub mod spin;
+mod stats;
+
+pub use backend::{Backend, BackendChoice};
+pub use pool::{PollerConfig, Serving, serve};
+pub use stats::{PollerSnapshot, PollerState, PollerStats};

@@ -1,0 +1,63 @@
+//! The `futex_waitv(2)` backend (Linux 5.16+). The kernel waits on at most
+//! 128 words per call: with more, a sleep covers a rotating window of them
+//! and lasts at most 1 ms, so the rest are swept that often. Descriptors are
+//! checked after each sleep.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use super::{Woken, readable};
+
+const WAITV_MAX: usize = 128;
+const OVERFLOW_SLEEP: Duration = Duration::from_millis(1);
+
+/// State of the futex_waitv backend.
+pub struct Waitv {
+    rotate: usize,
+}
+
+impl Waitv {
+    /// Probes the system call with a word whose value does not match (the
+    /// kernel answers `EAGAIN` when it supports the call).
+    pub fn new() -> io::Result<Self> {
+        let w = AtomicU32::new(1);
+        match rpal_core::sys::futex_waitv(&[(&w, 0)], Some(Duration::ZERO)) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "futex_waitv needs Linux 5.16",
+            )),
+            _ => Ok(Self { rotate: 0 }),
+        }
+    }
+
+    pub(super) fn wait(
+        &mut self,
+        words: &[(&AtomicU32, u32)],
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> io::Result<Woken> {
+        let (window, timeout) = if words.len() <= WAITV_MAX {
+            (words.to_vec(), timeout)
+        } else {
+            // Always keep the first word (the poller's bell); rotate the rest.
+            let rest = &words[1..];
+            self.rotate = (self.rotate + WAITV_MAX - 1) % rest.len();
+            let mut w = vec![words[0]];
+            w.extend((0..WAITV_MAX - 1).map(|i| rest[(self.rotate + i) % rest.len()]));
+            (w, timeout.min(OVERFLOW_SLEEP))
+        };
+        let r = rpal_core::sys::futex_waitv(&window, Some(timeout));
+        let timed_out = matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT));
+        match r {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Woken {
+            ready_fds: readable(fds),
+            timed_out,
+        })
+    }
+}

@@ -1,0 +1,232 @@
+//! One poller thread: sweep its connections, spin an adaptive budget, park.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rpal_core::{Error, Handler, ServerConn};
+
+use crate::backend::Backend;
+use crate::stats::{PollerState, PollerStats, add, sub};
+use crate::{PollerConfig, spin};
+
+/// Where the acceptor hands new connections to a poller.
+#[derive(Default)]
+pub(crate) struct Inbox {
+    new: Mutex<Vec<ServerConn>>,
+    pending: AtomicBool,
+    /// Bumped on every delivery and at shutdown; the poller sleeps on it too.
+    pub bell: AtomicU32,
+    pub shutdown: AtomicBool,
+}
+
+impl Inbox {
+    pub(crate) fn deliver(&self, conn: ServerConn) {
+        self.new.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        self.pending.store(true, Ordering::Release);
+        self.ring();
+    }
+
+    pub(crate) fn ring(&self) {
+        // Release: the delivery (or shutdown flag) happens before the poller
+        // sees the bell move; pairs with the Acquire load in `Poller::park`.
+        self.bell.fetch_add(1, Ordering::Release);
+        rpal_core::sys::futex_wake(&self.bell, 1);
+    }
+
+    fn take(&self) -> Vec<ServerConn> {
+        self.pending.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *self.new.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+pub(crate) struct Poller<H> {
+    conns: Vec<ServerConn>,
+    inbox: Arc<Inbox>,
+    handler: H,
+    backend: Backend,
+    cfg: PollerConfig,
+    stats: Arc<PollerStats>,
+    budget: Duration,
+    /// Bumped when the set of connections changes.
+    generation: u64,
+}
+
+impl<H: Handler> Poller<H> {
+    pub(crate) fn new(
+        inbox: Arc<Inbox>,
+        handler: H,
+        backend: Backend,
+        cfg: PollerConfig,
+        stats: Arc<PollerStats>,
+    ) -> Self {
+        let budget = cfg.spin_max;
+        Self {
+            conns: Vec::new(),
+            inbox,
+            handler,
+            backend,
+            cfg,
+            stats,
+            budget,
+            generation: 0,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        while !self.inbox.shutdown.load(Ordering::Acquire) {
+            self.adopt();
+            if self.sweep() > 0 {
+                continue;
+            }
+            if self.spin() {
+                continue;
+            }
+            self.park();
+        }
+        self.stats.set_state(PollerState::Stopped);
+    }
+
+    fn adopt(&mut self) {
+        if self.inbox.pending.load(Ordering::Acquire) {
+            let new = self.inbox.take();
+            add(&self.stats.connections, new.len() as u64);
+            self.conns.extend(new);
+            self.generation += 1;
+        }
+    }
+
+    fn drop_conn(&mut self, i: usize, why: Option<Error>) {
+        let conn = self.conns.swap_remove(i);
+        let pid = conn.peer().cred.pid;
+        match why {
+            None => add(&self.stats.closed, 1),
+            Some(Error::PeerDied { .. }) => add(&self.stats.died, 1),
+            Some(Error::Closed { .. }) => add(&self.stats.closed, 1),
+            Some(e) => {
+                add(&self.stats.protocol_errors, 1);
+                tracing::warn!(pid, %e, "dropping a connection");
+            }
+        }
+        sub(&self.stats.connections, 1);
+        self.generation += 1;
+        drop(conn);
+    }
+
+    /// Serves whatever is ready on every connection. Returns requests served.
+    fn sweep(&mut self) -> usize {
+        self.stats.set_state(PollerState::Working);
+        add(&self.stats.sweeps, 1);
+        let mut served = 0;
+        let mut i = 0;
+        while i < self.conns.len() {
+            match self.conns[i].poll(&mut self.handler, self.cfg.batch) {
+                Ok(p) if p.closed => self.drop_conn(i, None),
+                Ok(p) => {
+                    served += p.served;
+                    i += 1;
+                }
+                Err(e) => self.drop_conn(i, Some(e)),
+            }
+        }
+        add(&self.stats.served, served as u64);
+        served
+    }
+
+    fn work_ready(&mut self) -> bool {
+        self.inbox.pending.load(Ordering::Relaxed) || self.conns.iter_mut().any(|c| c.ready().unwrap_or(true))
+    }
+
+    /// Spins up to the adaptive budget waiting for work; true if some came.
+    /// The budget grows when spinning pays off and shrinks when it does not.
+    fn spin(&mut self) -> bool {
+        if self.budget.is_zero() || self.conns.is_empty() {
+            return false;
+        }
+        let Some(_slot) = spin::acquire() else { return false };
+        self.stats.set_state(PollerState::Spinning);
+        let start = Instant::now();
+        loop {
+            for _ in 0..64 {
+                if self.work_ready() {
+                    add(&self.stats.spin_hits, 1);
+                    self.budget = (self.budget + self.budget / 2).min(self.cfg.spin_max);
+                    self.stats
+                        .spin_budget_ns
+                        .store(self.budget.as_nanos() as u64, Ordering::Relaxed);
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= self.budget {
+                add(&self.stats.spin_misses, 1);
+                self.budget = (self.budget / 2).max(self.cfg.spin_min);
+                self.stats
+                    .spin_budget_ns
+                    .store(self.budget.as_nanos() as u64, Ordering::Relaxed);
+                return false;
+            }
+        }
+    }
+
+    /// Sleeps in the backend until a client writes, a peer dies or hangs up,
+    /// the acceptor delivers, or the park slice passes.
+    fn park(&mut self) {
+        // Announce the sleep on every connection, then look once more
+        // (the consumer half of the doorbell handshake; clients read
+        // `parked` after a SeqCst fence before deciding to wake us).
+        for c in &self.conns {
+            c.parked_flag().store(1, Ordering::Relaxed);
+        }
+        // SeqCst fence: orders the `parked` stores before the re-reads of the
+        // queue words below; pairs with the fence in the clients' ring.
+        fence(Ordering::SeqCst);
+        // Acquire: pairs with the Release in `Inbox::ring`.
+        let bell = self.inbox.bell.load(Ordering::Acquire);
+        let woken = {
+            let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(self.conns.len() + 1);
+            words.push((&self.inbox.bell, bell));
+            let mut ready = self.inbox.pending.load(Ordering::Acquire) || self.inbox.shutdown.load(Ordering::Acquire);
+            for c in &self.conns {
+                match c.wait_target() {
+                    Some(t) => words.push(t),
+                    None => ready = true,
+                }
+            }
+            if ready {
+                None
+            } else {
+                let fds: Vec<BorrowedFd<'_>> = self.conns.iter().flat_map(|c| [c.peer().pidfd(), c.socket()]).collect();
+                self.stats.set_state(PollerState::Parked);
+                add(&self.stats.parks, 1);
+                Some(self.backend.wait(&words, &fds, self.generation, self.cfg.park_slice))
+            }
+        };
+        for c in &self.conns {
+            c.parked_flag().store(0, Ordering::Relaxed);
+        }
+        self.stats.set_state(PollerState::Working);
+        match woken {
+            None => {}
+            Some(Ok(w)) => {
+                if w.timed_out {
+                    add(&self.stats.timeouts, 1);
+                }
+                // Descriptor i belongs to connection i / 2 (pidfd, socket).
+                let mut suspects: Vec<usize> = w.ready_fds.iter().map(|i| i / 2).collect();
+                suspects.sort_unstable();
+                suspects.dedup();
+                for i in suspects.into_iter().rev() {
+                    if let Err(e) = self.conns[i].check_alive() {
+                        self.drop_conn(i, Some(e));
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                tracing::error!(%e, backend = self.backend.name(), "poller backend failed; sleeping briefly");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
