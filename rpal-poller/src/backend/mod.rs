@@ -46,7 +46,7 @@ pub struct Woken {
 /// A backend instance, owned by one poller thread.
 pub enum Backend {
     /// See [`BackendChoice::IoUring`].
-    IoUring(uring::Uring),
+    IoUring(Box<uring::Uring>),
     /// See [`BackendChoice::FutexWaitv`].
     FutexWaitv(waitv::Waitv),
     /// See [`BackendChoice::Epoll`].
@@ -59,11 +59,11 @@ impl Backend {
     /// unavailable.
     pub fn new(choice: BackendChoice) -> io::Result<Backend> {
         match choice {
-            BackendChoice::IoUring => uring::Uring::new().map(Backend::IoUring),
+            BackendChoice::IoUring => uring::Uring::new().map(|u| Backend::IoUring(Box::new(u))),
             BackendChoice::FutexWaitv => waitv::Waitv::new().map(Backend::FutexWaitv),
             BackendChoice::Epoll => epoll::Epoll::new().map(Backend::Epoll),
             BackendChoice::Auto => match uring::Uring::new() {
-                Ok(u) => Ok(Backend::IoUring(u)),
+                Ok(u) => Ok(Backend::IoUring(Box::new(u))),
                 Err(e) => {
                     tracing::info!(%e, "io_uring unavailable; trying futex_waitv");
                     match waitv::Waitv::new() {
