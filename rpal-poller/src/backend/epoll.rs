@@ -27,9 +27,10 @@ impl Epoll {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a fresh descriptor we own.
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             registered: HashSet::new(),
             generation: u64::MAX,
         })
