@@ -17,6 +17,7 @@ fn registry(name: &str) -> PathBuf {
 }
 
 fn read_entry(reg: &Path, slot: u64) -> (u32, i32, u64) {
+    // Header: magic, version, base, slot_size, slots (u64 each); then 16-byte entries.
     let f = std::fs::File::open(reg).unwrap();
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, HEADER + slot * ENTRY).unwrap();
@@ -37,8 +38,9 @@ fn write_entry(reg: &Path, slot: u64, generation: u32, pid: i32, start: u64) {
     f.write_all_at(&b, HEADER + slot * ENTRY).unwrap();
 }
 
-/// Runs a child that creates its arena against `reg`, writes its slot to
-/// `out`, then either exits or waits to be killed.
+/// Runs a child that creates its arena against `reg` (a one-slot window, so
+/// every claim must reuse slot 0), writes its slot to `out` (or `full` if
+/// none was free), then exits or waits to be killed.
 fn claim(reg: &Path, out: &Path, linger: bool) -> common::ChildGuard {
     let _ = std::fs::remove_file(out);
     common::spawn(
@@ -46,16 +48,17 @@ fn claim(reg: &Path, out: &Path, linger: bool) -> common::ChildGuard {
         if linger { "linger" } else { "exit" },
         &[
             ("RPAL_REGISTRY", reg.display().to_string()),
+            ("RPAL_WINDOW_SLOTS", "1".to_string()),
             ("RPAL_TEST_OUT", out.display().to_string()),
         ],
     )
 }
 
-fn read_slot(out: &Path) -> u64 {
+fn read_slot(out: &Path) -> String {
     for _ in 0..2000 {
         if let Ok(s) = std::fs::read_to_string(out) {
             if s.ends_with('\n') {
-                return s.trim().parse().unwrap();
+                return s.trim().to_string();
             }
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -66,8 +69,12 @@ fn read_slot(out: &Path) -> u64 {
 #[test]
 fn slots_of_dead_owners_are_reclaimed() {
     if let Some(role) = common::role() {
-        let arena = rpal::Arena::global().unwrap();
-        std::fs::write(common::arg("RPAL_TEST_OUT"), format!("{}\n", arena.region().slot())).unwrap();
+        let report = match rpal::Arena::global() {
+            Ok(arena) => arena.region().slot().to_string(),
+            Err(e) if e.to_string().contains("no free slot") => "full".to_string(),
+            Err(e) => panic!("{e}"),
+        };
+        std::fs::write(common::arg("RPAL_TEST_OUT"), format!("{report}\n")).unwrap();
         if role == "linger" {
             std::thread::sleep(Duration::from_secs(60));
         }
@@ -76,9 +83,9 @@ fn slots_of_dead_owners_are_reclaimed() {
     let reg = registry("reclaim");
     let out = std::env::temp_dir().join(format!("rpal-test-{}-reclaim.out", std::process::id()));
 
-    // A first owner takes slot 0 and is killed: its slot is recorded as its own.
+    // A first owner takes the only slot and is killed: the slot stays recorded as its own.
     let mut a = claim(&reg, &out, true);
-    assert_eq!(read_slot(&out), 0);
+    assert_eq!(read_slot(&out), "0");
     let (gen_a, pid, start) = read_entry(&reg, 0);
     assert_eq!(pid, a.pid());
     assert_ne!(start, 0);
@@ -86,7 +93,7 @@ fn slots_of_dead_owners_are_reclaimed() {
 
     // The next process reclaims the dead owner's slot, with a new generation.
     let mut b = claim(&reg, &out, false);
-    assert_eq!(read_slot(&out), 0);
+    assert_eq!(read_slot(&out), "0");
     b.expect_success();
     let (gen_b, _, _) = read_entry(&reg, 0);
     assert_eq!(gen_b, gen_a + 1);
@@ -95,11 +102,11 @@ fn slots_of_dead_owners_are_reclaimed() {
     let me = std::process::id() as i32;
     write_entry(&reg, 0, 40, me, 12345);
     let mut c = claim(&reg, &out, false);
-    assert_eq!(read_slot(&out), 0);
+    assert_eq!(read_slot(&out), "0");
     c.expect_success();
     assert_eq!(read_entry(&reg, 0).0, 41);
 
-    // A live owner with its real start time keeps its slot.
+    // A live owner with its real start time keeps its slot: no room for another.
     let my_start = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
     let my_start: u64 = my_start[my_start.rfind(')').unwrap() + 1..]
         .split_whitespace()
@@ -109,7 +116,7 @@ fn slots_of_dead_owners_are_reclaimed() {
         .unwrap();
     write_entry(&reg, 0, 50, me, my_start);
     let mut d = claim(&reg, &out, false);
-    assert_eq!(read_slot(&out), 1);
+    assert_eq!(read_slot(&out), "full");
     d.expect_success();
     assert_eq!(read_entry(&reg, 0), (50, me, my_start));
     let _ = std::fs::remove_file(&reg);
@@ -130,6 +137,7 @@ fn a_registry_of_another_geometry_is_refused() {
     // Write a header with another window base, as a process with other settings would.
     let f = std::fs::File::create(&reg).unwrap();
     f.set_len(HEADER + 1024 * ENTRY).unwrap();
+    // Same slot count as the child's default; another base.
     let mut h = Vec::new();
     for v in [u64::from_le_bytes(*b"RPALSLOT"), 1, 0x6000_0000_0000, 1 << 32, 1024] {
         h.extend_from_slice(&v.to_le_bytes());

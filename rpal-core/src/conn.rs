@@ -206,6 +206,8 @@ pub(crate) struct Conn {
     pub rx: Consumer,
     /// Last cursor value we published.
     cursor_shown: u64,
+    /// Test hook: a forged cursor that stays published.
+    forged_cursor: bool,
     pub wait: WaitConfig,
     pub stats: DoorbellStats,
     /// Releases of the peer's blocks not yet published (our ring was full).
@@ -246,6 +248,7 @@ impl Conn {
             theirs,
             rx,
             cursor_shown: 0,
+            forged_cursor: false,
             wait,
             stats: DoorbellStats::default(),
             pending_releases: Vec::new(),
@@ -337,7 +340,7 @@ impl Conn {
     /// Tells the peer how many of its queue blocks we have passed.
     pub(crate) fn publish_cursor(&mut self) {
         let passed = self.rx.passed();
-        if passed != self.cursor_shown {
+        if passed != self.cursor_shown && !self.forged_cursor {
             // Release: we are done with the passed blocks; pairs with the
             // Acquire in the peer's `housekeeping`.
             self.mine.block().cursor.store(passed, Ordering::Release);
@@ -443,6 +446,7 @@ impl Conn {
     pub fn inject_cursor(&mut self, value: u64) {
         self.mine.block().cursor.store(value, Ordering::Release);
         self.cursor_shown = value;
+        self.forged_cursor = true;
     }
 }
 

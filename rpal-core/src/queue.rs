@@ -17,13 +17,15 @@
 //! protocol errors, never undefined behaviour.
 //!
 //! Sequence numbers start at 1 and skip 0 on wrap, so a zeroed block never
-//! holds a valid record. A header left in a block by an earlier use must
-//! never pass for the next record either, without the producer clearing
-//! headers on the hot path (that store would delay each publication behind
-//! a cache-line transfer). So every block enters the queue *clean*: zeroed
-//! (fresh memfd pages are zero already), or recycled from this queue less
-//! than 2^31 records ago, so its stale sequence numbers are all behind the
-//! expected one and cannot match it modulo 2^32.
+//! holds a valid record. Bytes left in a block by an earlier use must never
+//! pass for the next record either, and the producer does not clear headers
+//! one by one on the hot path (each such store would delay the publication
+//! behind a cache-line transfer). Instead every block enters the queue
+//! *clean*: zeroed when recycled (once per ~2000 small records), or fresh
+//! memfd pages, which are zero already and stay untouched (no memory cost)
+//! until written. So a header the consumer reads is 0 or a record of this
+//! lap, and a sequence number ahead of the expected one can only come from a
+//! broken producer.
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
@@ -92,9 +94,8 @@ pub struct Producer {
     off: usize,
     /// Last sequence number published.
     seq: u32,
-    /// Recycled normal blocks, with the sequence number current when each
-    /// was recycled.
-    free: Vec<(u64, u32)>,
+    /// Recycled normal blocks.
+    free: Vec<u64>,
     /// Blocks we have moved past (linked a successor to).
     passed: u64,
     /// Blocks the consumer said it passed (the last cursor value accepted).
@@ -198,16 +199,13 @@ impl Producer {
         }
     }
 
-    /// A clean normal block: recycled if one is at hand, else allocated.
+    /// A clean normal block: recycled (and zeroed) if one is at hand, else
+    /// allocated. Recycled blocks must be zeroed: new records do not line up
+    /// with old ones, so an old payload could pass for a header.
     fn clean_block(&mut self) -> Result<u64> {
-        let Some((b, recycled_at)) = self.free.pop() else {
-            return alloc_block();
-        };
-        if self.seq.wrapping_sub(recycled_at) >= 1 << 31 {
-            // Its stale headers are too old to be told from future ones.
-            // SAFETY: a recycled block of ours; nobody reads it any more.
-            unsafe { std::ptr::write_bytes((b + BLOCK_HEADER as u64) as *mut u8, 0, BLOCK_SIZE - BLOCK_HEADER) };
-        }
+        let Some(b) = self.free.pop() else { return alloc_block() };
+        // SAFETY: a recycled block of ours that the consumer has passed.
+        unsafe { std::ptr::write_bytes((b + BLOCK_HEADER as u64) as *mut u8, 0, BLOCK_SIZE - BLOCK_HEADER) };
         init_block(b, BLOCK_SIZE);
         Ok(b)
     }
@@ -314,7 +312,7 @@ impl Producer {
         for _ in self.consumed..cursor {
             let b = self.chain.pop_front().expect("passed blocks are in the chain");
             if Self::block_size(b) == BLOCK_SIZE && self.free.len() < KEEP_FREE {
-                self.free.push((b, self.seq));
+                self.free.push(b);
             } else {
                 free_block(b);
             }
@@ -341,12 +339,15 @@ impl Producer {
             (*h).seq.store(seq, Ordering::Release);
             self.wake_word = NonNull::new(std::ptr::addr_of_mut!((*h).seq));
         }
+        // Later records go after it, so they do not overwrite the forgery.
+        self.seq = seq;
+        self.off += RECORD_HEADER;
     }
 }
 
 impl Drop for Producer {
     fn drop(&mut self) {
-        for b in self.chain.drain(..).chain(self.free.drain(..).map(|(b, _)| b)) {
+        for b in self.chain.drain(..).chain(self.free.drain(..)) {
             free_block(b);
         }
     }
@@ -359,9 +360,6 @@ pub struct Consumer {
     size: u64,
     off: u64,
     expected: u32,
-    /// Value first seen at the current position while waiting (a stale
-    /// header from an earlier use of the block, or zero).
-    stale: Option<u32>,
     passed: u64,
     pid: i32,
 }
@@ -375,7 +373,6 @@ impl Consumer {
             size,
             off: BLOCK_HEADER as u64,
             expected: 1,
-            stale: None,
             passed: 0,
             pid,
         })
@@ -428,15 +425,15 @@ impl Consumer {
             // Acquire: pairs with the Release store in `Producer::publish_header`.
             let seq = h.seq.load(Ordering::Acquire);
             if seq != self.expected {
-                match self.stale {
-                    None => self.stale = Some(seq),
-                    Some(s) if s != seq => {
-                        return Err(self.violation(format!(
-                            "queue sequence word jumped to {seq} while {} was next",
-                            self.expected
-                        )));
-                    }
-                    Some(_) => {}
+                // Blocks enter the queue clean (see the module docs): a header
+                // not yet rewritten holds 0 or a number behind the expected
+                // one. A number ahead of it can only be a broken producer.
+                let behind = self.expected.wrapping_sub(seq);
+                if seq != 0 && behind >= 1 << 31 {
+                    return Err(self.violation(format!(
+                        "queue sequence word jumped to {seq} while {} was next",
+                        self.expected
+                    )));
                 }
                 return Ok(false);
             }
@@ -450,7 +447,6 @@ impl Consumer {
             let next = unsafe { (*(self.block as *const BlockHeader)).next.load(Ordering::Relaxed) };
             self.size = Self::check_block(bounds, next, self.pid)?;
             self.expected = next_seq(self.expected);
-            self.stale = None;
             self.block = next;
             self.off = BLOCK_HEADER as u64;
             self.passed += 1;
@@ -474,7 +470,6 @@ impl Consumer {
             )));
         }
         self.expected = next_seq(self.expected);
-        self.stale = None;
         let payload = self.block + self.off + RECORD_HEADER as u64;
         self.off = end;
         // SAFETY: `[payload, payload+len)` lies inside the checked block; the

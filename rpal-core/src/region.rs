@@ -23,6 +23,7 @@ fn min_len() -> u64 {
 pub struct Region {
     addr: u64,
     len: u64,
+    token: u64,
     slot: usize,
     fd: OwnedFd,
     space: &'static Space,
@@ -61,20 +62,24 @@ impl Region {
 
         let slot = space.claim_slot()?;
         let addr = space.slot_addr(slot);
-        if let Err(e) = space.occupy(addr, len, Occupant::Own) {
-            space.release_slot(slot);
-            return Err(e);
-        }
+        let token = match space.occupy(addr, len, Occupant::Own) {
+            Ok((token, _)) => token,
+            Err(e) => {
+                space.release_slot(slot);
+                return Err(e);
+            }
+        };
         // SAFETY: the slot lies in our reserved window, the registry gave it to
         // us alone, and `occupy` proved nothing else is mapped there.
         if let Err(e) = unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), true) } {
-            space.vacate(addr);
+            space.vacate(addr, token);
             space.release_slot(slot);
             return Err(Error::io(format!("map region {name} at {addr:#x}"), e));
         }
         Ok(Region {
             addr,
             len,
+            token,
             slot,
             fd,
             space,
@@ -118,7 +123,7 @@ impl Drop for Region {
         // SAFETY: references into an owned region borrow the `Region` (or the
         // 'static arena, which is never dropped), so none outlive it.
         let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
-        self.space.vacate(self.addr);
+        self.space.vacate(self.addr, self.token);
         self.space.release_slot(self.slot);
     }
 }
@@ -134,6 +139,7 @@ impl Drop for Region {
 pub struct PeerRegion {
     addr: u64,
     len: u64,
+    token: u64,
     pid: i32,
     _fd: OwnedFd,
     pkey: Option<Pkey>,
@@ -189,9 +195,9 @@ impl PeerRegion {
         if space.slot_addr(slot) != addr {
             return Err(bad("not at the start of a slot".into()));
         }
-        space.occupy(addr, len, Occupant::Peer { pid })?;
+        let (token, longer_old) = space.occupy(addr, len, Occupant::Peer { pid })?;
         let fail = |e: Error| {
-            space.vacate(addr);
+            space.vacate(addr, token);
             e
         };
         match space.slot_owner(slot) {
@@ -207,6 +213,11 @@ impl PeerRegion {
         // nothing else of ours is mapped there.
         unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), false) }
             .map_err(|e| fail(Error::io(format!("map peer {pid}'s region at {addr:#x}"), e)))?;
+        if let Some(old_len) = longer_old {
+            // A dead peer's longer region was here: keep its tail readable
+            // (zeros) for whoever still holds views into it.
+            let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
+        }
         let pkey = if pkey::is_active() {
             match Pkey::alloc() {
                 Ok(k) => {
@@ -233,6 +244,7 @@ impl PeerRegion {
         Ok(PeerRegion {
             addr,
             len,
+            token,
             pid,
             _fd: fd,
             pkey,
@@ -333,8 +345,11 @@ impl Drop for PeerRegion {
         if self.pkey.is_some() {
             pkey::unregister_region(self.addr);
         }
-        // SAFETY: views borrow `self`, so none outlive the mapping.
-        let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
-        self.space.vacate(self.addr);
+        // A new peer may have taken the range over (its owner died): then
+        // the mapping is theirs now, and stays.
+        if self.space.vacate(self.addr, self.token) {
+            // SAFETY: views borrow `self`, so none outlive the mapping.
+            let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
+        }
     }
 }

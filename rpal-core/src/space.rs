@@ -58,12 +58,15 @@ impl Default for SpaceConfig {
 }
 
 impl SpaceConfig {
-    /// The default, overridden by `RPAL_WINDOW_BASE` (hex or decimal) and
-    /// `RPAL_REGISTRY` (a file path) when set.
+    /// The default, overridden by `RPAL_WINDOW_BASE` (hex or decimal),
+    /// `RPAL_WINDOW_SLOTS` and `RPAL_REGISTRY` (a file path) when set.
     pub fn from_env() -> Self {
         let mut cfg = Self::default();
         if let Some(base) = std::env::var("RPAL_WINDOW_BASE").ok().and_then(|v| parse_u64(&v)) {
             cfg.base = base;
+        }
+        if let Some(slots) = std::env::var("RPAL_WINDOW_SLOTS").ok().and_then(|v| parse_u64(&v)) {
+            cfg.slots = slots.max(1);
         }
         if let Ok(path) = std::env::var("RPAL_REGISTRY") {
             cfg.registry = PathBuf::from(path);
@@ -226,29 +229,37 @@ impl Registry {
         start != 0 && sys::proc_start_time(pid) != Some(start)
     }
 
-    /// Claims a free or stale slot for this process. Returns its index.
+    /// Claims a slot for this process and returns its index: a free one if
+    /// any, else one whose owner is gone. Free slots come first so that a
+    /// dead process's slot is reused as late as possible, giving its peers
+    /// time to notice the death and unmap its region.
     fn claim(&self) -> Result<usize> {
         let me = sys::getpid();
         let my_start = sys::proc_start_time(me).unwrap_or(1);
-        for (i, e) in self.entries.iter().enumerate() {
-            let word = e.owner.load(Ordering::Acquire);
-            let pid = owner_pid(word);
-            if pid != 0 {
-                // Acquire: pairs with the Release store of `start` in a claim.
-                let start = e.start.load(Ordering::Acquire);
-                if !Self::is_stale(pid, start) {
-                    continue;
+        for reclaim_stale in [false, true] {
+            for (i, e) in self.entries.iter().enumerate() {
+                let word = e.owner.load(Ordering::Acquire);
+                let pid = owner_pid(word);
+                if pid != 0 {
+                    if !reclaim_stale {
+                        continue;
+                    }
+                    // Acquire: pairs with the Release store of `start` in a claim.
+                    let start = e.start.load(Ordering::Acquire);
+                    if !Self::is_stale(pid, start) {
+                        continue;
+                    }
                 }
-            }
-            let new = pack(generation(word).wrapping_add(1), me);
-            // AcqRel: the winner alone proceeds; losers move on.
-            if e.owner
-                .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-            {
-                // Release: pairs with the Acquire of `start` in `claim`/`owner`.
-                e.start.store(my_start, Ordering::Release);
-                return Ok(i);
+                let new = pack(generation(word).wrapping_add(1), me);
+                // AcqRel: the winner alone proceeds; losers move on.
+                if e.owner
+                    .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    // Release: pairs with the Acquire of `start` in `claim`/`owner`.
+                    e.start.store(my_start, Ordering::Release);
+                    return Ok(i);
+                }
             }
         }
         Err(Error::NoFreeSlot {
@@ -298,7 +309,16 @@ pub enum Occupant {
 pub struct Space {
     cfg: SpaceConfig,
     registry: Registry,
-    mapped: Mutex<BTreeMap<u64, (u64, Occupant)>>,
+    mapped: Mutex<BTreeMap<u64, Mapping>>,
+    next_token: std::sync::atomic::AtomicU64,
+}
+
+/// One range mapped here, and the token of whoever mapped it last.
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    len: u64,
+    who: Occupant,
+    token: u64,
 }
 
 impl std::fmt::Debug for Space {
@@ -351,6 +371,7 @@ impl Space {
             cfg,
             registry,
             mapped: Mutex::new(BTreeMap::new()),
+            next_token: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -391,35 +412,64 @@ impl Space {
         self.registry.release(slot)
     }
 
-    /// Records `[addr, addr+len)` as mapped here, refusing overlaps.
-    pub(crate) fn occupy(&self, addr: u64, len: u64, who: Occupant) -> Result<()> {
+    /// Records `[addr, addr+len)` as mapped here, refusing overlaps, and
+    /// returns the token that [`Space::vacate`] needs.
+    ///
+    /// One overlap is allowed: a peer's region at the same slot whose owner
+    /// has died. Its process's slot was reclaimed by a new process before
+    /// we noticed the death; the new peer takes the range over (its mapping
+    /// replaces the old one, so readers of the old region read the new
+    /// memory, validated as always), and the old region's drop then leaves
+    /// the range alone. The second value is the old length, to cover with
+    /// readable zero pages if it was longer.
+    pub(crate) fn occupy(&self, addr: u64, len: u64, who: Occupant) -> Result<(u64, Option<u64>)> {
         let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         let end = addr + len;
+        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut took_over = None;
         // The nearest range starting below `end` is the only one that can overlap,
         // because recorded ranges never overlap each other.
-        if let Some((&start, &(l, _))) = map.range(..end).next_back() {
-            if start + l > addr {
-                return Err(Error::AddressInUse {
-                    addr,
-                    len,
-                    other: start,
-                });
+        if let Some((&start, &old)) = map.range(..end).next_back() {
+            if start + old.len > addr {
+                let dead_peer = match (old.who, who) {
+                    (Occupant::Peer { pid: old_pid }, Occupant::Peer { pid }) => {
+                        start == addr && old_pid != pid && !sys::pid_alive(old_pid)
+                    }
+                    _ => false,
+                };
+                if !dead_peer {
+                    return Err(Error::AddressInUse {
+                        addr,
+                        len,
+                        other: start,
+                    });
+                }
+                tracing::debug!(addr, "a dead peer's range is taken over by its slot's new owner");
+                took_over = (old.len > len).then_some(old.len);
             }
         }
-        map.insert(addr, (len, who));
-        Ok(())
+        map.insert(addr, Mapping { len, who, token });
+        Ok((token, took_over))
     }
 
-    /// Forgets a range recorded by [`Space::occupy`].
-    pub(crate) fn vacate(&self, addr: u64) {
-        self.mapped.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+    /// Forgets a range recorded by [`Space::occupy`], if `token` still owns
+    /// it. Returns whether it did (then the caller unmaps the range).
+    pub(crate) fn vacate(&self, addr: u64, token: u64) -> bool {
+        let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&addr) {
+            Some(m) if m.token == token => {
+                map.remove(&addr);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// What is mapped here at `addr`, if anything.
     pub fn occupant(&self, addr: u64) -> Option<(u64, u64, Occupant)> {
         let map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
-        let (&start, &(len, who)) = map.range(..=addr).next_back()?;
-        (addr < start + len).then_some((start, len, who))
+        let (&start, m) = map.range(..=addr).next_back()?;
+        (addr < start + m.len).then_some((start, m.len, m.who))
     }
 }
 

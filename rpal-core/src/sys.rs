@@ -91,6 +91,25 @@ pub unsafe fn unmap_to_reserved(addr: usize, len: usize) -> io::Result<()> {
     check_map(addr, len, got)
 }
 
+/// Maps readable zero pages at `[addr, addr+len)`, replacing what is there
+/// (a dead peer's leftover tail inside our window).
+pub fn map_zero_readonly(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the range is inside our reserved window and held by a dead
+    // peer's mapping; replacing it with readable zeros keeps every address
+    // that was readable still readable.
+    let got = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    check_map(addr, len, got)
+}
+
 /// Maps a whole file shared read-write somewhere the kernel chooses.
 pub fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
     // SAFETY: a fresh mapping at a kernel-chosen address affects no existing memory.
@@ -294,6 +313,22 @@ pub fn pid_exists(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
     let r = unsafe { libc::kill(pid, 0) };
     r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie).
+pub fn pid_alive(pid: i32) -> bool {
+    if !pid_exists(pid) {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name's closing ')'.
+        Ok(stat) => {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_ascii_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
 }
 
 /// A process's start time in clock ticks since boot (field 22 of

@@ -134,6 +134,22 @@ impl<H: Handler> Poller<H> {
         served
     }
 
+    /// A connection whose peer may be gone: serve what it sent before going
+    /// (its goodbye included), then drop it if it is dead or hung up.
+    fn settle(&mut self, i: usize) {
+        loop {
+            match self.conns[i].poll(&mut self.handler, self.cfg.batch) {
+                Ok(p) if p.closed => return self.drop_conn(i, None),
+                Ok(p) if p.served > 0 => add(&self.stats.served, p.served as u64),
+                Ok(_) => break,
+                Err(e) => return self.drop_conn(i, Some(e)),
+            }
+        }
+        if let Err(e) = self.conns[i].check_alive() {
+            self.drop_conn(i, Some(e));
+        }
+    }
+
     fn work_ready(&mut self) -> bool {
         self.inbox.pending.load(Ordering::Relaxed) || self.conns.iter_mut().any(|c| c.ready().unwrap_or(true))
     }
@@ -218,9 +234,7 @@ impl<H: Handler> Poller<H> {
                 suspects.sort_unstable();
                 suspects.dedup();
                 for i in suspects.into_iter().rev() {
-                    if let Err(e) = self.conns[i].check_alive() {
-                        self.drop_conn(i, Some(e));
-                    }
+                    self.settle(i);
                 }
             }
             Some(Err(e)) => {

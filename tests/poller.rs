@@ -1,0 +1,297 @@
+//! The poller with real client processes: many clients on one server, a
+//! stress of records from 1 B to 1 MiB, parking when idle, peer death via
+//! pidfd, and hostile clients that are cut off while others are served.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rpal::prelude::*;
+use rpal::{BackendChoice, PollerState};
+
+const ECHO: u32 = 1;
+const RECORD: u32 = 2;
+const SUMMARY: u32 = 3;
+
+/// Per-client stream state kept by the server for the stress test.
+#[derive(Default, Clone, Copy)]
+struct Stream {
+    next_seq: u64,
+    good: u64,
+    bad: u64,
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Echo, plus the stress protocol: RECORD messages carry `[seq][fnv][payload]`;
+/// SUMMARY answers `[good][bad]` for the calling client.
+fn handler(streams: Arc<Mutex<HashMap<i32, Stream>>>) -> impl Handler + Clone + Send + 'static {
+    move |req: &Request<'_>, reply: &mut [u8]| match req.method {
+        ECHO => {
+            reply[..req.payload.len()].copy_from_slice(req.payload);
+            Ok(req.payload.len())
+        }
+        RECORD => {
+            let p = req.payload;
+            let mut all = streams.lock().unwrap();
+            let s = all.entry(req.peer.pid()).or_default();
+            let ok = p.len() >= 16 && {
+                let seq = u64::from_le_bytes(p[..8].try_into().unwrap());
+                let sum = u64::from_le_bytes(p[8..16].try_into().unwrap());
+                seq == s.next_seq && sum == fnv(&p[16..])
+            };
+            s.next_seq += 1;
+            if ok {
+                s.good += 1
+            } else {
+                s.bad += 1
+            }
+            Ok(0)
+        }
+        SUMMARY => {
+            let s = streams
+                .lock()
+                .unwrap()
+                .get(&req.peer.pid())
+                .copied()
+                .unwrap_or_default();
+            reply[..8].copy_from_slice(&s.good.to_le_bytes());
+            reply[8..16].copy_from_slice(&s.bad.to_le_bytes());
+            Ok(16)
+        }
+        _ => Err(RemoteStatus::UnknownMethod),
+    }
+}
+
+fn start(name: &str, cfg: PollerConfig) -> (std::path::PathBuf, Serving) {
+    let path = common::sock_path(name);
+    let server = Server::bind(&path, ServerOptions::new("poll")).unwrap();
+    let serving = rpal::serve(server, handler(Arc::default()), cfg).unwrap();
+    (path, serving)
+}
+
+fn connect() -> Client {
+    Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("poll")).unwrap()
+}
+
+/// Waits until `cond` holds on the pollers' stats (state, not timing).
+fn wait_for(serving: &Serving, what: &str, cond: impl Fn(&[rpal::PollerSnapshot]) -> bool) {
+    let t0 = Instant::now();
+    while !cond(&serving.pollers()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {:?}",
+            serving.pollers()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn many_client_processes_on_one_server() {
+    if common::role().is_some() {
+        let mut c = connect();
+        let me = std::process::id().to_le_bytes();
+        for i in 0..20u8 {
+            let msg = [&me[..], &[i]].concat();
+            assert_eq!(c.call(ECHO, &msg).unwrap(), msg);
+        }
+        return;
+    }
+    let n: usize = std::env::var("RPAL_TEST_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let (path, serving) = start(
+        "many",
+        PollerConfig {
+            threads: 2,
+            ..PollerConfig::default()
+        },
+    );
+    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
+    let mut children: Vec<_> = (0..n)
+        .map(|_| common::spawn("many_client_processes_on_one_server", "client", &env))
+        .collect();
+    for c in &mut children {
+        c.expect_success();
+    }
+    wait_for(&serving, "all connections closed", |p| {
+        p.iter().map(|s| s.closed).sum::<u64>() == n as u64
+    });
+    let served: u64 = serving.pollers().iter().map(|s| s.served).sum();
+    assert_eq!(served, 20 * n as u64, "every call answered");
+    assert_eq!(
+        serving
+            .server_stats()
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        n as u64
+    );
+    eprintln!("{n} client processes served by {:?}", serving.pollers());
+}
+
+#[test]
+fn records_from_1_byte_to_1_mib_arrive_intact_and_in_order() {
+    const RECORDS: u64 = 3000;
+    if common::role().is_some() {
+        let mut c = connect();
+        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ std::process::id() as u64;
+        let mut payload = Vec::new();
+        for seq in 0..RECORDS {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mostly small, some pages, some up to 1 MiB.
+            let len = match x % 50 {
+                0 => 1 + (x >> 12) as usize % (1 << 20),
+                1..=5 => 1 + (x >> 12) as usize % 65536,
+                _ => 1 + (x >> 12) as usize % 300,
+            };
+            payload.clear();
+            payload.extend((0..len).map(|i| (x >> (i % 56)) as u8));
+            let sum = fnv(&payload);
+            c.send_oneway(RECORD, 16 + len, |buf| {
+                buf[..8].copy_from_slice(&seq.to_le_bytes());
+                buf[8..16].copy_from_slice(&sum.to_le_bytes());
+                buf[16..].copy_from_slice(&payload);
+            })
+            .unwrap();
+            if seq % 16 == 0 {
+                c.flush();
+            }
+        }
+        let r = c.call(SUMMARY, &[]).unwrap();
+        let good = u64::from_le_bytes(r[..8].try_into().unwrap());
+        let bad = u64::from_le_bytes(r[8..16].try_into().unwrap());
+        assert_eq!(
+            (good, bad),
+            (RECORDS, 0),
+            "none lost, duplicated, reordered or corrupted"
+        );
+        return;
+    }
+    let (path, serving) = start("stress", PollerConfig::default());
+    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
+    let mut kids: Vec<_> = (0..2)
+        .map(|_| common::spawn("records_from_1_byte_to_1_mib_arrive_intact_and_in_order", "c", &env))
+        .collect();
+    for k in &mut kids {
+        k.expect_success();
+    }
+    drop(serving);
+}
+
+#[test]
+fn idle_server_parks_and_dead_peers_are_noticed() {
+    if let Some(role) = common::role() {
+        let mut c = connect();
+        assert_eq!(c.call(ECHO, b"hi").unwrap(), b"hi");
+        if role == "linger" {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        return;
+    }
+    for backend in [BackendChoice::IoUring, BackendChoice::FutexWaitv, BackendChoice::Epoll] {
+        if rpal::poller::Backend::new(backend).is_err() {
+            eprintln!("skipped {backend:?}: not supported here");
+            continue;
+        }
+        let (path, serving) = start(
+            &format!("idle-{backend:?}"),
+            PollerConfig {
+                backend,
+                ..PollerConfig::default()
+            },
+        );
+        let env = [("RPAL_TEST_SOCK", path.display().to_string())];
+        let mut quick = common::spawn("idle_server_parks_and_dead_peers_are_noticed", "quick", &env);
+        quick.expect_success();
+        let mut linger = common::spawn("idle_server_parks_and_dead_peers_are_noticed", "linger", &env);
+        wait_for(&serving, "the lingering client", |p| {
+            p[0].connections == 1 && p[0].served >= 2
+        });
+        // Traffic has stopped: the poller must be asleep (its state), having parked.
+        if backend != BackendChoice::Epoll {
+            wait_for(&serving, "parked", |p| {
+                p[0].state == PollerState::Parked && p[0].parks > 0
+            });
+        }
+        let parks = serving.pollers()[0].parks;
+        std::thread::sleep(Duration::from_millis(300));
+        if backend == BackendChoice::IoUring {
+            assert!(
+                serving.pollers()[0].parks <= parks + 1,
+                "an idle io_uring poller stays asleep"
+            );
+        }
+        // Kill the silent client: its pidfd wakes the poller, which drops it.
+        linger.kill();
+        wait_for(&serving, "the dead client dropped", |p| {
+            p[0].died == 1 && p[0].connections == 0
+        });
+        assert_eq!(
+            serving.pollers()[0].backend,
+            rpal::poller::Backend::new(backend).unwrap().name()
+        );
+    }
+}
+
+#[test]
+fn hostile_clients_are_cut_off_and_others_served() {
+    if let Some(role) = common::role() {
+        let mut c = connect();
+        assert_eq!(c.call(ECHO, b"warm").unwrap(), b"warm");
+        match role.as_str() {
+            "good" => {
+                // Keeps calling while the hostile clients come and go.
+                for i in 0..40u8 {
+                    assert_eq!(c.call(ECHO, &[i]).unwrap(), [i]);
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                return;
+            }
+            "ahead" => c.inject_cursor(1_000),
+            "too-long" => c.inject_header(0, 1 << 30),
+            "jump" => c.inject_header(7, 8),
+            other => panic!("unknown role {other}"),
+        }
+        // The server hangs up on us: calls soon fail, and never hang.
+        let t0 = Instant::now();
+        loop {
+            match c.call_with(ECHO, Some(Duration::from_secs(5)), |_| 0, |_, _| ()) {
+                Ok(()) => assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "the server kept serving hostile client {role}"
+                ),
+                Err(e) => {
+                    assert!(
+                        matches!(e, Error::Closed { .. } | Error::Protocol { .. } | Error::Timeout(_)),
+                        "{e}"
+                    );
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let (path, serving) = start("hostile", PollerConfig::default());
+    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
+    let test = "hostile_clients_are_cut_off_and_others_served";
+    let mut good = common::spawn(test, "good", &env);
+    for (k, role) in ["ahead", "too-long", "jump"].into_iter().enumerate() {
+        let mut bad = common::spawn(test, role, &env);
+        wait_for(&serving, role, |p| p[0].protocol_errors == k as u64 + 1);
+        bad.expect_success();
+    }
+    good.expect_success();
+    let mut after = common::spawn(test, "good", &env);
+    after.expect_success();
+    assert_eq!(serving.pollers()[0].protocol_errors, 3);
+}
