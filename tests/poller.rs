@@ -295,3 +295,33 @@ fn hostile_clients_are_cut_off_and_others_served() {
     after.expect_success();
     assert_eq!(serving.pollers()[0].protocol_errors, 3);
 }
+
+#[test]
+fn one_process_holds_several_connections_to_a_server() {
+    if common::role().is_some() {
+        let mut clients: Vec<Client> = (0..3).map(|_| connect()).collect();
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.call(ECHO, &[i as u8]).unwrap(), [i as u8]);
+        }
+        // The server's region is mapped once and shared; dropping one
+        // connection leaves it mapped for the others.
+        let region = clients[0].peer().region.addr();
+        drop(clients.remove(0));
+        let space = rpal::Space::global().unwrap();
+        assert!(space.occupant(region).is_some());
+        for c in &mut clients {
+            assert_eq!(c.call(ECHO, b"still").unwrap(), b"still");
+        }
+        drop(clients);
+        assert!(space.occupant(region).is_none(), "unmapped with the last connection");
+        return;
+    }
+    let (path, serving) = start("several", PollerConfig::default());
+    common::spawn(
+        "one_process_holds_several_connections_to_a_server",
+        "client",
+        &[("RPAL_TEST_SOCK", path.display().to_string())],
+    )
+    .expect_success();
+    assert_eq!(serving.pollers()[0].served, 5);
+}

@@ -5,11 +5,13 @@
 //! sealed against shrinking and growing, so a peer can never truncate it
 //! and make us take SIGBUS.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::pkey::{self, AccessGuard, Pkey};
-use crate::space::{Occupant, Space};
+use crate::space::{Occupant, Occupied, Space};
 use crate::sys;
 use crate::types::{ShmSafe, Walk};
 
@@ -63,7 +65,7 @@ impl Region {
         let slot = space.claim_slot()?;
         let addr = space.slot_addr(slot);
         let token = match space.occupy(addr, len, Occupant::Own) {
-            Ok((token, _)) => token,
+            Ok(o) => o.token(),
             Err(e) => {
                 space.release_slot(slot);
                 return Err(e);
@@ -142,9 +144,13 @@ pub struct PeerRegion {
     token: u64,
     pid: i32,
     _fd: OwnedFd,
-    pkey: Option<Pkey>,
+    pkey: Option<Arc<Pkey>>,
     space: &'static Space,
 }
+
+/// Protection keys of mapped peer regions, by address, shared by every
+/// handle on the same mapping.
+static SHARED_KEYS: Mutex<BTreeMap<u64, Arc<Pkey>>> = Mutex::new(BTreeMap::new());
 
 impl PeerRegion {
     /// Validates a peer's memfd and announced placement, then maps it
@@ -195,7 +201,8 @@ impl PeerRegion {
         if space.slot_addr(slot) != addr {
             return Err(bad("not at the start of a slot".into()));
         }
-        let (token, longer_old) = space.occupy(addr, len, Occupant::Peer { pid })?;
+        let occupied = space.occupy(addr, len, Occupant::Peer { pid })?;
+        let token = occupied.token();
         let fail = |e: Error| {
             space.vacate(addr, token);
             e
@@ -209,6 +216,14 @@ impl PeerRegion {
                 ))));
             }
         }
+        let longer_old = match occupied {
+            Occupied::Shared { .. } => {
+                // Another connection to the same process mapped it already.
+                let pkey = SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
+                return Ok(PeerRegion { addr, len, token, pid, _fd: fd, pkey, space });
+            }
+            Occupied::New { longer_old, .. } => longer_old,
+        };
         // SAFETY: the range is inside our reserved window and `occupy` proved
         // nothing else of ours is mapped there.
         unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), false) }
@@ -218,38 +233,29 @@ impl PeerRegion {
             // (zeros) for whoever still holds views into it.
             let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
         }
-        let pkey = if pkey::is_active() {
-            match Pkey::alloc() {
-                Ok(k) => {
-                    // SAFETY: the mapping is read-only and fresh; no reference into it exists yet.
-                    match unsafe { k.protect(addr as usize, len as usize, libc::PROT_READ) } {
-                        Ok(()) => {
-                            pkey::register_region(addr, len, pid, k.key());
-                            Some(k)
-                        }
-                        Err(e) => {
-                            tracing::warn!(%e, "pkey_mprotect failed; peer region left unguarded");
-                            None
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(%e, "no protection key left; peer region left unguarded");
-                    None
-                }
+        let pkey = if pkey::is_active() { Self::guard(addr, len, pid) } else { None };
+        Ok(PeerRegion { addr, len, token, pid, _fd: fd, pkey, space })
+    }
+
+    /// Tags a freshly mapped peer region with a protection key (shared by
+    /// every handle on that mapping).
+    fn guard(addr: u64, len: u64, pid: i32) -> Option<Arc<Pkey>> {
+        let k = match Pkey::alloc() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(%e, "no protection key left; peer region left unguarded");
+                return None;
             }
-        } else {
-            None
         };
-        Ok(PeerRegion {
-            addr,
-            len,
-            token,
-            pid,
-            _fd: fd,
-            pkey,
-            space,
-        })
+        // SAFETY: the mapping is read-only and fresh; no reference into it exists yet.
+        if let Err(e) = unsafe { k.protect(addr as usize, len as usize, libc::PROT_READ) } {
+            tracing::warn!(%e, "pkey_mprotect failed; peer region left unguarded");
+            return None;
+        }
+        pkey::register_region(addr, len, pid, k.key());
+        let k = Arc::new(k);
+        SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, k.clone());
+        Some(k)
     }
 
     /// Start address.
@@ -274,13 +280,13 @@ impl PeerRegion {
 
     /// The protection key guarding this region, if keys are active.
     pub fn pkey(&self) -> Option<&Pkey> {
-        self.pkey.as_ref()
+        self.pkey.as_deref()
     }
 
     /// Grants this thread access to the region until the guard drops. A
     /// no-op when protection keys are not active.
     pub fn access(&self) -> Option<AccessGuard> {
-        self.pkey.as_ref().map(Pkey::allow)
+        self.pkey.as_deref().map(Pkey::allow)
     }
 
     /// Checks that `[addr, addr+len)` lies inside the region and `addr` is
@@ -342,13 +348,14 @@ impl PeerRegion {
 
 impl Drop for PeerRegion {
     fn drop(&mut self) {
-        if self.pkey.is_some() {
-            pkey::unregister_region(self.addr);
-        }
-        // A new peer may have taken the range over (its owner died): then
-        // the mapping is theirs now, and stays.
+        // Unmapped with the last handle on it, unless a new peer took the
+        // range over (its owner died): then the mapping is theirs now.
         if self.space.vacate(self.addr, self.token) {
-            // SAFETY: views borrow `self`, so none outlive the mapping.
+            if self.pkey.is_some() {
+                pkey::unregister_region(self.addr);
+                SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.addr);
+            }
+            // SAFETY: views borrow a handle, and this was the last one.
             let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
         }
     }

@@ -313,12 +313,32 @@ pub struct Space {
     next_token: std::sync::atomic::AtomicU64,
 }
 
-/// One range mapped here, and the token of whoever mapped it last.
+/// One range mapped here, the token of whoever mapped it last, and how
+/// many handles share it (several connections to one peer process).
 #[derive(Debug, Clone, Copy)]
 struct Mapping {
     len: u64,
     who: Occupant,
     token: u64,
+    refs: u32,
+}
+
+/// What [`Space::occupy`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Occupied {
+    /// The range was free (or held by a dead peer, taken over): map it. The
+    /// old length is given if a dead peer's longer region must be covered.
+    New { token: u64, longer_old: Option<u64> },
+    /// The same live peer's region is mapped here already: share it.
+    Shared { token: u64 },
+}
+
+impl Occupied {
+    pub(crate) fn token(self) -> u64 {
+        match self {
+            Occupied::New { token, .. } | Occupied::Shared { token } => token,
+        }
+    }
 }
 
 impl std::fmt::Debug for Space {
@@ -415,51 +435,56 @@ impl Space {
     /// Records `[addr, addr+len)` as mapped here, refusing overlaps, and
     /// returns the token that [`Space::vacate`] needs.
     ///
-    /// One overlap is allowed: a peer's region at the same slot whose owner
-    /// has died. Its process's slot was reclaimed by a new process before
-    /// we noticed the death; the new peer takes the range over (its mapping
-    /// replaces the old one, so readers of the old region read the new
-    /// memory, validated as always), and the old region's drop then leaves
-    /// the range alone. The second value is the old length, to cover with
-    /// readable zero pages if it was longer.
-    pub(crate) fn occupy(&self, addr: u64, len: u64, who: Occupant) -> Result<(u64, Option<u64>)> {
+    /// Two overlaps are allowed. The same live peer's region, at the same
+    /// place and size, is shared (a second connection to that process). And
+    /// a peer's region at the same slot whose owner has died is taken over:
+    /// its slot was reclaimed by a new process before we noticed the death;
+    /// the new mapping replaces the old one (readers of the old region read
+    /// the new memory, validated as always), and the old region's drop then
+    /// leaves the range alone.
+    pub(crate) fn occupy(&self, addr: u64, len: u64, who: Occupant) -> Result<Occupied> {
         let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         let end = addr + len;
-        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut took_over = None;
+        let mut longer_old = None;
         // The nearest range starting below `end` is the only one that can overlap,
         // because recorded ranges never overlap each other.
-        if let Some((&start, &old)) = map.range(..end).next_back() {
+        if let Some((&start, old)) = map.range_mut(..end).next_back() {
             if start + old.len > addr {
-                let dead_peer = match (old.who, who) {
-                    (Occupant::Peer { pid: old_pid }, Occupant::Peer { pid }) => {
-                        start == addr && old_pid != pid && !sys::pid_alive(old_pid)
-                    }
-                    _ => false,
+                let (Occupant::Peer { pid: old_pid }, Occupant::Peer { pid }) = (old.who, who) else {
+                    return Err(Error::AddressInUse { addr, len, other: start });
                 };
-                if !dead_peer {
-                    return Err(Error::AddressInUse {
-                        addr,
-                        len,
-                        other: start,
-                    });
+                if start != addr {
+                    return Err(Error::AddressInUse { addr, len, other: start });
+                }
+                if old_pid == pid && old.len == len && sys::pid_alive(pid) {
+                    old.refs += 1;
+                    return Ok(Occupied::Shared { token: old.token });
+                }
+                if old_pid == pid || sys::pid_alive(old_pid) {
+                    return Err(Error::AddressInUse { addr, len, other: start });
                 }
                 tracing::debug!(addr, "a dead peer's range is taken over by its slot's new owner");
-                took_over = (old.len > len).then_some(old.len);
+                longer_old = (old.len > len).then_some(old.len);
             }
         }
-        map.insert(addr, Mapping { len, who, token });
-        Ok((token, took_over))
+        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        map.insert(addr, Mapping { len, who, token, refs: 1 });
+        Ok(Occupied::New { token, longer_old })
     }
 
-    /// Forgets a range recorded by [`Space::occupy`], if `token` still owns
-    /// it. Returns whether it did (then the caller unmaps the range).
+    /// Drops one handle on a range recorded by [`Space::occupy`], if `token`
+    /// still owns it. Returns true when that was the last handle: then the
+    /// caller unmaps the range.
     pub(crate) fn vacate(&self, addr: u64, token: u64) -> bool {
         let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&addr) {
+        match map.get_mut(&addr) {
             Some(m) if m.token == token => {
-                map.remove(&addr);
-                true
+                m.refs -= 1;
+                if m.refs == 0 {
+                    map.remove(&addr);
+                    return true;
+                }
+                false
             }
             _ => false,
         }
