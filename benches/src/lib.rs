@@ -221,6 +221,11 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             }
             Ok(())
         }
+        "queue-producer" => queue_producer(
+            &arg(0),
+            arg(1).parse().expect("payload"),
+            arg(2).parse().expect("count"),
+        ),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -435,4 +440,146 @@ impl RoundTrip for TcpRoundTrip {
         self.sock.read_exact(&mut frame).expect("tcp read");
         u64::from_le_bytes(frame[8..16].try_into().expect("8 bytes"))
     }
+}
+
+// ---- queue throughput and idle cost ----------------------------------------
+
+/// Method of the queue bench's setup call: body = the consumer's cursor
+/// address; reply = the producer's first block.
+const QUEUE_SETUP: u32 = 7;
+
+/// Child side of the queue bench: streams `count` records of `payload`
+/// bytes through a bare [`rpal::queue::Producer`] to the connected parent.
+fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
+    use rpal::queue::Producer;
+    let server = rpal::Server::bind(path, rpal::ServerOptions::new("queue-bench"))?;
+    println!("ready");
+    let mut conn = server.accept()?;
+    let slot: std::cell::RefCell<Option<(Producer, u64)>> = std::cell::RefCell::new(None);
+    let mut setup = |req: &rpal::Request<'_>, reply: &mut [u8]| {
+        let cursor = u64::from_le_bytes(
+            req.payload
+                .get(..8)
+                .ok_or(rpal::RemoteStatus::BadRequest)?
+                .try_into()
+                .unwrap(),
+        );
+        let p = Producer::new().map_err(|_| rpal::RemoteStatus::BadRequest)?;
+        reply[..8].copy_from_slice(&p.head().to_le_bytes());
+        *slot.borrow_mut() = Some((p, cursor));
+        Ok(8)
+    };
+    conn.serve_one(&mut setup)?;
+    let (mut p, cursor_addr) = slot.borrow_mut().take().expect("setup call");
+    let pid = conn.peer().cred.pid;
+    let cursor: &AtomicU64 = conn.peer().region.view(cursor_addr)?;
+    let record = vec![0x5Au8; payload];
+    for i in 0..count {
+        // Backpressure: keep at most 64 blocks unread.
+        while p.backlog_blocks() > 64 {
+            p.recycle(cursor.load(Ordering::Acquire), pid)?;
+            std::hint::spin_loop();
+        }
+        let buf = p.reserve(payload)?;
+        if payload == 8 {
+            buf.copy_from_slice(&i.to_le_bytes());
+        } else {
+            buf.copy_from_slice(&record);
+            buf[..8.min(payload)].copy_from_slice(&i.to_le_bytes()[..8.min(payload)]);
+        }
+        p.commit(payload);
+    }
+    // Keep the blocks alive until the parent hangs up.
+    while conn.serve_one(&mut |_: &rpal::Request<'_>, _: &mut [u8]| Ok(0))? {}
+    Ok(())
+}
+
+/// Records per second through one queue between two processes: a child
+/// produces `count` records of `payload` bytes, this process consumes them
+/// in place (reading each record's first 8 bytes).
+pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64> {
+    use rpal::queue::Consumer;
+    let path = std::env::temp_dir().join(format!("rpal-bench-q-{}-{payload}.sock", std::process::id()));
+    let (_child, _) = ChildGuard::start(
+        exe,
+        "queue-producer",
+        &[path.display().to_string(), payload.to_string(), count.to_string()],
+    )
+    .map_err(|e| rpal::Error::io("start the producer child", e))?;
+    let mut client = rpal::Client::connect(&path, rpal::ClientOptions::new("queue-bench"))?;
+    let cursor_box = rpal::ShmBox::new(AtomicU64::new(0))?;
+    let head = client.call(QUEUE_SETUP, &cursor_box.addr().to_le_bytes())?;
+    let cursor: &AtomicU64 = &cursor_box;
+    let head = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    let region = &client.peer().region;
+    let mut rx = Consumer::new(region, head, client.peer().cred.pid)?;
+    let mut got = 0u64;
+    let mut start = None;
+    let mut check = 0u64;
+    while got < count {
+        match rx.next(region)? {
+            Some(rec) => {
+                start.get_or_insert_with(Instant::now);
+                if payload >= 8 {
+                    check ^= u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+                }
+                got += 1;
+            }
+            None => {
+                // Publish progress so the producer can recycle, then spin.
+                cursor.store(rx.passed(), Ordering::Release);
+                std::hint::spin_loop();
+            }
+        }
+    }
+    let secs = start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    std::hint::black_box(check);
+    drop(client);
+    Ok(if secs > 0.0 { count as f64 / secs } else { 0.0 })
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_ascii_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Idle cost of a server: `conns` connected clients (each made one call and
+/// went silent); returns (CPU % over `window`, resident KiB per connection).
+pub fn measure_idle(exe: &Path, conns: usize, window: Duration) -> rpal::Result<(f64, f64)> {
+    let path = std::env::temp_dir().join(format!("rpal-bench-idle-{}.sock", std::process::id()));
+    let (child, _) = ChildGuard::start(exe, "rpal-busy", &[path.display().to_string()])
+        .map_err(|e| rpal::Error::io("start the idle server child", e))?;
+    let pid = child.child.id();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss0 = proc_rss_kib(pid);
+    let mut clients = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let mut c = rpal::Client::connect(&path, rpal::ClientOptions::new("bench"))?;
+        c.call(1, &7u64.to_le_bytes())?;
+        clients.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss1 = proc_rss_kib(pid);
+    let cpu0 = proc_cpu_ticks(pid);
+    std::thread::sleep(window);
+    let cpu1 = proc_cpu_ticks(pid);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu_pct = (cpu1 - cpu0) as f64 / hz / window.as_secs_f64() * 100.0;
+    drop(clients);
+    Ok((cpu_pct, rss1.saturating_sub(rss0) as f64 / conns as f64))
 }

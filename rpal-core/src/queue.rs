@@ -90,6 +90,10 @@ impl Bounds for PeerRegion {
 pub struct Producer {
     /// Blocks from the oldest one the consumer may still read to the current one.
     chain: VecDeque<u64>,
+    /// The current (last) block of `chain`, and its size: kept at hand for
+    /// the hot path.
+    cur: u64,
+    cur_size: usize,
     /// Write offset in the current block.
     off: usize,
     /// Last sequence number published.
@@ -155,6 +159,8 @@ impl Producer {
         let first = alloc_block()?;
         Ok(Self {
             chain: VecDeque::from([first]),
+            cur: first,
+            cur_size: BLOCK_SIZE,
             off: BLOCK_HEADER,
             seq: 0,
             free: Vec::new(),
@@ -170,7 +176,7 @@ impl Producer {
     }
 
     fn current(&self) -> u64 {
-        *self.chain.back().expect("the chain is never empty")
+        self.cur
     }
 
     fn block_size(block: u64) -> usize {
@@ -229,6 +235,8 @@ impl Producer {
         let at = self.off;
         self.publish_header(at, SKIP);
         self.chain.push_back(next);
+        self.cur = next;
+        self.cur_size = Self::block_size(next);
         self.passed += 1;
         self.off = BLOCK_HEADER;
         Ok(())
@@ -244,7 +252,7 @@ impl Producer {
             });
         }
         // Always leave room for one more header (a skip record) after this one.
-        if self.off + footprint(len) + RECORD_HEADER > Self::block_size(self.current()) {
+        if self.off + footprint(len) + RECORD_HEADER > self.cur_size {
             self.advance(len)?;
         }
         let payload = (self.current() + (self.off + RECORD_HEADER) as u64) as *mut u8;
@@ -456,12 +464,20 @@ impl Consumer {
     /// The next record's payload, in place in the producer's block, or `None`
     /// if it has not been published yet.
     pub fn next<'a>(&mut self, bounds: &'a impl Bounds) -> Result<Option<&'a [u8]>> {
-        if !self.ready_record(bounds)? {
-            return Ok(None);
-        }
         let h = self.header();
-        // SAFETY: as in `ready_record`.
+        // Acquire: pairs with the Release store in `Producer::publish_header`.
+        // (The fast path: a ready, ordinary record; `ready_record` handles
+        // everything else, including skips and broken headers.)
+        let ready = h.seq.load(Ordering::Acquire) == self.expected;
+        // SAFETY: as in `header`; a volatile read takes one snapshot of a
+        // value the peer could be changing, validated before use.
         let len = unsafe { std::ptr::addr_of!(h.len).read_volatile() };
+        if !ready || len == SKIP {
+            if !self.ready_record(bounds)? {
+                return Ok(None);
+            }
+            return self.next(bounds);
+        }
         let end = self.off + footprint(len as usize) as u64;
         if end + RECORD_HEADER as u64 > self.size {
             return Err(self.violation(format!(

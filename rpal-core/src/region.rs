@@ -219,8 +219,20 @@ impl PeerRegion {
         let longer_old = match occupied {
             Occupied::Shared { .. } => {
                 // Another connection to the same process mapped it already.
-                let pkey = SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
-                return Ok(PeerRegion { addr, len, token, pid, _fd: fd, pkey, space });
+                let pkey = SHARED_KEYS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&addr)
+                    .cloned();
+                return Ok(PeerRegion {
+                    addr,
+                    len,
+                    token,
+                    pid,
+                    _fd: fd,
+                    pkey,
+                    space,
+                });
             }
             Occupied::New { longer_old, .. } => longer_old,
         };
@@ -233,8 +245,20 @@ impl PeerRegion {
             // (zeros) for whoever still holds views into it.
             let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
         }
-        let pkey = if pkey::is_active() { Self::guard(addr, len, pid) } else { None };
-        Ok(PeerRegion { addr, len, token, pid, _fd: fd, pkey, space })
+        let pkey = if pkey::is_active() {
+            Self::guard(addr, len, pid)
+        } else {
+            None
+        };
+        Ok(PeerRegion {
+            addr,
+            len,
+            token,
+            pid,
+            _fd: fd,
+            pkey,
+            space,
+        })
     }
 
     /// Tags a freshly mapped peer region with a protection key (shared by
@@ -254,7 +278,10 @@ impl PeerRegion {
         }
         pkey::register_region(addr, len, pid, k.key());
         let k = Arc::new(k);
-        SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, k.clone());
+        SHARED_KEYS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, k.clone());
         Some(k)
     }
 

@@ -451,24 +451,44 @@ impl Space {
         if let Some((&start, old)) = map.range_mut(..end).next_back() {
             if start + old.len > addr {
                 let (Occupant::Peer { pid: old_pid }, Occupant::Peer { pid }) = (old.who, who) else {
-                    return Err(Error::AddressInUse { addr, len, other: start });
+                    return Err(Error::AddressInUse {
+                        addr,
+                        len,
+                        other: start,
+                    });
                 };
                 if start != addr {
-                    return Err(Error::AddressInUse { addr, len, other: start });
+                    return Err(Error::AddressInUse {
+                        addr,
+                        len,
+                        other: start,
+                    });
                 }
                 if old_pid == pid && old.len == len && sys::pid_alive(pid) {
                     old.refs += 1;
                     return Ok(Occupied::Shared { token: old.token });
                 }
                 if old_pid == pid || sys::pid_alive(old_pid) {
-                    return Err(Error::AddressInUse { addr, len, other: start });
+                    return Err(Error::AddressInUse {
+                        addr,
+                        len,
+                        other: start,
+                    });
                 }
                 tracing::debug!(addr, "a dead peer's range is taken over by its slot's new owner");
                 longer_old = (old.len > len).then_some(old.len);
             }
         }
         let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        map.insert(addr, Mapping { len, who, token, refs: 1 });
+        map.insert(
+            addr,
+            Mapping {
+                len,
+                who,
+                token,
+                refs: 1,
+            },
+        );
         Ok(Occupied::New { token, longer_old })
     }
 

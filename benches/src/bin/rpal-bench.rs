@@ -6,9 +6,11 @@
 //! ```
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use rpal_bench::{
-    ALLOC_BATCH, RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure, measure_alloc, pin, run_child,
+    ALLOC_BATCH, RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure, measure_alloc, measure_idle,
+    measure_queue, pin, run_child,
 };
 
 struct Args {
@@ -33,7 +35,9 @@ fn parse() -> Result<Args, String> {
             "--iters" => a.iters = Some(it.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?),
             "--only" => a.only = Some(it.next().ok_or("--only needs a transport name")?),
             "-h" | "--help" => {
-                println!("usage: rpal-bench [--json] [--iters N] [--quick] [--only raw-spin|raw-futex|rpal|tcp|alloc]");
+                println!(
+                    "usage: rpal-bench [--json] [--iters N] [--quick] [--only raw-spin|raw-futex|rpal|rpal-busy|rpal-parked|tcp|queue|idle|alloc]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other}; try --help")),
@@ -95,6 +99,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         rows.push(row);
     }
+    let want = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    let mut extra_lines = Vec::new();
+    if want("queue") {
+        for (payload, default_count) in [(8usize, 20_000_000u64), (4096, 1_000_000)] {
+            let count = args
+                .iters
+                .map_or(if args.quick { default_count / 20 } else { default_count }, |n| {
+                    n as u64
+                });
+            let rps = measure_queue(&exe, payload, count)?;
+            let json = format!(
+                "{{\"transport\":\"queue\",\"payload\":{payload},\"records_per_s\":{rps:.0},\"records\":{count}}}"
+            );
+            if args.json {
+                println!("{json}");
+            }
+            extra_lines.push(format!(
+                "queue     payload {payload:>5} B: {:>8.1} M records/s ({:.2} GB/s), one queue between two processes",
+                rps / 1e6,
+                rps * payload as f64 / 1e9
+            ));
+        }
+    }
+    if want("idle") {
+        let window = if args.quick {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(5)
+        };
+        let (cpu, rss) = measure_idle(&exe, 100, window)?;
+        if args.json {
+            println!(
+                "{{\"transport\":\"idle\",\"connections\":100,\"idle_cpu_pct\":{cpu:.2},\"rss_per_conn_kib\":{rss:.1},\"window_s\":{}}}",
+                window.as_secs()
+            );
+        }
+        extra_lines.push(format!(
+            "idle      100 silent connections: server CPU {cpu:.2}% over {}s, {rss:.1} KiB resident per connection",
+            window.as_secs()
+        ));
+    }
     let mut alloc_rows = Vec::new();
     if args.only.as_deref().is_none_or(|o| o == "alloc") {
         let samples = args.iters.unwrap_or(if args.quick { 2_000 } else { 20_000 });
@@ -119,6 +164,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if !args.json {
         print_table(&rows);
+        println!();
+        for l in &extra_lines {
+            println!("{l}");
+        }
         print_alloc_table(&alloc_rows);
     }
     Ok(())
