@@ -13,7 +13,9 @@
 //! sleeps, or the producer sees `parked` and wakes it. FUTEX_WAIT and
 //! FUTEX_WAKE only read the word, so they work through a read-only mapping.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::sync::{Word32, fence};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -123,16 +125,34 @@ fn count(c: &AtomicU64) {
     c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
+/// Consumer half of the handshake: announce that we are about to sleep
+/// waiting for `seq` to leave `seen`. Returns true if we may sleep now (the
+/// word still holds `seen`); false if it changed meanwhile.
+pub fn announce_park<W: Word32>(parked: &W, seq: &W, seen: u32) -> bool {
+    parked.store(1, Ordering::Relaxed);
+    // SeqCst fence: orders the `parked` store before the `seq` re-read
+    // (store-load), the partner of the fence in `must_wake`.
+    fence(Ordering::SeqCst);
+    // Acquire: pairs with the producer's Release publication.
+    seq.load(Ordering::Acquire) == seen
+}
+
+/// Producer half, after publishing: whether the consumer may be asleep and
+/// must be woken.
+pub fn must_wake<W: Word32>(parked: &W) -> bool {
+    // SeqCst fence: orders our publication before the `parked` load
+    // (store-load), the partner of the fence in `announce_park`.
+    fence(Ordering::SeqCst);
+    parked.load(Ordering::Relaxed) != 0
+}
+
 /// Producer side: publish `value` in `seq` (our memory) and wake the
 /// consumer only if its `parked` flag (its memory) says it sleeps.
 pub fn ring(seq: &AtomicU32, value: u32, peer_parked: &AtomicU32, stats: &DoorbellStats) {
     // Release: pairs with the Acquire loads of `seq` in `wait`; the record
     // written before this store is visible to a consumer that sees `value`.
     seq.store(value, Ordering::Release);
-    // SeqCst fence: orders our `seq` store before the `parked` load below
-    // (store-load), the partner of the fence in `wait`.
-    fence(Ordering::SeqCst);
-    if peer_parked.load(Ordering::Relaxed) != 0 {
+    if must_wake(peer_parked) {
         count(&stats.wakes);
         sys::futex_wake(seq, i32::MAX);
     }
@@ -178,15 +198,10 @@ pub fn wait(
     }
     count(&stats.parks);
     loop {
-        parked.store(1, Ordering::Relaxed);
-        // SeqCst fence: orders the `parked` store before the `seq` re-read
-        // (store-load), the partner of the fence in `ring`.
-        fence(Ordering::SeqCst);
-        // Acquire: pairs with the Release store in `ring`.
-        let now = seq.load(Ordering::Acquire);
-        if now != seen {
+        if !announce_park(parked, seq, seen) {
             parked.store(0, Ordering::Relaxed);
-            return Ok(now);
+            // Acquire: pairs with the Release store in `ring`.
+            return Ok(seq.load(Ordering::Acquire));
         }
         let mut slice = cfg.park_slice;
         if let Some(d) = deadline {
@@ -215,7 +230,65 @@ pub fn wait(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, rpal_loom))]
+mod loom_models {
+    //! `RUSTFLAGS="--cfg rpal_loom" cargo test -p rpal-core --release loom`
+    use super::{announce_park, must_wake};
+    use loom::sync::atomic::AtomicU32;
+    use loom::sync::{Arc, Condvar, Mutex};
+    use std::sync::atomic::Ordering;
+
+    /// A futex as the kernel implements it: the value check and the sleep
+    /// happen under the same lock that a wake takes.
+    #[derive(Default)]
+    struct Futex {
+        lock: Mutex<()>,
+        cv: Condvar,
+    }
+
+    impl Futex {
+        fn wait(&self, word: &AtomicU32, seen: u32) {
+            let g = self.lock.lock().unwrap();
+            if word.load(Ordering::Relaxed) == seen {
+                drop(self.cv.wait(g).unwrap());
+            }
+        }
+        fn wake(&self) {
+            let _g = self.lock.lock().unwrap();
+            self.cv.notify_all();
+        }
+    }
+
+    /// A consumer that parks can never miss the producer's record: if it
+    /// sleeps, the producer sees `parked` and wakes it (a lost wake-up would
+    /// leave it blocked forever, which loom reports as a deadlock).
+    #[test]
+    fn loom_doorbell_never_loses_a_wakeup() {
+        loom::model(|| {
+            let seq = Arc::new(AtomicU32::new(0));
+            let parked = Arc::new(AtomicU32::new(0));
+            let futex = Arc::new(Futex::default());
+            let producer = {
+                let (seq, parked, futex) = (seq.clone(), parked.clone(), futex.clone());
+                loom::thread::spawn(move || {
+                    seq.store(1, Ordering::Release);
+                    if must_wake(&*parked) {
+                        futex.wake();
+                    }
+                })
+            };
+            while seq.load(Ordering::Acquire) == 0 {
+                if announce_park(&*parked, &*seq, 0) {
+                    futex.wait(&seq, 0);
+                }
+                parked.store(0, Ordering::Relaxed);
+            }
+            producer.join().unwrap();
+        });
+    }
+}
+
+#[cfg(all(test, not(rpal_loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;

@@ -20,6 +20,7 @@ pub mod queue;
 pub mod region;
 pub mod server;
 pub mod space;
+pub mod sync;
 pub mod sys;
 pub mod types;
 

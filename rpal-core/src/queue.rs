@@ -29,7 +29,7 @@
 
 use std::collections::VecDeque;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
@@ -283,10 +283,8 @@ impl Producer {
         let Some(word) = self.wake_word.take() else {
             return false;
         };
-        // SeqCst fence: orders our `seq` stores before the `parked` load
-        // (store-load); the partner of the fence in the consumer's park.
-        fence(Ordering::SeqCst);
-        if consumer_parked.load(Ordering::Relaxed) == 0 {
+        // The producer half of the doorbell handshake (see `doorbell`).
+        if !crate::doorbell::must_wake(consumer_parked) {
             return false;
         }
         // SAFETY: the word is in one of our live blocks (not recycled: the

@@ -192,11 +192,13 @@ impl<H: Handler> Poller<H> {
         // Announce the sleep on every connection, then look once more
         // (the consumer half of the doorbell handshake; clients read
         // `parked` after a SeqCst fence before deciding to wake us).
+        // This is `doorbell::announce_park` spread over many connections:
+        // every flag first, one fence, then every word.
         for c in &self.conns {
             c.parked_flag().store(1, Ordering::Relaxed);
         }
         // SeqCst fence: orders the `parked` stores before the re-reads of the
-        // queue words below; pairs with the fence in the clients' ring.
+        // queue words below; pairs with the fence in `doorbell::must_wake`.
         fence(Ordering::SeqCst);
         // Acquire: pairs with the Release in `Inbox::ring`.
         let bell = self.inbox.bell.load(Ordering::Acquire);

@@ -1,0 +1,36 @@
+//! Atomics shim: std's, or loom's when model-checking (`--cfg rpal_loom`).
+//!
+//! Only the protocol functions that loom models exercise go through here;
+//! they are generic over [`Word32`] so the same code runs on shared memory
+//! and inside a model.
+
+use std::sync::atomic::Ordering;
+
+#[cfg(rpal_loom)]
+pub(crate) use loom::sync::atomic::fence;
+#[cfg(not(rpal_loom))]
+pub(crate) use std::sync::atomic::fence;
+
+/// A 32-bit atomic word: std's, or loom's in models.
+pub trait Word32: Sync {
+    /// Atomic load.
+    fn load(&self, order: Ordering) -> u32;
+    /// Atomic store.
+    fn store(&self, value: u32, order: Ordering);
+}
+
+macro_rules! impl_word32 {
+    ($t:ty) => {
+        impl Word32 for $t {
+            fn load(&self, order: Ordering) -> u32 {
+                <$t>::load(self, order)
+            }
+            fn store(&self, value: u32, order: Ordering) {
+                <$t>::store(self, value, order)
+            }
+        }
+    };
+}
+impl_word32!(std::sync::atomic::AtomicU32);
+#[cfg(rpal_loom)]
+impl_word32!(loom::sync::atomic::AtomicU32);
