@@ -19,7 +19,7 @@ pub use rpal_core::*;
 pub use rpal_macros::ShmSafe;
 /// The poller crate: backends, spin slots, stats.
 pub use rpal_poller as poller;
-pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving, serve};
+pub use rpal_poller::{AsyncClient, BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving, serve};
 
 /// The types most programs use.
 pub mod prelude {
@@ -28,5 +28,5 @@ pub mod prelude {
         ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
     };
     pub use rpal_macros::ShmSafe;
-    pub use rpal_poller::{PollerConfig, Serving, serve};
+    pub use rpal_poller::{AsyncClient, PollerConfig, Serving, serve};
 }

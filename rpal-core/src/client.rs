@@ -2,6 +2,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use crate::arena::Arena;
@@ -149,24 +150,52 @@ impl Client {
         write: impl FnOnce(&mut [u8]) -> usize,
         read: impl FnOnce(&[u8], &PeerRegion) -> R,
     ) -> Result<R> {
+        let deadline = timeout.or(self.call_timeout).map(Deadline::after);
+        let _access = self.conn.peer.region.access();
+        let id = self.send_request(method, cap, write)?;
+        let mut read = Some(read);
+        loop {
+            self.conn.wait_ready(deadline.as_ref())?;
+            if let Some(out) = self.try_reply(id, method, &mut read)? {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Sends a request without waiting for its reply, and returns its call
+    /// id; collect the reply with [`Client::try_reply`]. For event loops.
+    pub fn send_request(&mut self, method: u32, cap: usize, write: impl FnOnce(&mut [u8]) -> usize) -> Result<u64> {
         if method == METHOD_CLOSE {
             return Err(Error::Remote {
                 method,
                 status: RemoteStatus::UnknownMethod,
             });
         }
-        let deadline = timeout.or(self.call_timeout).map(Deadline::after);
         let _access = self.conn.peer.region.access();
         let id = self.next_call;
         self.next_call += 1;
         self.conn.send(method, id, 0, cap, write)?;
         self.conn.ring();
+        Ok(id)
+    }
+
+    /// The reply to call `id` of `method`, if it has arrived, given to the
+    /// `read` in the option (taken once used); `None` if it has not arrived
+    /// yet. Never waits. Replies of earlier calls (that timed out or were
+    /// cancelled) are discarded on the way.
+    pub fn try_reply<R, F>(&mut self, id: u64, method: u32, read: &mut Option<F>) -> Result<Option<R>>
+    where
+        F: FnOnce(&[u8], &PeerRegion) -> R,
+    {
+        let _access = self.conn.peer.region.access();
         loop {
-            self.conn.wait_ready(deadline.as_ref())?;
             let pid = self.conn.pid();
-            let msg = next_msg(&mut self.conn.rx, &self.conn.peer.region)?.expect("wait_ready saw a record");
+            let Some(msg) = next_msg(&mut self.conn.rx, &self.conn.peer.region)? else {
+                self.conn.publish_cursor();
+                return Ok(None);
+            };
             if msg.call_id < id {
-                continue; // the late reply of a call that timed out: discard it
+                continue; // the late reply of an abandoned call
             }
             if msg.call_id != id {
                 return Err(Error::Protocol {
@@ -180,11 +209,35 @@ impl Client {
                     status: RemoteStatus::from_code(msg.status),
                 });
             }
+            let read = read.take().expect("a reply is read once");
             let out = read(msg.body, &self.conn.peer.region);
             // Recycling and releases wait for the next send; the cursor goes now.
             self.conn.publish_cursor();
-            return Ok(out);
+            return Ok(Some(out));
         }
+    }
+
+    /// What to sleep on until the next reply: the word it will change and
+    /// its current value, or `None` if something has arrived already. Set
+    /// [`Client::parked_flag`] (then fence, then look again) before sleeping,
+    /// so that the server wakes you.
+    pub fn reply_wait_target(&self) -> Option<(&AtomicU32, u32)> {
+        self.conn.rx.wait_word()
+    }
+
+    /// Our `parked` flag for this connection.
+    pub fn parked_flag(&self) -> &AtomicU32 {
+        self.conn.my_parked()
+    }
+
+    /// The control socket (readable when the server hangs up).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.conn.sock)
+    }
+
+    /// Errors if the server died or hung up.
+    pub fn check_alive(&self) -> Result<()> {
+        self.conn.check_alive()
     }
 
     /// Calls `method` with `request` copied inline and returns a copy of the reply.

@@ -1,0 +1,209 @@
+//! Async calls for tokio: the task sleeps on a client-side io_uring ring
+//! whose descriptor is registered with tokio's reactor.
+//!
+//! After sending a request the task looks for the reply once; if it is not
+//! there it announces that it sleeps (the doorbell's parked flag), arms a
+//! `FUTEX_WAIT` on the server's next-record word plus a `POLL_ADD` on the
+//! server's pidfd and socket, and awaits the ring becoming readable. The
+//! server's reply rings the futex, the op completes, the ring's descriptor
+//! turns readable, and tokio wakes the task. No task ever spins.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use io_uring::{IoUring, opcode, types};
+use rpal_core::doorbell::announce_park;
+use rpal_core::{Client, ClientOptions, Error, PeerRegion, Result};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+const FUTEX2_SIZE_U32: u32 = 2;
+const FUTEX: u64 = 1;
+const PEER: u64 = 2;
+
+/// A connection whose calls are `async`. One call at a time (`&mut self`).
+///
+/// Dropping a call's future abandons the call: its reply, when it comes, is
+/// discarded by the next call, and nothing leaks.
+pub struct AsyncClient {
+    // Dropped before `client`: the ring's pending ops refer to words in the
+    // server's region, which `client` keeps mapped.
+    ring: AsyncFd<IoUring>,
+    client: Client,
+    timeout: Option<Duration>,
+}
+
+fn io_err(what: &str, e: io::Error) -> Error {
+    Error::io(what.to_string(), e)
+}
+
+impl AsyncClient {
+    /// Connects (the handshake runs on tokio's blocking pool) and sets up
+    /// the wake-up ring. Fails if io_uring with `FUTEX_WAIT` is unavailable.
+    pub async fn connect(path: impl Into<PathBuf>, opts: ClientOptions) -> Result<Self> {
+        let path = path.into();
+        let timeout = opts.call_timeout;
+        let client = tokio::task::spawn_blocking(move || Client::connect(path, opts))
+            .await
+            .map_err(|e| io_err("join the connecting task", io::Error::other(e)))??;
+        Self::from_client(client, timeout)
+    }
+
+    /// Wraps a connected client. Must be called inside a tokio runtime.
+    pub fn from_client(client: Client, timeout: Option<Duration>) -> Result<Self> {
+        let ring = IoUring::new(8).map_err(|e| io_err("create the client's io_uring", e))?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| io_err("probe io_uring", e))?;
+        if !probe.is_supported(opcode::FutexWait::CODE) {
+            return Err(io_err(
+                "async calls",
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "io_uring lacks FUTEX_WAIT (needs Linux 6.7)",
+                ),
+            ));
+        }
+        // SAFETY: the ring owns its descriptor, which stays open and the same
+        // for the ring's whole life, and the AsyncFd owns the ring.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| io_err("register the ring with tokio", e.into_parts().1))?;
+        Ok(Self { ring, client, timeout })
+    }
+
+    /// The synchronous client inside.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// Calls `method` with `request` and returns a copy of the reply body.
+    pub async fn call(&mut self, method: u32, request: &[u8]) -> Result<Vec<u8>> {
+        self.call_with(
+            method,
+            request.len(),
+            |b| {
+                b[..request.len()].copy_from_slice(request);
+                request.len()
+            },
+            |reply, _| reply.to_vec(),
+        )
+        .await
+    }
+
+    /// Calls `method`; `write` fills the request in place (up to `cap`
+    /// bytes), `read` sees the reply in place. Honours the connection's call
+    /// timeout.
+    pub async fn call_with<R, W, F>(&mut self, method: u32, cap: usize, write: W, read: F) -> Result<R>
+    where
+        W: FnOnce(&mut [u8]) -> usize,
+        F: FnOnce(&[u8], &PeerRegion) -> R,
+    {
+        let id = self.client.send_request(method, cap, write)?;
+        let timeout = self.timeout;
+        let wait = self.wait_reply(id, method, read);
+        match timeout {
+            Some(t) => tokio::time::timeout(t, wait).await.map_err(|_| Error::Timeout(t))?,
+            None => wait.await,
+        }
+    }
+
+    async fn wait_reply<R, F>(&mut self, id: u64, method: u32, read: F) -> Result<R>
+    where
+        F: FnOnce(&[u8], &PeerRegion) -> R,
+    {
+        let mut read = Some(read);
+        loop {
+            if let Some(out) = self.client.try_reply(id, method, &mut read)? {
+                return Ok(out);
+            }
+            self.sleep_until_woken().await?;
+        }
+    }
+
+    /// Arms the ring and awaits it; returns once something may have changed.
+    async fn sleep_until_woken(&mut self) -> Result<()> {
+        let submitted = {
+            let Some((word, seen)) = self.client.reply_wait_target() else {
+                return Ok(());
+            };
+            let parked = self.client.parked_flag();
+            if !announce_park(parked, word, seen) {
+                parked.store(0, Ordering::Relaxed);
+                return Ok(());
+            }
+            let ops = [
+                opcode::FutexWait::new(word.as_ptr(), seen as u64, u32::MAX as u64, FUTEX2_SIZE_U32)
+                    .build()
+                    .user_data(FUTEX),
+                opcode::PollAdd::new(types::Fd(self.client.peer().pidfd().as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(PEER),
+                opcode::PollAdd::new(types::Fd(self.client.socket().as_raw_fd()), libc::POLLIN as u32)
+                    .build()
+                    .user_data(PEER),
+            ];
+            let ring = self.ring.get_mut();
+            // SAFETY: the ops point at no buffer of ours: the futex word lives
+            // in the server's region, which stays mapped while `client` lives
+            // (and the ring is dropped first). The ring has room: 8 entries,
+            // and every op is reaped before the next sleep.
+            unsafe {
+                ring.submission()
+                    .push_multiple(&ops)
+                    .map_err(|_| io_err("arm the ring", io::Error::other("full")))?
+            };
+            ring.submit().map_err(|e| io_err("submit to the ring", e))
+        };
+        let outcome = match submitted {
+            Ok(n) => await_completion(&self.ring).await.map(|peer| (n, peer)),
+            Err(e) => Err(e),
+        };
+        self.client.parked_flag().store(0, Ordering::Relaxed);
+        // Whatever woke us, take the other ops back before the next sleep.
+        let total = outcome.as_ref().map_or(0, |&(n, _)| n);
+        let ring = self.ring.get_mut();
+        let _ = ring.submitter().register_sync_cancel(None, types::CancelBuilder::any());
+        let mut reaped = usize::from(outcome.is_ok());
+        while reaped < total {
+            let n = ring.completion().count();
+            reaped += n;
+            if n == 0 && ring.submit_and_wait(1).is_err() {
+                break;
+            }
+        }
+        let (_, peer_event) = outcome?;
+        if peer_event {
+            self.client.check_alive()?;
+        }
+        Ok(())
+    }
+}
+
+/// Awaits the first completion on `ring` (and takes it); true if it came
+/// from the peer's pidfd or socket rather than the futex.
+async fn await_completion(ring: &AsyncFd<IoUring>) -> Result<bool> {
+    loop {
+        let mut guard = ring.readable().await.map_err(|e| io_err("await the ring", e))?;
+        // SAFETY: only this task, holding `&mut AsyncClient` in its caller,
+        // uses the completion queue.
+        let first = unsafe { ring.get_ref().completion_shared() }.next();
+        match first {
+            Some(cqe) => return Ok(cqe.user_data() == PEER),
+            None => guard.clear_ready(),
+        }
+    }
+}
+
+impl Drop for AsyncClient {
+    fn drop(&mut self) {
+        let _ = self
+            .ring
+            .get_ref()
+            .submitter()
+            .register_sync_cancel(None, types::CancelBuilder::any());
+    }
+}
