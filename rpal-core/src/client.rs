@@ -120,6 +120,11 @@ impl Client {
         self.conn.snapshot()
     }
 
+    /// The spin budget and park slice in force.
+    pub fn wait_config(&self) -> WaitConfig {
+        self.conn.wait
+    }
+
     /// Changes the spin budget and park slice for later calls.
     pub fn set_wait(&mut self, wait: WaitConfig) {
         self.conn.wait = wait;

@@ -244,6 +244,24 @@ pub fn poll_wait(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     }
 }
 
+/// A non-blocking, close-on-exec eventfd.
+pub fn eventfd_nonblocking() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads (and so resets) an eventfd's counter; does nothing if it is zero.
+pub fn drain_eventfd(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    // SAFETY: `buf` is a live 8-byte buffer, the size an eventfd read wants.
+    unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+}
+
 /// `shutdown(fd, SHUT_RDWR)`: wakes threads blocked on the socket. Best effort.
 pub fn shutdown_socket(fd: BorrowedFd<'_>) {
     // SAFETY: shutdown(2) on a descriptor we borrow; no memory involved.

@@ -9,7 +9,7 @@
 //! turns readable, and tokio wakes the task. No task ever spins.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -31,9 +31,15 @@ const PEER: u64 = 2;
 pub struct AsyncClient {
     // Dropped before `client`: the ring's pending ops refer to words in the
     // server's region, which `client` keeps mapped.
-    ring: AsyncFd<IoUring>,
+    ring: IoUring,
+    /// An eventfd the kernel signals on every completion (registered with
+    /// the ring), watched by tokio's reactor.
+    bell: AsyncFd<OwnedFd>,
     client: Client,
     timeout: Option<Duration>,
+    /// Longest sleep before looking again anyway; bounds the cost of a
+    /// missed wake-up.
+    slice: Duration,
 }
 
 fn io_err(what: &str, e: io::Error) -> Error {
@@ -68,11 +74,24 @@ impl AsyncClient {
                 ),
             ));
         }
-        // SAFETY: the ring owns its descriptor, which stays open and the same
-        // for the ring's whole life, and the AsyncFd owns the ring.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| io_err("register the ring with tokio", e.into_parts().1))?;
-        Ok(Self { ring, client, timeout })
+        // Tokio watches an eventfd that the kernel signals on each
+        // completion, rather than the ring's own descriptor: completion
+        // wake-ups through a ring polled from several threads can be missed.
+        let efd = rpal_core::sys::eventfd_nonblocking().map_err(|e| io_err("create an eventfd", e))?;
+        ring.submitter()
+            .register_eventfd(efd.as_raw_fd())
+            .map_err(|e| io_err("register the eventfd", e))?;
+        // SAFETY: the OwnedFd stays open and the same for the AsyncFd's whole life.
+        let bell = unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
+            .map_err(|e| io_err("register the eventfd with tokio", e.into_parts().1))?;
+        let slice = client_slice(&client);
+        Ok(Self {
+            ring,
+            bell,
+            client,
+            timeout,
+            slice,
+        })
     }
 
     /// The synchronous client inside.
@@ -146,7 +165,7 @@ impl AsyncClient {
                     .build()
                     .user_data(PEER),
             ];
-            let ring = self.ring.get_mut();
+            let ring = &mut self.ring;
             // SAFETY: the ops point at no buffer of ours: the futex word lives
             // in the server's region, which stays mapped while `client` lives
             // (and the ring is dropped first). The ring has room: 8 entries,
@@ -159,15 +178,20 @@ impl AsyncClient {
             ring.submit().map_err(|e| io_err("submit to the ring", e))
         };
         let outcome = match submitted {
-            Ok(n) => await_completion(&self.ring).await.map(|peer| (n, peer)),
+            Ok(n) => await_completion(&mut self.ring, &self.bell, self.slice)
+                .await
+                .map(|c| (n, c)),
             Err(e) => Err(e),
         };
         self.client.parked_flag().store(0, Ordering::Relaxed);
         // Whatever woke us, take the other ops back before the next sleep.
-        let total = outcome.as_ref().map_or(0, |&(n, _)| n);
-        let ring = self.ring.get_mut();
+        let (total, taken) = match &outcome {
+            Ok((n, c)) => (*n, usize::from(c.is_some())),
+            Err(_) => (0, 0),
+        };
+        let ring = &mut self.ring;
         let _ = ring.submitter().register_sync_cancel(None, types::CancelBuilder::any());
-        let mut reaped = usize::from(outcome.is_ok());
+        let mut reaped = taken;
         while reaped < total {
             let n = ring.completion().count();
             reaped += n;
@@ -175,34 +199,42 @@ impl AsyncClient {
                 break;
             }
         }
-        let (_, peer_event) = outcome?;
-        if peer_event {
+        if let (_, Some(true)) = outcome? {
             self.client.check_alive()?;
         }
         Ok(())
     }
 }
 
-/// Awaits the first completion on `ring` (and takes it); true if it came
-/// from the peer's pidfd or socket rather than the futex.
-async fn await_completion(ring: &AsyncFd<IoUring>) -> Result<bool> {
+/// Awaits the first completion on `ring` (and takes it): `Some(true)` if it
+/// came from the peer's pidfd or socket, `Some(false)` from the futex, `None`
+/// if `slice` passed first (the caller looks again anyway).
+async fn await_completion(ring: &mut IoUring, bell: &AsyncFd<OwnedFd>, slice: Duration) -> Result<Option<bool>> {
+    let deadline = tokio::time::Instant::now() + slice;
     loop {
-        let mut guard = ring.readable().await.map_err(|e| io_err("await the ring", e))?;
-        // SAFETY: only this task, holding `&mut AsyncClient` in its caller,
-        // uses the completion queue.
-        let first = unsafe { ring.get_ref().completion_shared() }.next();
-        match first {
-            Some(cqe) => return Ok(cqe.user_data() == PEER),
-            None => guard.clear_ready(),
+        if let Some(cqe) = ring.completion().next() {
+            return Ok(Some(cqe.user_data() == PEER));
         }
+        let Ok(guard) = tokio::time::timeout_at(deadline, bell.readable()).await else {
+            return Ok(None);
+        };
+        let mut guard = guard.map_err(|e| io_err("await the eventfd", e))?;
+        // Reset the eventfd's counter, then look at the queue again.
+        rpal_core::sys::drain_eventfd(bell.get_ref().as_fd());
+        guard.clear_ready();
     }
+}
+
+/// How long an async wait sleeps before looking again anyway: the
+/// connection's park slice, as for synchronous waits.
+fn client_slice(client: &Client) -> Duration {
+    client.wait_config().park_slice
 }
 
 impl Drop for AsyncClient {
     fn drop(&mut self) {
         let _ = self
             .ring
-            .get_ref()
             .submitter()
             .register_sync_cancel(None, types::CancelBuilder::any());
     }
