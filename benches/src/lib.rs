@@ -58,8 +58,9 @@ pub trait RoundTrip {
     fn round_trip(&mut self, value: u64) -> u64;
 }
 
-/// Times `iters` round trips after `warmup` untimed ones, checking each echo.
-pub fn measure(rt: &mut dyn RoundTrip, warmup: usize, iters: usize) -> (u64, u64, u64) {
+/// Times `iters` round trips after `warmup` untimed ones, checking each
+/// echo; returns every sample (ns).
+pub fn measure_samples(rt: &mut dyn RoundTrip, warmup: usize, iters: usize) -> Vec<u64> {
     for i in 0..warmup {
         let v = 0xA5A5_0000_0000 + i as u64;
         assert_eq!(rt.round_trip(v), !v, "the callee must read the payload and answer");
@@ -72,7 +73,12 @@ pub fn measure(rt: &mut dyn RoundTrip, warmup: usize, iters: usize) -> (u64, u64
         samples.push(t0.elapsed().as_nanos() as u64);
         assert_eq!(back, !v, "the callee must read the payload and answer");
     }
-    summarize(&mut samples)
+    samples
+}
+
+/// As [`measure_samples`], summarized: p50, p99, mean.
+pub fn measure(rt: &mut dyn RoundTrip, warmup: usize, iters: usize) -> (u64, u64, u64) {
+    summarize(&mut measure_samples(rt, warmup, iters))
 }
 
 /// p50, p99 and mean of `samples` (sorted in place).
