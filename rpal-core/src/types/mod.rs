@@ -168,6 +168,24 @@ pub(crate) fn read_once(x: &u64) -> u64 {
     unsafe { std::ptr::read_volatile(x) }
 }
 
+/// A peer's view of `len` values of `T` at `addr` (both read once from peer
+/// memory): bounds, alignment and length overflow checked; empty is fine.
+pub(crate) fn peer_slice<'p, T: ShmSafe>(addr: &u64, len: &u64, peer: &'p PeerRegion) -> Result<&'p [T]> {
+    let len = read_once(len);
+    if len == 0 {
+        return Ok(&[]);
+    }
+    peer.slice::<T>(read_once(addr), len)
+}
+
+/// Lends our block at `addr` (0: no block) to peer `pid`.
+pub(crate) fn lend_block(addr: u64, pid: i32) -> Result<()> {
+    match std::ptr::NonNull::new(addr as *mut u8) {
+        Some(p) => own_arena().lend(p, pid),
+        None => Ok(()),
+    }
+}
+
 /// The process's arena, for the owner-side methods of the shm types.
 pub(crate) fn own_arena() -> &'static crate::arena::Arena {
     crate::arena::Arena::global().expect("shm values exist only once the process arena does")

@@ -4,7 +4,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use super::{ShmSafe, Walk, assert_owned, own_arena, read_once};
+use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
 use crate::error::{Error, Result};
 use crate::region::PeerRegion;
 
@@ -60,19 +60,13 @@ impl<T: ShmSafe> ShmSlice<T> {
 
     /// A peer's view: checks bounds, alignment and length overflow.
     pub fn get<'p>(&self, peer: &'p PeerRegion) -> Result<&'p [T]> {
-        let len = read_once(&self.len);
-        if len == 0 {
-            return Ok(&[]);
-        }
-        peer.slice::<T>(read_once(&self.addr), len)
+        peer_slice(&self.addr, &self.len, peer)
     }
 
     /// Hands the slice over to peer `pid` (see [`super::ShmBox::lend`]).
     pub fn lend(self, pid: i32) -> Result<(u64, u64)> {
         let (addr, len) = (self.addr, self.len);
-        if let Some(p) = NonNull::new(addr as *mut u8) {
-            own_arena().lend(p, pid)?;
-        }
+        lend_block(addr, pid)?;
         std::mem::forget(self);
         Ok((addr, len))
     }
