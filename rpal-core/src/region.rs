@@ -64,20 +64,19 @@ impl Region {
 
         let slot = space.claim_slot()?;
         let addr = space.slot_addr(slot);
-        let token = match space.occupy(addr, len, Occupant::Own) {
+        let occupied = space.occupy(addr, len, Occupant::Own, |_| {
+            // SAFETY: the slot lies in our reserved window, the registry gave
+            // it to us alone, and `occupy` proved nothing else is mapped there.
+            unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), true) }
+                .map_err(|e| Error::io(format!("map region {name} at {addr:#x}"), e))
+        });
+        let token = match occupied {
             Ok(o) => o.token(),
             Err(e) => {
                 space.release_slot(slot);
                 return Err(e);
             }
         };
-        // SAFETY: the slot lies in our reserved window, the registry gave it to
-        // us alone, and `occupy` proved nothing else is mapped there.
-        if let Err(e) = unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), true) } {
-            space.vacate(addr, token);
-            space.release_slot(slot);
-            return Err(Error::io(format!("map region {name} at {addr:#x}"), e));
-        }
         Ok(Region {
             addr,
             len,
@@ -122,10 +121,12 @@ impl AsFd for Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: references into an owned region borrow the `Region` (or the
-        // 'static arena, which is never dropped), so none outlive it.
-        let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
-        self.space.vacate(self.addr, self.token);
+        let (addr, len) = (self.addr as usize, self.len as usize);
+        self.space.release(self.addr, self.token, || {
+            // SAFETY: references into an owned region borrow the `Region` (or
+            // the 'static arena, which is never dropped), so none outlive it.
+            let _ = unsafe { sys::unmap_to_reserved(addr, len) };
+        });
         self.space.release_slot(self.slot);
     }
 }
@@ -201,49 +202,47 @@ impl PeerRegion {
         if space.slot_addr(slot) != addr {
             return Err(bad("not at the start of a slot".into()));
         }
-        let occupied = space.occupy(addr, len, Occupant::Peer { pid })?;
-        let token = occupied.token();
-        let fail = |e: Error| {
-            space.vacate(addr, token);
-            e
-        };
         match space.slot_owner(slot) {
             Some(owner) if owner.pid == pid => {}
             other => {
-                return Err(fail(bad(format!(
+                return Err(bad(format!(
                     "the registry says slot {slot} belongs to {}, not to peer pid {pid}",
                     other.map_or("nobody".to_string(), |o| format!("pid {}", o.pid))
-                ))));
+                )));
             }
         }
-        let longer_old = match occupied {
-            Occupied::Shared { .. } => {
-                // Another connection to the same process mapped it already.
-                let pkey = SHARED_KEYS
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&addr)
-                    .cloned();
-                return Ok(PeerRegion {
-                    addr,
-                    len,
-                    token,
-                    pid,
-                    _fd: fd,
-                    pkey,
-                    space,
-                });
+        let occupied = space.occupy(addr, len, Occupant::Peer { pid }, |found| {
+            let Occupied::New { longer_old, .. } = found else {
+                return Ok(()); // another connection to the same process mapped it already
+            };
+            // SAFETY: the range is inside our reserved window, and `occupy`
+            // proved nothing else of ours is mapped there (or only a dead
+            // peer's region, which this replaces).
+            unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), false) }
+                .map_err(|e| Error::io(format!("map peer {pid}'s region at {addr:#x}"), e))?;
+            if let Some(old_len) = longer_old {
+                // A dead peer's longer region was here: keep its tail readable
+                // (zeros) for whoever still holds views into it.
+                let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
             }
-            Occupied::New { longer_old, .. } => longer_old,
-        };
-        // SAFETY: the range is inside our reserved window and `occupy` proved
-        // nothing else of ours is mapped there.
-        unsafe { sys::map_shared_fixed(addr as usize, len as usize, fd.as_fd(), false) }
-            .map_err(|e| fail(Error::io(format!("map peer {pid}'s region at {addr:#x}"), e)))?;
-        if let Some(old_len) = longer_old {
-            // A dead peer's longer region was here: keep its tail readable
-            // (zeros) for whoever still holds views into it.
-            let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
+            Ok(())
+        })?;
+        let token = occupied.token();
+        if let Occupied::Shared { .. } = occupied {
+            let pkey = SHARED_KEYS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&addr)
+                .cloned();
+            return Ok(PeerRegion {
+                addr,
+                len,
+                token,
+                pid,
+                _fd: fd,
+                pkey,
+                space,
+            });
         }
         let pkey = if pkey::is_active() {
             Self::guard(addr, len, pid)
@@ -377,13 +376,17 @@ impl Drop for PeerRegion {
     fn drop(&mut self) {
         // Unmapped with the last handle on it, unless a new peer took the
         // range over (its owner died): then the mapping is theirs now.
-        if self.space.vacate(self.addr, self.token) {
-            if self.pkey.is_some() {
-                pkey::unregister_region(self.addr);
-                SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.addr);
+        let (addr, len, guarded) = (self.addr, self.len, self.pkey.is_some());
+        self.space.release(self.addr, self.token, || {
+            if guarded {
+                pkey::unregister_region(addr);
+                SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
             }
-            // SAFETY: views borrow a handle, and this was the last one.
-            let _ = unsafe { sys::unmap_to_reserved(self.addr as usize, self.len as usize) };
-        }
+            // Readable zeros rather than a hole: a connection to a dead peer
+            // whose range was taken over (and since released) may still be
+            // read by its poller until the death is noticed; it then reads
+            // zeros, which fail validation, instead of faulting.
+            let _ = sys::map_zero_readonly(addr as usize, len as usize);
+        });
     }
 }

@@ -442,13 +442,25 @@ impl Space {
     /// the new mapping replaces the old one (readers of the old region read
     /// the new memory, validated as always), and the old region's drop then
     /// leaves the range alone.
-    pub(crate) fn occupy(&self, addr: u64, len: u64, who: Occupant) -> Result<Occupied> {
-        let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+    ///
+    /// `map` runs under the same lock as [`Space::release`]'s unmap, so a
+    /// range being released and mapped anew at once can never lose the new
+    /// mapping to the old one's unmap. It is given what was found; if it
+    /// fails, the range is recorded as before.
+    pub(crate) fn occupy(
+        &self,
+        addr: u64,
+        len: u64,
+        who: Occupant,
+        mut map: impl FnMut(Occupied) -> Result<()>,
+    ) -> Result<Occupied> {
+        let mut guard = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        let table = &mut *guard;
         let end = addr + len;
         let mut longer_old = None;
         // The nearest range starting below `end` is the only one that can overlap,
         // because recorded ranges never overlap each other.
-        if let Some((&start, old)) = map.range_mut(..end).next_back() {
+        if let Some((&start, old)) = table.range_mut(..end).next_back() {
             if start + old.len > addr {
                 let (Occupant::Peer { pid: old_pid }, Occupant::Peer { pid }) = (old.who, who) else {
                     return Err(Error::AddressInUse {
@@ -465,8 +477,10 @@ impl Space {
                     });
                 }
                 if old_pid == pid && old.len == len && sys::pid_alive(pid) {
+                    let found = Occupied::Shared { token: old.token };
+                    map(found)?;
                     old.refs += 1;
-                    return Ok(Occupied::Shared { token: old.token });
+                    return Ok(found);
                 }
                 if old_pid == pid || sys::pid_alive(old_pid) {
                     return Err(Error::AddressInUse {
@@ -480,7 +494,9 @@ impl Space {
             }
         }
         let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        map.insert(
+        let found = Occupied::New { token, longer_old };
+        map(found)?;
+        table.insert(
             addr,
             Mapping {
                 len,
@@ -489,19 +505,20 @@ impl Space {
                 refs: 1,
             },
         );
-        Ok(Occupied::New { token, longer_old })
+        Ok(found)
     }
 
     /// Drops one handle on a range recorded by [`Space::occupy`], if `token`
-    /// still owns it. Returns true when that was the last handle: then the
-    /// caller unmaps the range.
-    pub(crate) fn vacate(&self, addr: u64, token: u64) -> bool {
+    /// still owns it; with the last handle, runs `unmap` (under the lock, see
+    /// [`Space::occupy`]) and returns true.
+    pub(crate) fn release(&self, addr: u64, token: u64, unmap: impl FnOnce()) -> bool {
         let mut map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
         match map.get_mut(&addr) {
             Some(m) if m.token == token => {
                 m.refs -= 1;
                 if m.refs == 0 {
                     map.remove(&addr);
+                    unmap();
                     return true;
                 }
                 false
