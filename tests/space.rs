@@ -22,16 +22,15 @@ fn read_entry(reg: &Path, slot: u64) -> (u32, i32, u64) {
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, HEADER + slot * ENTRY).unwrap();
     let owner = u64::from_le_bytes(b[..8].try_into().unwrap());
-    (
-        (owner >> 32) as u32,
-        owner as u32 as i32,
-        u64::from_le_bytes(b[8..].try_into().unwrap()),
-    )
+    // The start word is `gen(24 bits) << 40 | start ticks`.
+    let start = u64::from_le_bytes(b[8..].try_into().unwrap());
+    ((owner >> 32) as u32, owner as u32 as i32, start & ((1 << 40) - 1))
 }
 
 fn write_entry(reg: &Path, slot: u64, generation: u32, pid: i32, start: u64) {
     let f = std::fs::OpenOptions::new().write(true).open(reg).unwrap();
     let owner = ((generation as u64) << 32) | pid as u32 as u64;
+    let start = ((generation as u64 & 0xff_ffff) << 40) | start;
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&owner.to_le_bytes());
     b[8..].copy_from_slice(&start.to_le_bytes());

@@ -101,8 +101,11 @@ struct RegistryHeader {
 /// One slot's owner record.
 ///
 /// `owner` packs `generation << 32 | pid` so that claiming a slot is one CAS;
-/// pid 0 means free. `start` is the owner's start time, written right after
-/// the claim; 0 while a claim is in progress.
+/// pid 0 means free. `start` packs the low 24 bits of the generation with the
+/// owner's start time (`gen << 40 | ticks`), written right after the claim.
+/// A `start` whose generation differs from `owner`'s is a previous owner's:
+/// the claim is still in progress, and must not be judged by that old start
+/// time (it would make a live new owner look like a reused pid).
 #[repr(C)]
 struct SlotEntry {
     owner: AtomicU64,
@@ -117,6 +120,18 @@ const fn owner_pid(word: u64) -> i32 {
 }
 const fn generation(word: u64) -> u32 {
     (word >> 32) as u32
+}
+const START_BITS: u32 = 40;
+const fn pack_start(generation: u32, ticks: u64) -> u64 {
+    ((generation as u64 & 0xff_ffff) << START_BITS) | (ticks & ((1 << START_BITS) - 1))
+}
+/// The start time recorded for the claim of `generation`, if it is written.
+const fn start_of(generation: u32, start: u64) -> Option<u64> {
+    if start >> START_BITS == generation as u64 & 0xff_ffff && start != 0 {
+        Some(start & ((1 << START_BITS) - 1))
+    } else {
+        None
+    }
 }
 
 /// A region's owner as recorded in the registry.
@@ -220,13 +235,13 @@ impl Registry {
     }
 
     /// Whether the recorded owner is gone: pid dead, or pid reused (the
-    /// process under that pid started at another time).
-    fn is_stale(pid: i32, start: u64) -> bool {
+    /// process under that pid started at another time than recorded).
+    /// `start` is `None` while a live owner's claim is in progress.
+    fn is_stale(pid: i32, start: Option<u64>) -> bool {
         if !sys::pid_exists(pid) {
             return true;
         }
-        // start == 0: a claim in progress by a live process; leave it alone.
-        start != 0 && sys::proc_start_time(pid) != Some(start)
+        start.is_some_and(|s| sys::proc_start_time(pid) != Some(s))
     }
 
     /// Claims a slot for this process and returns its index: a free one if
@@ -245,19 +260,20 @@ impl Registry {
                         continue;
                     }
                     // Acquire: pairs with the Release store of `start` in a claim.
-                    let start = e.start.load(Ordering::Acquire);
+                    let start = start_of(generation(word), e.start.load(Ordering::Acquire));
                     if !Self::is_stale(pid, start) {
                         continue;
                     }
                 }
-                let new = pack(generation(word).wrapping_add(1), me);
+                let new_gen = generation(word).wrapping_add(1);
+                let new = pack(new_gen, me);
                 // AcqRel: the winner alone proceeds; losers move on.
                 if e.owner
                     .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
                     // Release: pairs with the Acquire of `start` in `claim`/`owner`.
-                    e.start.store(my_start, Ordering::Release);
+                    e.start.store(pack_start(new_gen, my_start), Ordering::Release);
                     return Ok(i);
                 }
             }
@@ -286,7 +302,7 @@ impl Registry {
         let word = e.owner.load(Ordering::Acquire);
         (owner_pid(word) != 0).then(|| SlotOwner {
             pid: owner_pid(word),
-            start_time: e.start.load(Ordering::Acquire),
+            start_time: start_of(generation(word), e.start.load(Ordering::Acquire)).unwrap_or(0),
             generation: generation(word),
         })
     }
@@ -558,9 +574,13 @@ mod tests {
         // A live process with its real start time is not stale; a wrong start time is (pid reuse).
         let me = sys::getpid();
         let start = sys::proc_start_time(me).unwrap();
-        assert!(!Registry::is_stale(me, start));
-        assert!(Registry::is_stale(me, start + 1));
-        assert!(!Registry::is_stale(me, 0));
-        assert!(Registry::is_stale(i32::MAX, 0));
+        assert!(!Registry::is_stale(me, Some(start)));
+        assert!(Registry::is_stale(me, Some(start + 1)));
+        // A claim in progress (start not written for this generation) is left alone.
+        assert!(!Registry::is_stale(me, None));
+        assert!(Registry::is_stale(i32::MAX, None));
+        // A previous owner's start time does not count for the new generation.
+        assert_eq!(start_of(7, pack_start(6, start)), None);
+        assert_eq!(start_of(7, pack_start(7, start)), Some(start));
     }
 }
