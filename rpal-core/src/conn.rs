@@ -103,6 +103,7 @@ impl OwnEndpoint {
         // no peer is attached yet. All fields are atomics, so initialising
         // them by store is valid.
         let e = unsafe { &*ptr };
+        // Relaxed: published to the peer by the handshake's socket exchange.
         e.queue_head.store(tx.head(), Ordering::Relaxed);
         e.parked.store(0, Ordering::Relaxed);
         e.cursor.store(0, Ordering::Relaxed);
@@ -239,6 +240,8 @@ impl Conn {
         let pidfd = sys::pidfd_open(cred.pid).map_err(|e| Error::io(format!("pidfd_open({})", cred.pid), e))?;
         let theirs = their_endpoint as *const Endpoint;
         // SAFETY: `check` proved the block lies inside the mapped region and is aligned.
+        // Acquire: the peer wrote `queue_head` before sending its hello; the
+        // socket exchange already orders it, this documents the dependency.
         let head = unsafe { (*theirs).queue_head.load(Ordering::Acquire) };
         let rx = Consumer::new(&region, head, cred.pid)?;
         Ok(Conn {
@@ -310,8 +313,8 @@ impl Conn {
         let start = Instant::now();
         while self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
             self.ring();
-            let cursor = &self.theirs().cursor;
-            let seen = cursor.load(Ordering::Acquire);
+            // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
+            let seen = self.theirs().cursor.load(Ordering::Acquire);
             self.mine.tx.recycle(seen, self.pid())?;
             if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
                 break;

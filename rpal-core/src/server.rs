@@ -287,8 +287,19 @@ impl ServerConn {
 
     /// Whether a request is ready, without waiting.
     pub fn ready(&mut self) -> Result<bool> {
+        if self.backpressured() {
+            return Ok(false); // requests wait until the client reads its replies
+        }
         let _access = self.conn.peer.region.access();
         self.conn.rx.ready_record(&self.conn.peer.region)
+    }
+
+    /// Whether the client has left more replies unread than the backlog
+    /// limit: then [`ServerConn::poll`] takes no requests from it, and a
+    /// poller should not count its pending requests as work (it would spin).
+    pub fn backpressured(&self) -> bool {
+        // A hint from our own state; `poll` recycles and checks again.
+        self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS
     }
 
     /// The word the client's next request will change and its current value:

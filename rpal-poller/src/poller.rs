@@ -206,7 +206,14 @@ impl<H: Handler> Poller<H> {
             let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(self.conns.len() + 1);
             words.push((&self.inbox.bell, bell));
             let mut ready = self.inbox.pending.load(Ordering::Acquire) || self.inbox.shutdown.load(Ordering::Acquire);
+            // A client that does not read its replies is not served, so its
+            // pending requests are not work: look at it again in 1 ms.
+            let mut slice = self.cfg.park_slice;
             for c in &self.conns {
+                if c.backpressured() {
+                    slice = slice.min(Duration::from_millis(1));
+                    continue;
+                }
                 match c.wait_target() {
                     Some(t) => words.push(t),
                     None => ready = true,
@@ -218,7 +225,7 @@ impl<H: Handler> Poller<H> {
                 let fds: Vec<BorrowedFd<'_>> = self.conns.iter().flat_map(|c| [c.peer().pidfd(), c.socket()]).collect();
                 self.stats.set_state(PollerState::Parked);
                 add(&self.stats.parks, 1);
-                Some(self.backend.wait(&words, &fds, self.generation, self.cfg.park_slice))
+                Some(self.backend.wait(&words, &fds, self.generation, slice))
             }
         };
         for c in &self.conns {
