@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{Slab, class};
-use crate::error::Result;
 
 /// Counters of live threads.
 static COUNTERS: Mutex<Vec<Arc<AtomicI64>>> = Mutex::new(Vec::new());
@@ -56,7 +55,7 @@ thread_local! {
 /// A block of `class`: from this thread's cache, else the shared list.
 /// Counts its bytes as in use. The flag says the block was never used
 /// before (its bytes are all zero).
-pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<(u32, bool)> {
+pub(crate) fn take(slab: &'static Slab, class: usize) -> Option<(u32, bool)> {
     let depth = class::cache_depth(class);
     let bytes = class::size(class) as i64;
     let cached = CACHE.try_with(|c| {
@@ -66,7 +65,7 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<(u32, bool)> {
         bump(&c.counter, bytes);
         let stack = &mut c.stacks[class];
         if let Some(b) = stack.pop() {
-            return Ok((b, false));
+            return Some((b, false));
         }
         // Refill half the cache at once, then hand out one more.
         for _ in 0..depth / 2 {
@@ -76,10 +75,10 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<(u32, bool)> {
             }
         }
         let got = match stack.pop() {
-            Some(b) => Ok((b, false)),
+            Some(b) => Some((b, false)),
             None => slab.take_shared(class),
         };
-        if got.is_err() {
+        if got.is_none() {
             bump(&c.counter, -bytes);
         }
         got
@@ -87,7 +86,7 @@ pub(crate) fn take(slab: &'static Slab, class: usize) -> Result<(u32, bool)> {
     cached.unwrap_or_else(|_| {
         let b = slab.take_shared(class)?;
         RETIRED.fetch_add(bytes, Ordering::Relaxed);
-        Ok(b)
+        Some(b)
     })
 }
 

@@ -139,21 +139,21 @@ impl Slab {
         }
     }
 
-    /// Carves `bytes` off the never-used tail.
-    fn carve(&self, bytes: usize) -> Result<u64> {
+    /// Carves `bytes` off the never-used tail; `None` when it is used up.
+    /// (The allocation paths return `Option`s, small values, and build the
+    /// `Error` only when the arena is full: big `Result`s were most of the
+    /// cost of an alloc/free pair.)
+    fn carve(&self, bytes: usize) -> Option<u64> {
         let mut cur = self.meta.bump.load(Ordering::Relaxed);
         loop {
-            let end = cur
-                .checked_add(bytes as u64)
-                .filter(|&e| e <= self.capacity)
-                .ok_or_else(|| self.full(bytes))?;
+            let end = cur.checked_add(bytes as u64).filter(|&e| e <= self.capacity)?;
             // Relaxed: the offset only splits our own memory among our threads.
             match self
                 .meta
                 .bump
                 .compare_exchange_weak(cur, end, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return Ok(cur),
+                Ok(_) => return Some(cur),
                 Err(now) => cur = now,
             }
         }
@@ -161,9 +161,9 @@ impl Slab {
 
     /// Pops a block of `class` from the shared list, carving a chunk if
     /// empty. The flag says the block was carved just now (all zeros).
-    pub(crate) fn take_shared(&'static self, class: usize) -> Result<(u32, bool)> {
+    pub(crate) fn take_shared(&'static self, class: usize) -> Option<(u32, bool)> {
         if let Some(b) = freelist::pop(&self.meta.heads[class], &self.links()) {
-            return Ok((b, false));
+            return Some((b, false));
         }
         let cs = class::size(class);
         let chunk = if cs >= CHUNK { cs } else { CHUNK / cs * cs };
@@ -184,7 +184,7 @@ impl Slab {
                 first + (n as u32 - 1) * step,
             );
         }
-        Ok((first, true))
+        Some((first, true))
     }
 
     /// Returns a chain of blocks of `class` to the shared list.
@@ -220,7 +220,9 @@ impl Slab {
         let Some(class) = size.checked_add(align).and_then(class::of) else {
             return Err(self.full(size));
         };
-        let (block, fresh) = cache::take(self, class)?;
+        let Some((block, fresh)) = cache::take(self, class) else {
+            return Err(self.full(size));
+        };
         let start = self.base + block as u64 * 16;
         let payload = (start + HEADER as u64).next_multiple_of(align as u64);
         self.header(payload)
