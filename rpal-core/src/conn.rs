@@ -151,12 +151,13 @@ pub(crate) fn next_msg<'a>(rx: &mut Consumer, region: &'a PeerRegion) -> Result<
             detail: format!("message of {} bytes is shorter than its header", rec.len()),
         });
     }
-    let word = |at: usize, n: usize| rec[at..at + n].iter().rev().fold(0u64, |acc, &b| acc << 8 | b as u64);
+    let (head, body) = rec.split_at(MSG_HEADER);
+    let u32_at = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("4 bytes"));
     Ok(Some(Msg {
-        call_id: word(0, 8),
-        method: word(8, 4) as u32,
-        status: word(12, 4) as u32,
-        body: &rec[MSG_HEADER..],
+        call_id: u64::from_le_bytes(head[0..8].try_into().expect("8 bytes")),
+        method: u32_at(8),
+        status: u32_at(12),
+        body,
     }))
 }
 

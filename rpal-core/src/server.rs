@@ -377,8 +377,10 @@ impl ServerConn {
             };
             // Releases go out before the reply, so a client that sees the
             // reply sees them too.
-            let released = std::mem::take(&mut *self.releases.borrow_mut());
-            self.conn.release_all(released);
+            if !self.releases.borrow().is_empty() {
+                let released = std::mem::take(&mut *self.releases.borrow_mut());
+                self.conn.release_all(released);
+            }
             if let Some(n) = reply_len {
                 self.conn.mine.tx.commit(MSG_HEADER + n);
             }
