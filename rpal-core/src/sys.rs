@@ -28,22 +28,39 @@ fn check_map(addr: usize, len: usize, got: *mut libc::c_void) -> io::Result<()> 
     Ok(())
 }
 
-/// Reserves `[addr, addr+len)` as inaccessible, uncommitted address space.
-/// Fails with `EEXIST` if anything is mapped there already.
-pub fn reserve(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no
-    // memory that Rust code refers to can be affected.
+/// Anonymous, uncommitted pages with protection `prot` at exactly `addr`;
+/// `replace` allows replacing what is mapped there.
+///
+/// # Safety
+/// With `replace`, the range must be address space this process reserved
+/// for rpal, and the caller accepts that references into it see the new
+/// contents (none must be used if `prot` removes read access).
+unsafe fn map_anon(addr: usize, len: usize, prot: i32, replace: bool) -> io::Result<()> {
+    let fixed = if replace {
+        libc::MAP_FIXED
+    } else {
+        libc::MAP_FIXED_NOREPLACE
+    };
+    // SAFETY: forwarded to the caller; without `replace` nothing existing changes.
     let got = unsafe {
         libc::mmap(
             addr as *mut libc::c_void,
             len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
             -1,
             0,
         )
     };
     check_map(addr, len, got)
+}
+
+/// Reserves `[addr, addr+len)` as inaccessible, uncommitted address space.
+/// Fails with `EEXIST` if anything is mapped there already.
+pub fn reserve(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no
+    // memory that Rust code refers to can be affected.
+    unsafe { map_anon(addr, len, libc::PROT_NONE, false) }
 }
 
 /// Maps `fd` (offset 0, `len` bytes) shared at exactly `addr`, replacing what
@@ -78,36 +95,16 @@ pub unsafe fn map_shared_fixed(addr: usize, len: usize, fd: BorrowedFd<'_>, writ
 /// No live Rust reference may point into the range.
 pub unsafe fn unmap_to_reserved(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the caller guarantees nothing refers to the range.
-    let got = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    check_map(addr, len, got)
+    unsafe { map_anon(addr, len, libc::PROT_NONE, true) }
 }
 
-/// Maps readable zero pages at `[addr, addr+len)`, replacing what is there
-/// (a dead peer's leftover tail inside our window).
+/// Maps readable zero pages at `[addr, addr+len)`, replacing what is there:
+/// a released or taken-over peer range, which stale readers may still touch.
 pub fn map_zero_readonly(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the range is inside our reserved window and held by a dead
-    // peer's mapping; replacing it with readable zeros keeps every address
-    // that was readable still readable.
-    let got = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    check_map(addr, len, got)
+    // SAFETY: the range is inside our window and held a peer's read-only
+    // mapping; every address that was readable stays readable, and readers
+    // of peer memory already expect its contents to change under them.
+    unsafe { map_anon(addr, len, libc::PROT_READ, true) }
 }
 
 /// Maps a whole file shared read-write somewhere the kernel chooses.
