@@ -167,18 +167,23 @@ impl Client {
         }
     }
 
-    /// Sends a request without waiting for its reply, and returns its call
-    /// id; collect the reply with [`Client::try_reply`]. For event loops.
-    pub fn send_request(&mut self, method: u32, cap: usize, write: impl FnOnce(&mut [u8]) -> usize) -> Result<u64> {
+    /// The call id for a new message of `method` (the reserved close id is refused).
+    fn next_id(&mut self, method: u32) -> Result<u64> {
         if method == METHOD_CLOSE {
             return Err(Error::Remote {
                 method,
                 status: RemoteStatus::UnknownMethod,
             });
         }
-        let _access = self.conn.peer.region.access();
-        let id = self.next_call;
         self.next_call += 1;
+        Ok(self.next_call - 1)
+    }
+
+    /// Sends a request without waiting for its reply, and returns its call
+    /// id; collect the reply with [`Client::try_reply`]. For event loops.
+    pub fn send_request(&mut self, method: u32, cap: usize, write: impl FnOnce(&mut [u8]) -> usize) -> Result<u64> {
+        let id = self.next_id(method)?;
+        let _access = self.conn.peer.region.access();
         self.conn.send(method, id, 0, cap, write)?;
         self.conn.ring();
         Ok(id)
@@ -264,15 +269,8 @@ impl Client {
     /// Messages are delivered in order; call [`Client::flush`] to wake a
     /// parked server after a batch (the next call does it too).
     pub fn send_oneway(&mut self, method: u32, len: usize, write: impl FnOnce(&mut [u8])) -> Result<()> {
-        if method == METHOD_CLOSE {
-            return Err(Error::Remote {
-                method,
-                status: RemoteStatus::UnknownMethod,
-            });
-        }
+        let id = self.next_id(method)?;
         let _access = self.conn.peer.region.access();
-        let id = self.next_call;
-        self.next_call += 1;
         self.conn.send(method, id, FLAG_ONEWAY, len, |buf| {
             write(&mut buf[..len]);
             len

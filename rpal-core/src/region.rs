@@ -228,26 +228,15 @@ impl PeerRegion {
             Ok(())
         })?;
         let token = occupied.token();
-        if let Occupied::Shared { .. } = occupied {
-            let pkey = SHARED_KEYS
+        let pkey = match occupied {
+            // Another connection to the same process mapped (and tagged) it already.
+            Occupied::Shared { .. } => SHARED_KEYS
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&addr)
-                .cloned();
-            return Ok(PeerRegion {
-                addr,
-                len,
-                token,
-                pid,
-                _fd: fd,
-                pkey,
-                space,
-            });
-        }
-        let pkey = if pkey::is_active() {
-            Self::guard(addr, len, pid)
-        } else {
-            None
+                .cloned(),
+            Occupied::New { .. } if pkey::is_active() => Self::guard(addr, len, pid),
+            Occupied::New { .. } => None,
         };
         Ok(PeerRegion {
             addr,
