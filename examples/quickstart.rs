@@ -1,35 +1,43 @@
 //! Quickstart: a `calc` service in one process, called from another.
 //!
-//! The program starts a copy of itself as the server (`--server`), which
-//! serves `add(a, b)` over rpal and, for comparison, over loopback TCP. The
-//! client then times both and prints p50/p99 and the speed-up.
+//! The service is a trait with `#[rpal::service]`. The program starts a copy
+//! of itself as the server (`--server`), which serves the same handler over
+//! shared memory and, for comparison, over loopback TCP. The client times
+//! `add(a, b)` through the same generated client on both and prints p50/p99
+//! and the speed-up.
 //!
 //! ```text
 //! cargo run --release --example quickstart
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use rpal::prelude::*;
 
-const ADD: u32 = 1;
 const CALLS: usize = 20_000;
 
-/// The server's handler: `add` reads two u64 in place in the client's
-/// memory and writes the sum in place in ours.
-fn calc(req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
-    match req.method {
-        ADD => {
-            let args: &[u8; 16] = req.payload.try_into().map_err(|_| RemoteStatus::BadRequest)?;
-            let (a, b) = args.split_at(8);
-            let sum = u64::from_le_bytes(a.try_into().unwrap()).wrapping_add(u64::from_le_bytes(b.try_into().unwrap()));
-            reply[..8].copy_from_slice(&sum.to_le_bytes());
-            Ok(8)
-        }
-        _ => Err(RemoteStatus::UnknownMethod),
+/// A calculator, declared once: `#[rpal::service]` makes the `Calc` handler
+/// trait, `CalcServer` (the dispatcher) and `CalcClient` (blocking and async
+/// methods, over shared memory or TCP).
+#[rpal::service]
+pub trait Calc {
+    /// `a + b`, wrapping.
+    fn add(&self, a: u64, b: u64) -> u64;
+    /// The sum of a slice the caller built in its own shared memory: the
+    /// server reads it in place.
+    fn sum(&self, xs: ShmSlice<u64>) -> u64;
+}
+
+struct Calculator;
+
+impl Calc for Calculator {
+    fn add(&self, a: u64, b: u64) -> u64 {
+        a.wrapping_add(b)
+    }
+    fn sum(&self, xs: &[u64]) -> u64 {
+        xs.iter().copied().fold(0, u64::wrapping_add)
     }
 }
 
@@ -42,24 +50,14 @@ fn pin(cpu: usize) {
 
 fn run_server(path: &str) -> std::result::Result<(), Box<dyn std::error::Error>> {
     pin(1);
-    let server = Server::bind(path, ServerOptions::new("calc"))?;
-    let tcp = TcpListener::bind("127.0.0.1:0")?;
-    println!("ready {}", tcp.local_addr()?.port());
-    std::thread::spawn(move || {
-        // The same add over TCP: 16 bytes in, 8 bytes out.
-        if let Ok((mut s, _)) = tcp.accept() {
-            let _ = s.set_nodelay(true);
-            let mut args = [0u8; 16];
-            while s.read_exact(&mut args).is_ok() {
-                let a = u64::from_le_bytes(args[..8].try_into().unwrap());
-                let b = u64::from_le_bytes(args[8..].try_into().unwrap());
-                if s.write_all(&a.wrapping_add(b).to_le_bytes()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    rpal::serve(server, calc, PollerConfig::default())?.join();
+    // The same handler on shared memory and on loopback TCP.
+    let host = CalcServer::new(Calculator)
+        .host()
+        .shm(path)
+        .tcp("127.0.0.1:0")
+        .start()?;
+    println!("ready {}", host.tcp_addr().ok_or("no TCP address")?.port());
+    host.join();
     Ok(())
 }
 
@@ -115,47 +113,31 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .ok_or("server did not start")?
         .parse()?;
 
-    let mut client = Client::connect(&path, ClientOptions::new("calc"))?;
+    let calc = CalcClient::connect(&path)?;
+    let rpal::rpc::Channel::Shm(shm) = calc.channel() else {
+        unreachable!("connect is shared memory")
+    };
     println!(
-        "client pid {} connected to server pid {}; server region {:#x} mapped here read-only at the same address",
+        "client pid {} connected to server pid {} over shared memory",
         std::process::id(),
-        client.peer().cred.pid,
-        client.peer().region.addr()
+        shm.server_pid()
     );
+    println!("2 + 40 = {}", calc.add(2, 40)?);
+    let xs = ShmSlice::from_slice(&(1..=100u64).collect::<Vec<_>>())?;
     println!(
-        "2 + 40 = {}",
-        u64::from_le_bytes(client.call(ADD, &[2u64.to_le_bytes(), 40u64.to_le_bytes()].concat())?[..8].try_into()?)
+        "sum(1..=100) = {} (read in place from this process's memory)",
+        calc.sum(&xs)?
     );
 
-    let (rpal_p50, rpal_p99) = time_calls(|a, b| {
-        client
-            .call_with(
-                ADD,
-                None,
-                |buf| {
-                    buf[..8].copy_from_slice(&a.to_le_bytes());
-                    buf[8..16].copy_from_slice(&b.to_le_bytes());
-                    16
-                },
-                |reply, _| u64::from_le_bytes(reply[..8].try_into().unwrap()),
-            )
-            .expect("rpal call")
-    });
-    let mut tcp = TcpStream::connect(("127.0.0.1", port))?;
-    tcp.set_nodelay(true)?;
-    let (tcp_p50, tcp_p99) = time_calls(|a, b| {
-        tcp.write_all(&[a.to_le_bytes(), b.to_le_bytes()].concat())
-            .expect("tcp write");
-        let mut out = [0u8; 8];
-        tcp.read_exact(&mut out).expect("tcp read");
-        u64::from_le_bytes(out)
-    });
+    let (rpal_p50, rpal_p99) = time_calls(|a, b| calc.add(a, b).expect("rpal call"));
+    let tcp = CalcClient::connect_tcp(("127.0.0.1", port))?;
+    let (tcp_p50, tcp_p99) = time_calls(|a, b| tcp.add(a, b).expect("tcp call"));
 
     println!("{CALLS} calls of add(a, b), round trip between two processes on different cores:");
-    println!("  rpal          p50 {rpal_p50:>8.2} us   p99 {rpal_p99:>8.2} us");
-    println!("  loopback TCP  p50 {tcp_p50:>8.2} us   p99 {tcp_p99:>8.2} us");
+    println!("  rpal, shared memory  p50 {rpal_p50:>8.2} us   p99 {rpal_p99:>8.2} us");
+    println!("  rpal, loopback TCP   p50 {tcp_p50:>8.2} us   p99 {tcp_p99:>8.2} us");
     println!("  speed-up (TCP p50 / rpal p50): {:.0}x", tcp_p50 / rpal_p50);
-    drop(client);
+    drop(calc);
     drop(server);
     Ok(())
 }

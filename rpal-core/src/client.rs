@@ -227,6 +227,34 @@ impl Client {
         }
     }
 
+    /// Reads every reply that has arrived, in place, in arrival order, and
+    /// hands each to `f` with its call id and status. Never waits. For
+    /// callers that track many calls themselves (replies may come in any
+    /// order); `f` may stop the drain with an error.
+    pub fn drain_replies(&mut self, mut f: impl FnMut(u64, u32, &[u8], &PeerRegion) -> Result<()>) -> Result<usize> {
+        let _access = self.conn.peer.region.access();
+        let mut n = 0;
+        let out = loop {
+            match next_msg(&mut self.conn.rx, &self.conn.peer.region) {
+                Ok(Some(msg)) => {
+                    n += 1;
+                    if let Err(e) = f(msg.call_id, msg.status, msg.body, &self.conn.peer.region) {
+                        break Err(e);
+                    }
+                }
+                Ok(None) => break Ok(n),
+                Err(e) => break Err(e),
+            }
+        };
+        self.conn.publish_cursor();
+        out
+    }
+
+    /// The call id the next request will get.
+    pub fn next_call_id(&self) -> u64 {
+        self.next_call
+    }
+
     /// What to sleep on until the next reply: the word it will change and
     /// its current value, or `None` if something has arrived already. Set
     /// [`Client::parked_flag`] (then fence, then look again) before sleeping,

@@ -233,6 +233,13 @@ pub enum Error {
         /// What the server reported.
         status: RemoteStatus,
     },
+    /// A stream connection (TCP, Unix stream) broke or was closed while
+    /// calls were in flight; the peer may have died or hung up.
+    #[error("connection lost: {detail}")]
+    ConnectionLost {
+        /// What the transport reported.
+        detail: String,
+    },
     /// A message does not fit in the inline record.
     #[error("message of {len} bytes exceeds the inline capacity of {capacity}; pass large data by pointer")]
     TooLarge {

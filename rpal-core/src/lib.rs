@@ -6,7 +6,9 @@
 //! - [`pkey`]: protection keys that catch stray accesses to peer memory;
 //! - [`doorbell`]: spin-then-park waiting with no syscall while both sides are awake;
 //! - [`handshake`]: the Unix-socket control plane;
-//! - [`client`] and [`server`]: the first call path, one call in flight per connection.
+//! - [`client`] and [`server`]: the call path, one queue each way per connection;
+//! - [`rpc`]: many calls in flight per connection, deadlines, and the TCP and
+//!   Unix-stream transport that `#[rpal::service]` clients and servers use.
 
 pub mod alloc;
 pub mod arena;
@@ -18,6 +20,7 @@ pub mod handshake;
 pub mod pkey;
 pub mod queue;
 pub mod region;
+pub mod rpc;
 pub mod server;
 pub mod space;
 pub mod sync;

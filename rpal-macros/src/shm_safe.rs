@@ -8,10 +8,10 @@ use syn::{Data, DeriveInput, Fields, Type};
 
 /// Collects spanned errors so that one compile shows all of them.
 #[derive(Default)]
-struct Errors(Option<syn::Error>);
+pub(crate) struct Errors(Option<syn::Error>);
 
 impl Errors {
-    fn push(&mut self, span: proc_macro2::Span, msg: impl std::fmt::Display) {
+    pub(crate) fn push(&mut self, span: proc_macro2::Span, msg: impl std::fmt::Display) {
         let e = syn::Error::new(span, msg);
         match &mut self.0 {
             Some(all) => all.combine(e),
@@ -19,7 +19,7 @@ impl Errors {
         }
     }
 
-    fn finish(self) -> syn::Result<()> {
+    pub(crate) fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
     }
 }

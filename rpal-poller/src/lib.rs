@@ -18,6 +18,7 @@
 
 mod async_client;
 pub mod backend;
+mod host;
 mod poller;
 mod pool;
 pub mod spin;
@@ -25,5 +26,6 @@ mod stats;
 
 pub use async_client::AsyncClient;
 pub use backend::{Backend, BackendChoice};
+pub use host::{Host, HostBuilder};
 pub use pool::{PollerConfig, Serving, serve};
 pub use stats::{PollerSnapshot, PollerState, PollerStats};

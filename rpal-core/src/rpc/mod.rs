@@ -1,0 +1,201 @@
+//! The RPC layer under `#[rpal::service]`: channels that carry many calls
+//! at once (shared memory or a byte stream), the body format, deadlines, and
+//! the [`Dispatch`] trait a generated server implements.
+//!
+//! - [`wire`]: how arguments and results sit in a body, for both transports;
+//! - [`ShmChannel`]: calls over shared memory, in place;
+//! - [`StreamChannel`]: the same calls over TCP or a Unix stream, copied into frames;
+//! - [`Channel`]: either, behind one type, which generated clients hold.
+
+mod shm;
+mod stream;
+mod table;
+mod wheel;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use shm::ShmChannel;
+pub use stream::{StreamChannel, StreamServer, serve_stream};
+pub use table::Body;
+pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
+
+use crate::error::{RemoteStatus, Result};
+use crate::region::PeerRegion;
+use crate::server::{Handler, Request};
+
+/// What a reply reader may need besides the body: the server's region (to
+/// validate result pointers) and a way to hand lent results back.
+pub struct ReplyCtx<'a> {
+    region: Option<&'a PeerRegion>,
+    sink: Option<&'a dyn Sink>,
+}
+
+/// Makes release sinks for lent results.
+pub(crate) trait Sink {
+    fn sink(&self) -> Arc<dyn ReleaseSink>;
+}
+
+impl ReplyCtx<'_> {
+    /// A context for a stream reply (no shared memory).
+    pub fn stream() -> ReplyCtx<'static> {
+        ReplyCtx {
+            region: None,
+            sink: None,
+        }
+    }
+
+    /// Reads a pointer-type result: a view into the server's memory, or a
+    /// copy when it came over a stream.
+    pub fn returned<P: ShmPtr>(&self, r: &mut Reader<'_>) -> Result<Returned<P>> {
+        match (self.region, self.sink, r.raw_pointer()?) {
+            (Some(region), Some(sink), Some((addr, count))) => Returned::lent(region, addr, count, sink.sink()),
+            _ => Returned::copied(r),
+        }
+    }
+}
+
+/// A server-side service: what `#[rpal::service]` generates around a
+/// handler. Transports call [`Dispatch::dispatch`] for each request.
+pub trait Dispatch: Send + Sync + 'static {
+    /// The service name both sides must agree on.
+    const SERVICE: &'static str;
+    /// Hash of every method's name and signature; checked at the handshake.
+    const METHOD_HASH: u64;
+    /// Handles one call: reads the arguments from `args`, runs the handler,
+    /// writes the result to `reply`. `peer_pid` is who lent results go to.
+    fn dispatch(
+        &self,
+        method: u32,
+        args: &mut Reader<'_>,
+        reply: &mut Writer<'_>,
+        peer_pid: i32,
+    ) -> std::result::Result<(), RemoteStatus>;
+}
+
+/// Adapts a [`Dispatch`] to the shared-memory server's [`Handler`]: the
+/// arguments are read in place in the client's memory and the result is
+/// written in place in our reply queue.
+pub struct ShmHandler<D>(pub Arc<D>);
+
+impl<D> Clone for ShmHandler<D> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<D: Dispatch> Handler for ShmHandler<D> {
+    fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
+        let mut args = Reader::shm(req.payload, req.peer);
+        let mut out = Writer::fixed(reply);
+        self.0.dispatch(req.method, &mut args, &mut out, req.peer.pid())?;
+        out.finish().ok_or(RemoteStatus::BadReply)
+    }
+}
+
+/// Reads a method's arguments to the end: a body of another size was built
+/// for another signature (`BadRequest`).
+pub fn args_done(r: &Reader<'_>) -> std::result::Result<(), RemoteStatus> {
+    r.finish().map_err(|_| RemoteStatus::BadRequest)
+}
+
+/// A method id: FNV-1a of its name and signature (as `name(args)->ret`
+/// with no spaces), never 0 or the reserved close id. `#[rpal::service]`
+/// computes the same at compile time.
+pub const fn method_id(sig: &str) -> u32 {
+    let b = sig.as_bytes();
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < b.len() {
+        h ^= b[i] as u32;
+        h = h.wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    if h == 0 || h == u32::MAX { h ^ 0x5bd1_e995 } else { h }
+}
+
+/// A service's method hash: FNV-1a (64-bit) of its name and its sorted
+/// method signatures. 0 is reserved for "unchecked", so it is never produced.
+pub fn service_hash(service: &str, sigs: &[&str]) -> u64 {
+    let mut sorted = sigs.to_vec();
+    sorted.sort_unstable();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in std::iter::once(service).chain(sorted) {
+        for &b in part.as_bytes().iter().chain(b";") {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+/// A connection a generated client calls through: shared memory or a
+/// stream. Cloning shares the connection.
+#[derive(Debug, Clone)]
+pub enum Channel {
+    /// Shared memory (same host, by pointer).
+    Shm(Arc<ShmChannel>),
+    /// TCP or a Unix stream socket (bytes copied into frames).
+    Stream(Arc<StreamChannel>),
+}
+
+impl Channel {
+    /// Calls `method`, blocking the thread until the reply, the deadline, or
+    /// the peer's death.
+    pub fn call<R>(
+        &self,
+        method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        match self {
+            Channel::Shm(c) => c.call(method, timeout, write, read),
+            Channel::Stream(c) => c.call(method, timeout, write, read),
+        }
+    }
+
+    /// Calls `method` from an async task. Dropping the future cancels the
+    /// call: its reply is discarded when it comes.
+    pub async fn call_async<R>(
+        &self,
+        method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        match self {
+            Channel::Shm(c) => c.call_async(method, timeout, write, read).await,
+            Channel::Stream(c) => c.call_async(method, timeout, write, read).await,
+        }
+    }
+
+    /// Whether calls go through shared memory.
+    pub fn is_shm(&self) -> bool {
+        matches!(self, Channel::Shm(_))
+    }
+
+    /// Calls in flight on this connection.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Channel::Shm(c) => c.in_flight(),
+            Channel::Stream(c) => c.in_flight(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_ids_are_stable_and_avoid_reserved_values() {
+        // Fixed values: changing the hash breaks every deployed client.
+        assert_eq!(method_id("add(u64,u64)->u64"), method_id("add(u64,u64)->u64"));
+        assert_ne!(method_id("add(u64,u64)->u64"), method_id("add(u32,u64)->u64"));
+        assert_eq!(method_id(""), 0x811c_9dc5);
+        assert_eq!(service_hash("Calc", &["a", "b"]), service_hash("Calc", &["b", "a"]));
+        assert_ne!(service_hash("Calc", &["a"]), service_hash("Calc2", &["a"]));
+    }
+}

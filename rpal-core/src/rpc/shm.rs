@@ -1,0 +1,482 @@
+//! Many calls in flight on one shared-memory connection, from any number of
+//! threads and tasks.
+//!
+//! The connection (one queue each way) sits behind one lock that is never
+//! held while waiting. A caller locks, writes its request in place, rings,
+//! and reads whatever replies have arrived: its own in place (no copy),
+//! others' copied into their table slots, whose waiters it wakes. Then it
+//! unlocks and waits on the reply queue's sequence word (spin, then futex)
+//! together with its own bell word, so it wakes for either a new reply or
+//! for another thread having read its reply. Async tasks are woken by a
+//! pump thread, started on the first async call, that does the same reads.
+
+use std::future::poll_fn;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use super::table::{Body, Dead, Table, Waiter, thread_bell};
+use super::wheel::{Expire, Wheel};
+use super::wire::{Reader, ReleaseSink, Writer};
+use super::{ReplyCtx, Sink};
+use crate::client::Client;
+use crate::conn::INLINE_CAPACITY;
+use crate::doorbell::WaitConfig;
+use crate::error::{Error, RemoteStatus, Result};
+use crate::region::PeerRegion;
+use crate::sys;
+
+/// A word in memory the channel keeps mapped (our endpoint, or the
+/// server's region), usable outside the lock.
+#[derive(Clone, Copy)]
+struct WordRef(NonNull<AtomicU32>);
+
+// SAFETY: an atomic in a mapping the channel owns; shared by reference only.
+unsafe impl Send for WordRef {}
+// SAFETY: as above.
+unsafe impl Sync for WordRef {}
+
+impl WordRef {
+    fn new(w: &AtomicU32) -> Self {
+        Self(NonNull::from(w))
+    }
+
+    /// # Safety
+    /// The channel that produced the word must be alive (it keeps the
+    /// mapping; released peer ranges stay mapped as zeros until then).
+    unsafe fn get<'a>(self) -> &'a AtomicU32 {
+        // SAFETY: per the caller's obligation the mapping is live.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+struct Inner {
+    client: Client,
+    table: Table,
+}
+
+/// A shared-memory connection that carries many calls at once. Cheap to
+/// share (`Arc`); every method takes `&self`.
+pub struct ShmChannel {
+    inner: Mutex<Inner>,
+    wait: WaitConfig,
+    pid: i32,
+    /// Our `parked` word, counted: each sleeper adds one, so the server
+    /// wakes us while anyone sleeps.
+    parked: WordRef,
+    /// Releases of the server's blocks, made without the lock (from `Drop`
+    /// of a result), published at the next send or read.
+    releases: Mutex<Vec<u64>>,
+    pump_started: AtomicBool,
+    pump_bell: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for ShmChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmChannel")
+            .field("server_pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShmChannel {
+    /// Wraps a connected client.
+    pub fn new(client: Client) -> Arc<Self> {
+        let wait = client.wait_config();
+        let pid = client.peer().cred.pid;
+        let parked = WordRef::new(client.parked_flag());
+        let table = Table::new(client.next_call_id());
+        Arc::new(Self {
+            inner: Mutex::new(Inner { client, table }),
+            wait,
+            pid,
+            parked,
+            releases: Mutex::new(Vec::new()),
+            pump_started: AtomicBool::new(false),
+            pump_bell: Arc::new(AtomicU32::new(0)),
+        })
+    }
+
+    /// The server's pid.
+    pub fn server_pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.lock().table.in_flight()
+    }
+
+    /// Runs `f` on the underlying client (under the lock): stats, test hooks.
+    pub fn with_client<R>(&self, f: impl FnOnce(&mut Client) -> R) -> R {
+        f(&mut self.lock().client)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic in a caller's `read` leaves the connection consistent
+        // (the table and queues change only in non-panicking code).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a request whose body `write` fills, and tracks it.
+    fn send(
+        &self,
+        inner: &mut Inner,
+        method: u32,
+        waiter: Waiter,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+    ) -> Result<u64> {
+        inner.table.check()?;
+        self.flush_releases(inner);
+        let mut failed = None;
+        let sent = inner.client.send_request(method, INLINE_CAPACITY, |buf| {
+            let mut w = Writer::fixed(buf);
+            match write(&mut w) {
+                Ok(()) => w.finish().unwrap_or(INLINE_CAPACITY + 1),
+                Err(e) => {
+                    failed = Some(e);
+                    0
+                }
+            }
+        });
+        let id = match sent {
+            Ok(id) => id,
+            Err(e) => return Err(self.fail_conn(inner, e)),
+        };
+        inner.table.insert(id, method, waiter);
+        if let Some(e) = failed {
+            // The request went out empty; forget it (its reply is discarded).
+            inner.table.remove(id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Transport failures end the connection for every call; call-level
+    /// errors (too large) pass through.
+    fn fail_conn(&self, inner: &mut Inner, e: Error) -> Error {
+        match e {
+            Error::TooLarge { .. } | Error::Remote { .. } => e,
+            e => {
+                inner.table.kill(Dead::of(&e));
+                e
+            }
+        }
+    }
+
+    fn flush_releases(&self, inner: &mut Inner) {
+        let mut r = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        for addr in r.drain(..) {
+            inner.client.release(addr);
+        }
+    }
+
+    /// Reads every reply that has arrived. The reply to `mine` (if given)
+    /// goes to `read` in place; the others to their slots.
+    fn drain<R>(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        mine: u64,
+        read: &mut Option<impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>>,
+        out: &mut Option<Result<R>>,
+    ) -> Result<()> {
+        let Inner { client, table } = inner;
+        let pid = self.pid;
+        let r = client.drain_replies(|id, status, body, region| {
+            if id == mine && read.is_some() && table.contains(id) {
+                table.remove(id);
+                let read = read.take().expect("checked above");
+                *out = Some(self.finish(id, status, body, region, read, table_method(status)));
+                Ok(())
+            } else {
+                table.complete(id, status, body, pid)
+            }
+        });
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail_conn(inner, e)),
+        }
+    }
+
+    fn finish<R>(
+        self: &Arc<Self>,
+        _id: u64,
+        status: u32,
+        body: &[u8],
+        region: &PeerRegion,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+        method: Option<u32>,
+    ) -> Result<R> {
+        if status != 0 {
+            return Err(Error::Remote {
+                method: method.unwrap_or(0),
+                status: RemoteStatus::from_code(status),
+            });
+        }
+        let mut r = Reader::shm(body, region);
+        let ctx = ReplyCtx {
+            region: Some(region),
+            sink: Some(self as &dyn Sink),
+        };
+        read(&mut r, &ctx)
+    }
+
+    /// Calls `method` and waits (spin, then park) for its reply, at most
+    /// `timeout`. `write` builds the arguments in place in our queue;
+    /// `read` reads the reply in place in the server's memory.
+    pub fn call<R>(
+        self: &Arc<Self>,
+        method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let deadline = timeout.map(|d| (Instant::now() + d, d));
+        let bell = thread_bell();
+        let mut inner = self.lock();
+        let id = self.send(&mut inner, method, Waiter::Thread(bell.clone()), write)?;
+        inner.client.flush();
+        let mut read = Some(read);
+        let mut out = None;
+        loop {
+            self.drain(&mut inner, id, &mut read, &mut out)?;
+            if let Some(r) = out.take() {
+                return fix_method(r, method);
+            }
+            if let Some(done) = inner.table.take(id) {
+                // Another thread read our reply and copied it for us.
+                let read = read.take().expect("not read yet");
+                let region = &inner.client.peer().region;
+                return done.and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method));
+            }
+            let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+            drop(inner);
+            let waited = match target {
+                Some((word, seen)) => self.wait(word, seen, &bell, deadline),
+                None => Ok(()),
+            };
+            inner = self.lock();
+            if let Err(e) = waited {
+                if matches!(e, Error::Timeout(_)) {
+                    if let Some(done) = inner.table.take(id) {
+                        let read = read.take().expect("not read yet");
+                        let region = &inner.client.peer().region;
+                        return done
+                            .and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method));
+                    }
+                    inner.table.remove(id);
+                } else {
+                    inner.table.kill(Dead::of(&e));
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    /// Waits until `word` leaves `seen` or `bell` rings, the deadline
+    /// passes, or the server dies.
+    fn wait(&self, word: WordRef, seen: u32, bell: &AtomicU32, deadline: Option<(Instant, Duration)>) -> Result<()> {
+        // SAFETY: `self` is alive for the whole wait and keeps the mappings.
+        let (word, parked) = unsafe { (word.get(), self.parked.get()) };
+        let changed = || {
+            // Acquire: pairs with the server's Release publication of the
+            // reply (and with the Release store of a bell in `Table`).
+            word.load(Ordering::Acquire) != seen || bell.load(Ordering::Acquire) != 0
+        };
+        if !self.wait.spin.is_zero() {
+            let start = Instant::now();
+            loop {
+                for _ in 0..256 {
+                    if changed() {
+                        return Ok(());
+                    }
+                    std::hint::spin_loop();
+                }
+                if start.elapsed() >= self.wait.spin {
+                    break;
+                }
+            }
+        }
+        let mut slice = self.wait.park_slice;
+        if let Some((at, after)) = deadline {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout(after));
+            }
+            slice = slice.min(left);
+        }
+        // SeqCst RMW and fence: the Dekker pair of the server's `must_wake`
+        // (it publishes, fences, then reads `parked`).
+        parked.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let r = if changed() {
+            Ok(0)
+        } else {
+            match sys::futex_waitv(&[(word, seen), (bell, 0)], Some(slice)) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                    // No futex_waitv (Linux < 5.16): sleep on the reply word in short slices.
+                    sys::futex_wait(word, seen, Some(slice.min(Duration::from_millis(1))));
+                    Ok(0)
+                }
+                r => r,
+            }
+        };
+        parked.fetch_sub(1, Ordering::SeqCst);
+        if let Err(e) = r {
+            if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+                if let Some((at, after)) = deadline {
+                    if Instant::now() >= at {
+                        return Err(Error::Timeout(after));
+                    }
+                }
+                self.lock().client.check_alive()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The async form of [`ShmChannel::call`]: the task is woken by the
+    /// pump thread. Dropping the future forgets the call (its reply is
+    /// discarded when it comes); a deadline sits in the process's timing wheel.
+    pub async fn call_async<R>(
+        self: &Arc<Self>,
+        method: u32,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let id = {
+            let mut inner = self.lock();
+            let id = self.send(&mut inner, method, Waiter::Task(None), write)?;
+            inner.client.flush();
+            id
+        };
+        let forget = Forget { chan: self, id };
+        let armed = timeout.map(|d| {
+            let target: Weak<dyn Expire> = Arc::downgrade(&(self.clone() as Arc<dyn Expire>));
+            Wheel::global().arm(d, id, target)
+        });
+        self.kick_pump();
+        let mut read = Some(read);
+        let mut out = None;
+        let r = poll_fn(|cx| {
+            let mut inner = self.lock();
+            if let Err(e) = self.drain(&mut inner, id, &mut read, &mut out) {
+                return Poll::Ready(Err(e));
+            }
+            if let Some(r) = out.take() {
+                return Poll::Ready(fix_method(r, method));
+            }
+            if let Some(done) = inner.table.take(id) {
+                let read = read.take().expect("not read yet");
+                let region = &inner.client.peer().region;
+                return Poll::Ready(
+                    done.and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method)),
+                );
+            }
+            inner.table.set_waker(id, cx.waker());
+            Poll::Pending
+        })
+        .await;
+        std::mem::forget(forget);
+        if let Some(a) = armed {
+            Wheel::global().disarm(a);
+        }
+        r
+    }
+
+    /// Starts the pump on the first async call, or wakes it from its idle sleep.
+    fn kick_pump(self: &Arc<Self>) {
+        if !self.pump_started.swap(true, Ordering::AcqRel) {
+            let weak = Arc::downgrade(self);
+            let bell = self.pump_bell.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("rpal-pump-{}", self.pid))
+                .spawn(move || pump(weak, bell));
+            if let Err(e) = spawned {
+                tracing::error!(%e, "could not start the reply pump; async calls will time out");
+            }
+        }
+        // Release: pairs with the Acquire of the pump's futex check.
+        self.pump_bell.store(1, Ordering::Release);
+        sys::futex_wake(&self.pump_bell, 1);
+    }
+}
+
+/// The pump: reads replies for async tasks and wakes them. It holds the
+/// channel only while it works, so dropping the last handle ends it.
+fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
+    loop {
+        bell.store(0, Ordering::Relaxed);
+        let Some(chan) = weak.upgrade() else { return };
+        let mut inner = chan.lock();
+        let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
+        if chan.drain(&mut inner, 0, &mut nothing, &mut None).is_err() || inner.table.dead.is_some() {
+            return;
+        }
+        if !inner.table.tasks_waiting() {
+            drop(inner);
+            drop(chan);
+            // Idle: sleep until an async call kicks us (bell = 1).
+            sys::futex_wait(&bell, 0, Some(Duration::from_secs(1)));
+            continue;
+        }
+        let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+        drop(inner);
+        if let Some((word, seen)) = target {
+            if let Err(e) = chan.wait(word, seen, &bell, None) {
+                chan.lock().table.kill(Dead::of(&e));
+                return;
+            }
+        }
+    }
+}
+
+/// Forgets a call whose future was dropped before its reply.
+struct Forget<'a> {
+    chan: &'a Arc<ShmChannel>,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.chan.lock().table.remove(self.id);
+    }
+}
+
+impl Expire for ShmChannel {
+    fn expire(&self, id: u64, err: Error) {
+        self.lock().table.fail(id, err);
+    }
+}
+
+impl ReleaseSink for ShmChannel {
+    fn release(&self, addr: u64) {
+        self.releases.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+    }
+}
+
+impl Sink for Arc<ShmChannel> {
+    fn sink(&self) -> Arc<dyn ReleaseSink> {
+        self.clone()
+    }
+}
+
+/// Error replies name the method; the drain does not know it.
+fn table_method(_status: u32) -> Option<u32> {
+    None
+}
+
+fn fix_method<R>(r: Result<R>, method: u32) -> Result<R> {
+    match r {
+        Err(Error::Remote { status, .. }) => Err(Error::Remote { method, status }),
+        r => r,
+    }
+}
+
+#[allow(dead_code)]
+fn _body_is_send(b: Body) -> impl Send {
+    b
+}

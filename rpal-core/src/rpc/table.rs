@@ -1,0 +1,285 @@
+//! The calls in flight on one connection, by call id.
+//!
+//! Ids are handed out in order under the connection's lock, so the table is
+//! a deque indexed by `id - base`: insert, find and remove are O(1), and a
+//! finished call at the front lets the deque shrink. A reply for an id we
+//! gave out but no longer track (timed out, cancelled) is discarded; a reply
+//! for an id never given out is a protocol violation.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::Waker;
+
+use crate::error::{Error, RemoteStatus, Result};
+use crate::sys;
+
+/// A reply body copied out of the transport, 16-byte aligned.
+pub struct Body {
+    buf: Box<[u128]>,
+    len: usize,
+}
+
+impl Body {
+    /// A copy of `bytes`.
+    pub fn copy(bytes: &[u8]) -> Self {
+        let mut buf = vec![0u128; bytes.len().div_ceil(16)].into_boxed_slice();
+        bytemuck::cast_slice_mut::<u128, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+        Self { buf, len: bytes.len() }
+    }
+
+    /// A zeroed body of `len` bytes, to read into.
+    pub fn zeroed(len: usize) -> Self {
+        Self {
+            buf: vec![0u128; len.div_ceil(16)].into_boxed_slice(),
+            len,
+        }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<u128, u8>(&self.buf)[..self.len]
+    }
+
+    /// The bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.buf)[..self.len]
+    }
+}
+
+/// Who waits for a call.
+pub(crate) enum Waiter {
+    /// A blocked thread sleeping on its bell word.
+    Thread(Arc<AtomicU32>),
+    /// An async task.
+    Task(Option<Waker>),
+}
+
+impl Waiter {
+    fn wake(&mut self) {
+        match self {
+            Waiter::Thread(bell) => {
+                // Release: pairs with the Acquire load in the waiter's loop;
+                // the slot's state was written (under the table lock) before.
+                bell.store(1, Ordering::Release);
+                sys::futex_wake(bell, 1);
+            }
+            Waiter::Task(w) => {
+                if let Some(w) = w.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+/// One call in flight.
+pub(crate) struct Slot {
+    method: u32,
+    done: Option<Result<Body>>,
+    waiter: Waiter,
+}
+
+/// Why a connection stopped carrying calls; each in-flight call gets it.
+#[derive(Debug, Clone)]
+pub(crate) enum Dead {
+    PeerDied(i32),
+    Closed(i32),
+    Lost(String),
+    Protocol(i32, String),
+}
+
+impl Dead {
+    pub(crate) fn error(&self) -> Error {
+        match self {
+            Dead::PeerDied(pid) => Error::PeerDied { pid: *pid },
+            Dead::Closed(pid) => Error::Closed { pid: *pid },
+            Dead::Lost(detail) => Error::ConnectionLost { detail: detail.clone() },
+            Dead::Protocol(pid, detail) => Error::Protocol {
+                pid: *pid,
+                detail: detail.clone(),
+            },
+        }
+    }
+
+    pub(crate) fn of(e: &Error) -> Dead {
+        match e {
+            Error::PeerDied { pid } => Dead::PeerDied(*pid),
+            Error::Closed { pid } => Dead::Closed(*pid),
+            Error::Protocol { pid, detail } => Dead::Protocol(*pid, detail.clone()),
+            other => Dead::Lost(other.to_string()),
+        }
+    }
+}
+
+/// The table.
+#[derive(Default)]
+pub(crate) struct Table {
+    base: u64,
+    slots: VecDeque<Option<Slot>>,
+    next_id: u64,
+    pub dead: Option<Dead>,
+}
+
+impl Table {
+    pub(crate) fn new(first_id: u64) -> Self {
+        Self {
+            base: first_id,
+            slots: VecDeque::new(),
+            next_id: first_id,
+            dead: None,
+        }
+    }
+
+    /// Fails unless the connection still carries calls.
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.dead {
+            Some(d) => Err(d.error()),
+            None => Ok(()),
+        }
+    }
+
+    /// Tracks call `id` (the next one in order).
+    pub(crate) fn insert(&mut self, id: u64, method: u32, waiter: Waiter) {
+        debug_assert_eq!(id, self.next_id, "call ids are tracked in order");
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        self.slots.push_back(Some(Slot {
+            method,
+            done: None,
+            waiter,
+        }));
+        self.next_id = id + 1;
+    }
+
+    fn index(&self, id: u64) -> Option<usize> {
+        id.checked_sub(self.base)
+            .map(|i| i as usize)
+            .filter(|&i| i < self.slots.len())
+    }
+
+    /// The id the next call gets.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Whether `id` is tracked.
+    pub(crate) fn contains(&self, id: u64) -> bool {
+        self.index(id).is_some_and(|i| self.slots[i].is_some())
+    }
+
+    /// Stops tracking `id`; a reply that comes later is discarded.
+    pub(crate) fn remove(&mut self, id: u64) {
+        if let Some(i) = self.index(id) {
+            self.slots[i] = None;
+        }
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// The outcome of `id` if it is known, and stops tracking it.
+    pub(crate) fn take(&mut self, id: u64) -> Option<Result<Body>> {
+        let i = self.index(id)?;
+        let done = self.slots[i].as_mut()?.done.take()?;
+        self.remove(id);
+        Some(done)
+    }
+
+    /// Replaces the task waker of `id`.
+    pub(crate) fn set_waker(&mut self, id: u64, waker: &Waker) {
+        if let Some(Some(slot)) = self.index(id).map(|i| &mut self.slots[i]) {
+            if let Waiter::Task(w) = &mut slot.waiter {
+                match w {
+                    Some(old) if old.will_wake(waker) => {}
+                    _ => *w = Some(waker.clone()),
+                }
+            }
+        }
+    }
+
+    /// Records the reply to `id` (status and body) and wakes its waiter.
+    /// Returns an error for an id that was never given out.
+    pub(crate) fn complete(&mut self, id: u64, status: u32, body: &[u8], pid: i32) -> Result<()> {
+        self.complete_with(id, status, || Body::copy(body), pid)
+    }
+
+    /// As [`Table::complete`], with the body made only if someone waits for it.
+    pub(crate) fn complete_with(&mut self, id: u64, status: u32, body: impl FnOnce() -> Body, pid: i32) -> Result<()> {
+        if id >= self.next_id || id == 0 {
+            return Err(Error::Protocol {
+                pid,
+                detail: format!("reply to call {id}, which was never made"),
+            });
+        }
+        let Some(Some(slot)) = self.index(id).map(|i| &mut self.slots[i]) else {
+            return Ok(()); // the late reply of a call that timed out or was dropped
+        };
+        if slot.done.is_some() {
+            return Err(Error::Protocol {
+                pid,
+                detail: format!("second reply to call {id}"),
+            });
+        }
+        slot.done = Some(if status == 0 {
+            Ok(body())
+        } else {
+            Err(Error::Remote {
+                method: slot.method,
+                status: RemoteStatus::from_code(status),
+            })
+        });
+        slot.waiter.wake();
+        Ok(())
+    }
+
+    /// Fails `id` with `err` (its deadline passed) and wakes its waiter.
+    pub(crate) fn fail(&mut self, id: u64, err: Error) {
+        if let Some(Some(slot)) = self.index(id).map(|i| &mut self.slots[i]) {
+            if slot.done.is_none() {
+                slot.done = Some(Err(err));
+                slot.waiter.wake();
+            }
+        }
+    }
+
+    /// The connection is gone: every call in flight fails with `why`, and
+    /// so does every later call.
+    pub(crate) fn kill(&mut self, why: Dead) {
+        for slot in self.slots.iter_mut().flatten() {
+            if slot.done.is_none() {
+                slot.done = Some(Err(why.error()));
+                slot.waiter.wake();
+            }
+        }
+        self.dead.get_or_insert(why);
+    }
+
+    /// Calls in flight.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.slots.iter().flatten().filter(|s| s.done.is_none()).count()
+    }
+
+    /// Whether an async task waits for a call still in flight.
+    pub(crate) fn tasks_waiting(&self) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .any(|s| s.done.is_none() && matches!(s.waiter, Waiter::Task(_)))
+    }
+}
+
+thread_local! {
+    static BELL: Arc<AtomicU32> = Arc::new(AtomicU32::new(0));
+}
+
+/// This thread's bell: the word it sleeps on while another thread reads
+/// replies for it. Cleared, ready for a new call.
+pub(crate) fn thread_bell() -> Arc<AtomicU32> {
+    BELL.with(|b| {
+        b.store(0, Ordering::Relaxed);
+        b.clone()
+    })
+}

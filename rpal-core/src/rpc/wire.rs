@@ -1,0 +1,485 @@
+//! How arguments and results sit in a message body.
+//!
+//! A body is the method's fields in declaration order, each at an offset
+//! aligned to its type. A value (`ShmSafe + Copy`) is its bytes. A pointer
+//! type (`ShmBox`, `ShmSlice`, `ShmVec`, `ShmString`) is, in shared memory,
+//! its address and element count (16 bytes: the data stays where the caller
+//! built it); over a byte stream (TCP, Unix stream) it is the element count
+//! followed by the elements themselves, copied into the frame.
+//!
+//! Readers check every length and pointer and fail with `Err` (never
+//! panic), because the bytes come from another process.
+
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::region::PeerRegion;
+use crate::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
+
+/// Where a body travels: in shared memory (pointers pass as pointers) or
+/// over a byte stream (pointed-to data is copied inline).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Shared memory: pointer types pass as address + count.
+    Shm,
+    /// A byte stream: pointer types pass as count + elements.
+    Stream,
+}
+
+/// Rounds `at` up to `align` (a power of two).
+const fn align_up(at: usize, align: usize) -> usize {
+    (at + align - 1) & !(align - 1)
+}
+
+/// The bytes of a `ShmSafe` value (it has no padding, so every byte is initialised).
+fn bytes_of<T: ShmSafe>(v: &T) -> &[u8] {
+    // SAFETY: ShmSafe types have no padding (trait obligation 1), so all
+    // size_of::<T>() bytes are initialised; the slice borrows `v`.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// The bytes of a slice of `ShmSafe` values.
+fn bytes_of_slice<T: ShmSafe>(v: &[T]) -> &[u8] {
+    // SAFETY: as in `bytes_of`; a slice of padding-free values has no gaps.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) }
+}
+
+/// A pointer type that can be an argument or a result: its data passes by
+/// address in shared memory and by copy over a stream.
+pub trait ShmPtr: Sized + 'static {
+    /// What the receiver sees: `T`, `[T]` or `str`.
+    type View: ?Sized + 'static;
+    /// The element type.
+    type Elem: ShmSafe;
+    /// Address and element count of the owner's data.
+    fn raw(&self) -> (u64, u64);
+    /// The data as bytes, for a stream.
+    fn data(&self) -> &[u8];
+    /// Gives the block to peer `pid` (it stays allocated until released).
+    fn lend_to(self, pid: i32) -> Result<(u64, u64)>;
+    /// A validated view of `count` elements at `addr` in a peer's region.
+    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&Self::View>;
+    /// A validated view of `count` elements in `bytes` (aligned for `Elem`).
+    fn view_bytes(bytes: &[u8], count: u64) -> Result<&Self::View>;
+}
+
+/// A view of `count` elements of `T` in `bytes`, which must be aligned.
+fn elems<T: ShmSafe>(bytes: &[u8], count: u64) -> Result<&[T]> {
+    let n = usize::try_from(count).ok();
+    if n.and_then(|n| n.checked_mul(size_of::<T>())) != Some(bytes.len()) || !bytes.as_ptr().cast::<T>().is_aligned() {
+        return Err(Error::InvalidPointer {
+            addr: 0,
+            len: count,
+            reason: "does not match the bytes that came with it",
+        });
+    }
+    // SAFETY: length and alignment checked above; ShmSafe accepts every bit pattern.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size_of::<T>().max(1)) })
+}
+
+impl<T: ShmSafe> ShmPtr for ShmBox<T> {
+    type View = T;
+    type Elem = T;
+    fn raw(&self) -> (u64, u64) {
+        (self.addr(), 1)
+    }
+    fn data(&self) -> &[u8] {
+        bytes_of::<T>(self)
+    }
+    fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
+        Ok((self.lend(pid)?, 1))
+    }
+    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&T> {
+        if count != 1 {
+            return Err(Error::InvalidPointer {
+                addr,
+                len: count,
+                reason: "is a ShmBox with a count other than 1",
+            });
+        }
+        peer.view::<T>(addr)
+    }
+    fn view_bytes(bytes: &[u8], count: u64) -> Result<&T> {
+        let s = elems::<T>(bytes, count)?;
+        s.first().filter(|_| s.len() == 1).ok_or(Error::InvalidPointer {
+            addr: 0,
+            len: count,
+            reason: "is a ShmBox with a count other than 1",
+        })
+    }
+}
+
+macro_rules! slice_like {
+    ($ty:ty, $elem:ty, $owner:ident) => {
+        impl<$owner: ShmSafe> ShmPtr for $ty {
+            type View = [$elem];
+            type Elem = $elem;
+            fn raw(&self) -> (u64, u64) {
+                (self.addr(), self.len() as u64)
+            }
+            fn data(&self) -> &[u8] {
+                bytes_of_slice::<$elem>(self)
+            }
+            fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
+                self.lend(pid)
+            }
+            fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&[$elem]> {
+                if count == 0 {
+                    return Ok(&[]);
+                }
+                peer.slice::<$elem>(addr, count)
+            }
+            fn view_bytes(bytes: &[u8], count: u64) -> Result<&[$elem]> {
+                elems::<$elem>(bytes, count)
+            }
+        }
+    };
+}
+slice_like!(ShmSlice<T>, T, T);
+slice_like!(ShmVec<T>, T, T);
+
+impl ShmPtr for ShmString {
+    type View = str;
+    type Elem = u8;
+    fn raw(&self) -> (u64, u64) {
+        let s: &str = self;
+        (s.as_ptr() as u64 * u64::from(!s.is_empty()), s.len() as u64)
+    }
+    fn data(&self) -> &[u8] {
+        self.as_bytes()
+    }
+    fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
+        self.lend(pid)
+    }
+    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&str> {
+        if count == 0 {
+            return Ok("");
+        }
+        peer.str(addr, count)
+    }
+    fn view_bytes(bytes: &[u8], count: u64) -> Result<&str> {
+        let b = elems::<u8>(bytes, count)?;
+        std::str::from_utf8(b).map_err(|_| Error::InvalidUtf8 { addr: 0 })
+    }
+}
+
+/// Writes a body. In shared memory it writes in place (into the queue
+/// record); over a stream it appends to a growable buffer.
+pub struct Writer<'a> {
+    out: Out<'a>,
+    /// Bytes written, counted from the body's start (alignment is relative to it).
+    at: usize,
+    /// Where the body starts in a growable buffer (after a frame header).
+    origin: usize,
+    mode: Mode,
+    /// Set if a field did not fit the fixed buffer.
+    overflow: bool,
+}
+
+enum Out<'a> {
+    Fixed(&'a mut [u8]),
+    Grow(&'a mut Vec<u8>),
+}
+
+impl<'a> Writer<'a> {
+    /// A writer into a fixed buffer (a queue record): shared-memory mode.
+    pub fn fixed(buf: &'a mut [u8]) -> Self {
+        Self {
+            out: Out::Fixed(buf),
+            at: 0,
+            origin: 0,
+            mode: Mode::Shm,
+            overflow: false,
+        }
+    }
+
+    /// A writer that appends a body to `buf` (after whatever it holds, such
+    /// as a frame header): stream mode.
+    pub fn stream(buf: &'a mut Vec<u8>) -> Self {
+        let origin = buf.len();
+        Self {
+            out: Out::Grow(buf),
+            at: 0,
+            origin,
+            mode: Mode::Stream,
+            overflow: false,
+        }
+    }
+
+    /// The transport mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Bytes written so far (`None` if a field did not fit).
+    pub fn finish(self) -> Option<usize> {
+        (!self.overflow).then_some(self.at)
+    }
+
+    fn put(&mut self, align: usize, bytes: &[u8]) {
+        let start = align_up(self.at, align.max(1));
+        let end = start + bytes.len();
+        match &mut self.out {
+            Out::Fixed(buf) => {
+                let Some(dst) = buf.get_mut(self.at..end) else {
+                    self.overflow = true;
+                    return;
+                };
+                let pad = start - self.at;
+                dst[..pad].fill(0);
+                dst[pad..].copy_from_slice(bytes);
+            }
+            Out::Grow(v) => {
+                v.resize(self.origin + start, 0);
+                v.extend_from_slice(bytes);
+            }
+        }
+        self.at = end;
+    }
+
+    /// A value, by copy.
+    pub fn value<T: ShmSafe + Copy>(&mut self, v: &T) {
+        self.put(align_of::<T>(), bytes_of(v));
+    }
+
+    /// A pointer type that stays with its owner: by address in shared
+    /// memory, copied over a stream. The owner must keep it alive and
+    /// unchanged until the call returns.
+    pub fn borrowed<P: ShmPtr>(&mut self, p: &P) {
+        let (addr, count) = p.raw();
+        match self.mode {
+            Mode::Shm => self.pointer(addr, count),
+            Mode::Stream => self.inline::<P>(count, p.data()),
+        }
+    }
+
+    /// A pointer type handed over to peer `pid`, which releases it when done
+    /// (shared memory); over a stream it is copied and dropped here.
+    pub fn lent<P: ShmPtr>(&mut self, p: P, pid: i32) -> Result<()> {
+        match self.mode {
+            Mode::Shm => {
+                let (addr, count) = p.lend_to(pid)?;
+                self.pointer(addr, count);
+            }
+            Mode::Stream => self.inline::<P>(p.raw().1, p.data()),
+        }
+        Ok(())
+    }
+
+    fn pointer(&mut self, addr: u64, count: u64) {
+        self.put(8, &addr.to_le_bytes());
+        self.put(8, &count.to_le_bytes());
+    }
+
+    fn inline<P: ShmPtr>(&mut self, count: u64, data: &[u8]) {
+        self.put(8, &count.to_le_bytes());
+        self.put(align_of::<P::Elem>(), data);
+    }
+}
+
+/// Reads a body: values by copy, pointer types as validated views.
+pub struct Reader<'a> {
+    body: &'a [u8],
+    at: usize,
+    peer: Option<&'a PeerRegion>,
+}
+
+/// The error every malformed body gives.
+fn short(what: &'static str) -> Error {
+    Error::InvalidPointer {
+        addr: 0,
+        len: 0,
+        reason: what,
+    }
+}
+
+impl<'a> Reader<'a> {
+    /// A reader of a body in shared memory; pointers are checked against `peer`.
+    pub fn shm(body: &'a [u8], peer: &'a PeerRegion) -> Self {
+        Self {
+            body,
+            at: 0,
+            peer: Some(peer),
+        }
+    }
+
+    /// A reader of a body from a stream (pointed-to data is inline; `body`
+    /// must be 16-byte aligned so inline elements are aligned).
+    pub fn stream(body: &'a [u8]) -> Self {
+        Self {
+            body,
+            at: 0,
+            peer: None,
+        }
+    }
+
+    fn take(&mut self, align: usize, len: usize) -> Result<&'a [u8]> {
+        let start = align_up(self.at, align.max(1));
+        let bytes = start
+            .checked_add(len)
+            .and_then(|end| self.body.get(start..end))
+            .ok_or_else(|| short("runs past the end of the message body"))?;
+        self.at = start + len;
+        Ok(bytes)
+    }
+
+    fn word(&mut self) -> Result<u64> {
+        let b = self.take(8, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    /// A value, copied out (the peer may change its memory meanwhile).
+    pub fn value<T: ShmSafe + Copy>(&mut self) -> Result<T> {
+        let b = self.take(align_of::<T>(), size_of::<T>())?;
+        // SAFETY: `b` holds size_of::<T>() bytes; ShmSafe accepts every bit
+        // pattern; the read is unaligned-safe.
+        Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+    }
+
+    /// A pointer type's view: in the peer's region (validated) or inline.
+    pub fn view<P: ShmPtr>(&mut self) -> Result<&'a P::View> {
+        match self.peer {
+            Some(peer) => {
+                let addr = self.word()?;
+                let count = self.word()?;
+                P::view_peer(peer, addr, count)
+            }
+            None => {
+                let count = self.word()?;
+                let len = usize::try_from(count)
+                    .ok()
+                    .and_then(|n| n.checked_mul(size_of::<P::Elem>()))
+                    .ok_or_else(|| short("has an element count that overflows"))?;
+                let bytes = self.take(align_of::<P::Elem>(), len)?;
+                P::view_bytes(bytes, count)
+            }
+        }
+    }
+
+    /// A pointer type's address and count, in shared memory (for results
+    /// the caller keeps a handle to); `None` over a stream.
+    pub fn raw_pointer(&mut self) -> Result<Option<(u64, u64)>> {
+        match self.peer {
+            Some(_) => Ok(Some((self.word()?, self.word()?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Errors unless the whole body was read: a body of the wrong size was
+    /// built for another signature.
+    pub fn finish(&self) -> Result<()> {
+        if self.at == self.body.len() {
+            Ok(())
+        } else {
+            Err(short("has a size that does not match the method's arguments"))
+        }
+    }
+}
+
+/// Who takes a lent result back: the connection it came over.
+pub trait ReleaseSink: Send + Sync {
+    /// Says the caller is done with the peer's block at `addr`.
+    fn release(&self, addr: u64);
+}
+
+/// A pointer-type result on the caller's side: a view into the server's
+/// memory (released to the server when dropped) or, over a stream, an owned
+/// copy. Derefs to `T`, `[T]` or `str`.
+pub struct Returned<P: ShmPtr> {
+    view: NonNull<P::View>,
+    keep: Keep,
+    _p: PhantomData<P>,
+}
+
+enum Keep {
+    /// In the server's region; `addr` goes back to it on drop.
+    Lent { addr: u64, sink: Arc<dyn ReleaseSink> },
+    /// A copy; the view points into it.
+    Owned(#[allow(dead_code)] Box<[u128]>),
+}
+
+// SAFETY: the view is read-only data that outlives the handle (a peer
+// region kept mapped by the connection, or an owned buffer); `P::View` is
+// plain data (ShmSafe elements or str).
+unsafe impl<P: ShmPtr> Send for Returned<P> {}
+// SAFETY: as for Send; only shared reads happen through `&Returned`.
+unsafe impl<P: ShmPtr> Sync for Returned<P> {}
+
+impl<P: ShmPtr> Returned<P> {
+    /// A result that lives in the server's region, read from a shm reply.
+    /// `region` must stay mapped while `sink` lives (the connection owns both).
+    pub fn lent(region: &PeerRegion, addr: u64, count: u64, sink: Arc<dyn ReleaseSink>) -> Result<Self> {
+        let view = match P::view_peer(region, addr, count) {
+            Ok(v) => NonNull::from(v),
+            Err(e) => {
+                if addr != 0 {
+                    sink.release(addr); // hand it back: we will never read it
+                }
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            view,
+            keep: Keep::Lent { addr, sink },
+            _p: PhantomData,
+        })
+    }
+
+    /// A result copied out of a stream reply.
+    pub fn copied(reader: &mut Reader<'_>) -> Result<Self> {
+        let v = reader.view::<P>()?;
+        let len = size_of_val(v);
+        let mut buf = vec![0u128; len.div_ceil(16)].into_boxed_slice();
+        // SAFETY: `buf` holds at least `len` bytes; the source is `len` readable bytes.
+        unsafe { std::ptr::copy_nonoverlapping((v as *const P::View).cast::<u8>(), buf.as_mut_ptr().cast(), len) };
+        let bytes: &[u8] = bytemuck::cast_slice(&buf[..]);
+        let count = count_of::<P>(len);
+        let view = NonNull::from(P::view_bytes(&bytes[..len], count)?);
+        Ok(Self {
+            view,
+            keep: Keep::Owned(buf),
+            _p: PhantomData,
+        })
+    }
+
+    /// Whether the data is still in the server's memory (not a copy).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.keep, Keep::Lent { .. })
+    }
+}
+
+/// Elements in `len` bytes of `P::Elem`.
+fn count_of<P: ShmPtr>(len: usize) -> u64 {
+    (len / size_of::<P::Elem>().max(1)) as u64
+}
+
+impl<P: ShmPtr> Deref for Returned<P> {
+    type Target = P::View;
+    fn deref(&self) -> &P::View {
+        // SAFETY: `view` was validated when the handle was made and points
+        // into memory `keep` holds (see the Send impl).
+        unsafe { self.view.as_ref() }
+    }
+}
+
+impl<P: ShmPtr> Drop for Returned<P> {
+    fn drop(&mut self) {
+        if let Keep::Lent { addr, sink } = &self.keep {
+            if *addr != 0 {
+                sink.release(*addr);
+            }
+        }
+    }
+}
+
+impl<P: ShmPtr> std::fmt::Debug for Returned<P>
+where
+    P::View: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}

@@ -1,0 +1,580 @@
+//! `#[rpal::service]`: parse the trait into a [`Service`] (collecting every
+//! spanned error), then emit each item with its own function: the handler
+//! trait, the method table, the dispatcher and the client.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, Ident, ItemTrait, Pat, PathArguments, ReturnType, TraitItem, Type};
+
+use crate::shm_safe::Errors;
+
+/// How a type crosses the call.
+enum Kind {
+    /// `ShmSafe + Copy`: copied.
+    Value,
+    /// `ShmBox<T>`: the handler sees `&T`.
+    Boxed(Type),
+    /// `ShmSlice<T>` or `ShmVec<T>`: the handler sees `&[T]`.
+    Slice(Type),
+    /// `ShmString`: the handler sees `&str`.
+    Str,
+}
+
+struct Arg {
+    name: Ident,
+    ty: Type,
+    kind: Kind,
+}
+
+struct Method {
+    name: Ident,
+    docs: Vec<syn::Attribute>,
+    args: Vec<Arg>,
+    /// `None`: returns `()`.
+    ret: Option<(Type, Kind)>,
+    /// `name(types)->ret`, hashed into the method id.
+    sig: String,
+    id: u32,
+}
+
+struct Service {
+    vis: syn::Visibility,
+    name: Ident,
+    docs: Vec<syn::Attribute>,
+    methods: Vec<Method>,
+}
+
+pub fn expand(item: &ItemTrait) -> syn::Result<TokenStream> {
+    let service = parse(item)?;
+    let items = [
+        handler_trait(&service),
+        method_table(&service),
+        dispatcher(&service),
+        client(&service),
+    ];
+    Ok(quote!(#(#items)*))
+}
+
+fn doc_attrs(attrs: &[syn::Attribute]) -> Vec<syn::Attribute> {
+    attrs.iter().filter(|a| a.path().is_ident("doc")).cloned().collect()
+}
+
+/// The type's text without spaces: the part of a signature that is hashed.
+fn type_text(ty: &Type) -> String {
+    quote!(#ty).to_string().chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+/// FNV-1a, as `rpal::rpc::method_id` computes it at run time.
+fn method_id(sig: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in sig.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == 0 || h == u32::MAX { h ^ 0x5bd1_e995 } else { h }
+}
+
+fn parse(item: &ItemTrait) -> syn::Result<Service> {
+    let mut errors = Errors::default();
+    if !item.generics.params.is_empty() || item.generics.where_clause.is_some() {
+        errors.push(
+            item.generics.span(),
+            "a service trait cannot be generic: both processes must agree on every type",
+        );
+    }
+    if !item.supertraits.is_empty() {
+        errors.push(
+            item.supertraits.span(),
+            "a service trait cannot have supertraits; #[rpal::service] adds `Send + Sync + 'static`",
+        );
+    }
+    if item.unsafety.is_some() {
+        errors.push(item.unsafety.span(), "a service trait cannot be unsafe");
+    }
+    let mut methods = Vec::new();
+    for ti in &item.items {
+        match ti {
+            TraitItem::Fn(f) => {
+                if let Some(m) = parse_method(f, &mut errors) {
+                    methods.push(m);
+                }
+            }
+            other => errors.push(other.span(), "a service trait may only contain methods"),
+        }
+    }
+    for (i, a) in methods.iter().enumerate() {
+        for b in &methods[..i] {
+            if a.name == b.name {
+                errors.push(a.name.span(), "two methods with the same name");
+            } else if a.id == b.id {
+                errors.push(
+                    a.name.span(),
+                    format!("method id {:#x} collides with `{}`; rename one", a.id, b.name),
+                );
+            }
+        }
+    }
+    errors.finish()?;
+    Ok(Service {
+        vis: item.vis.clone(),
+        name: item.ident.clone(),
+        docs: doc_attrs(&item.attrs),
+        methods,
+    })
+}
+
+fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
+    let sig = &f.sig;
+    let mut ok = true;
+    let mut bad = |span: Span, msg: &str| {
+        errors.push(span, msg);
+        ok = false;
+    };
+    if let Some(a) = &sig.asyncness {
+        bad(
+            a.span(),
+            "declare service methods without `async`: handlers are plain functions and the client gets an `_async` twin of each method",
+        );
+    }
+    if let Some(u) = &sig.unsafety {
+        bad(u.span(), "service methods cannot be unsafe");
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        bad(
+            sig.generics.span(),
+            "service methods cannot be generic: the method id must name concrete types",
+        );
+    }
+    if let Some(v) = &sig.variadic {
+        bad(v.span(), "service methods cannot be variadic");
+    }
+    if let Some(b) = &f.default {
+        bad(
+            b.span(),
+            "service methods have no default body; implement them in the handler",
+        );
+    }
+    match sig.inputs.first() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() && r.colon_token.is_none() => {}
+        Some(FnArg::Receiver(r)) => bad(
+            r.span(),
+            "service methods take `&self` (handlers are shared between poller threads)",
+        ),
+        _ => bad(sig.ident.span(), "service methods take `&self` as their first argument"),
+    }
+    let mut args = Vec::new();
+    for input in sig.inputs.iter().skip(1) {
+        let FnArg::Typed(pt) = input else { continue };
+        let name = match &*pt.pat {
+            Pat::Ident(p) if p.by_ref.is_none() && p.subpat.is_none() => p.ident.clone(),
+            other => {
+                bad(other.span(), "arguments of service methods must be plain names");
+                continue;
+            }
+        };
+        match classify(&pt.ty) {
+            Ok(kind) => args.push(Arg {
+                name,
+                ty: (*pt.ty).clone(),
+                kind,
+            }),
+            Err((span, msg)) => bad(span, &msg),
+        }
+    }
+    let ret = match &sig.output {
+        ReturnType::Default => None,
+        ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
+        ReturnType::Type(_, ty) => match classify(ty) {
+            Ok(kind) => Some(((**ty).clone(), kind)),
+            Err((span, msg)) => {
+                bad(span, &msg);
+                None
+            }
+        },
+    };
+    if !ok {
+        return None;
+    }
+    let arg_text: Vec<String> = args.iter().map(|a| type_text(&a.ty)).collect();
+    let ret_text = ret.as_ref().map_or_else(|| "()".to_owned(), |(t, _)| type_text(t));
+    let text = format!("{}({})->{}", sig.ident, arg_text.join(","), ret_text);
+    Some(Method {
+        name: sig.ident.clone(),
+        docs: doc_attrs(&f.attrs),
+        id: method_id(&text),
+        sig: text,
+        args,
+        ret,
+    })
+}
+
+/// The one generic argument of `ShmBox<T>`-like paths.
+fn single_arg(seg: &syn::PathSegment) -> Option<Type> {
+    match &seg.arguments {
+        PathArguments::AngleBracketed(a) if a.args.len() == 1 => match a.args.first() {
+            Some(GenericArgument::Type(t)) => Some(t.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Sorts a type into value or pointer kinds, refusing what cannot cross.
+fn classify(ty: &Type) -> Result<Kind, (Span, String)> {
+    let refuse = |msg: &str| Err((ty.span(), msg.to_owned()));
+    match ty {
+        Type::Reference(_) => refuse(
+            "references cannot cross processes: pass a value, or shared data as ShmBox<T>, ShmSlice<T>, ShmVec<T> or ShmString (the handler receives a reference)",
+        ),
+        Type::Ptr(_) => refuse("raw pointers cannot cross processes: use ShmBox<T> or ShmSlice<T>"),
+        Type::Tuple(_) => refuse("tuples have no stable layout: use a #[derive(ShmSafe)] struct"),
+        Type::ImplTrait(_) | Type::TraitObject(_) => {
+            refuse("trait objects and `impl Trait` cannot cross processes: use a concrete ShmSafe type")
+        }
+        Type::Slice(_) => refuse("unsized slices cannot be passed by value: use ShmSlice<T>"),
+        Type::Infer(_) | Type::Never(_) | Type::Macro(_) | Type::Verbatim(_) | Type::BareFn(_) => {
+            refuse("this type cannot be a service argument or result")
+        }
+        Type::Path(p) => {
+            let Some(seg) = p.path.segments.last() else {
+                return refuse("empty type path");
+            };
+            let name = seg.ident.to_string();
+            match name.as_str() {
+                "ShmBox" => single_arg(seg)
+                    .map(Kind::Boxed)
+                    .ok_or((ty.span(), "ShmBox takes one type argument".into())),
+                "ShmSlice" | "ShmVec" => single_arg(seg)
+                    .map(Kind::Slice)
+                    .ok_or((ty.span(), format!("{name} takes one type argument"))),
+                "ShmString" => Ok(Kind::Str),
+                "String" | "str" => refuse("String lives in private memory: use ShmString (the handler receives &str)"),
+                "Vec" => {
+                    refuse("Vec lives in private memory: use ShmVec<T> or ShmSlice<T> (the handler receives &[T])")
+                }
+                "Box" => refuse("Box lives in private memory: use ShmBox<T> (the handler receives &T)"),
+                "Rc" | "Arc" => refuse("reference-counted pointers cannot cross processes: use ShmBox<T>"),
+                "Option" | "Result" => refuse(
+                    "Option and Result have no stable layout to share: use a #[derive(ShmSafe)] struct with an explicit flag or code",
+                ),
+                "bool" | "char" => {
+                    refuse("bool and char are not valid for every bit pattern a peer may send: use u8 or u32")
+                }
+                _ => Ok(Kind::Value),
+            }
+        }
+        Type::Paren(p) => classify(&p.elem),
+        Type::Group(g) => classify(&g.elem),
+        Type::Array(_) => Ok(Kind::Value),
+        _ => refuse("this type cannot be a service argument or result"),
+    }
+}
+
+/// What the handler sees for an argument.
+fn handler_arg_type(a: &Arg) -> TokenStream {
+    match &a.kind {
+        Kind::Value => {
+            let ty = &a.ty;
+            quote!(#ty)
+        }
+        Kind::Boxed(t) => quote!(&#t),
+        Kind::Slice(t) => quote!(&[#t]),
+        Kind::Str => quote!(&::core::primitive::str),
+    }
+}
+
+fn service_ident(s: &Service) -> Ident {
+    format_ident!("{}Service", s.name)
+}
+
+fn const_ident(m: &Method) -> Ident {
+    format_ident!("{}", m.name.to_string().to_uppercase())
+}
+
+fn handler_trait(s: &Service) -> TokenStream {
+    let Service { vis, name, docs, .. } = s;
+    let client = format_ident!("{}Client", name);
+    let server = format_ident!("{}Server", name);
+    let methods = s.methods.iter().map(|m| {
+        let Method { name, docs, .. } = m;
+        let args = m.args.iter().map(|a| {
+            let n = &a.name;
+            let t = handler_arg_type(a);
+            quote!(#n: #t)
+        });
+        let ret = m.ret.as_ref().map(|(t, _)| quote!(-> #t));
+        quote! {
+            #(#docs)*
+            fn #name(&self, #(#args),*) #ret;
+        }
+    });
+    let note = format!(
+        " The handler side of the `{name}` service: implement it, wrap it in [`{server}`], and serve it. Callers use [`{client}`]."
+    );
+    quote! {
+        #(#docs)*
+        #[doc = ""]
+        #[doc = #note]
+        #vis trait #name: ::core::marker::Send + ::core::marker::Sync + 'static {
+            #(#methods)*
+        }
+    }
+}
+
+fn method_table(s: &Service) -> TokenStream {
+    let Service { vis, name, .. } = s;
+    let svc = service_ident(s);
+    let name_str = name.to_string();
+    let sigs: Vec<&str> = s.methods.iter().map(|m| m.sig.as_str()).collect();
+    let hash = service_hash(&name_str, &sigs);
+    let consts = s.methods.iter().map(|m| {
+        let c = const_ident(m);
+        let id = m.id;
+        let doc = format!(" Method id of `{}`: FNV-1a of `{}`.", m.name, m.sig);
+        quote! {
+            #[doc = #doc]
+            pub const #c: u32 = #id;
+        }
+    });
+    let doc = format!(" Names and ids of the `{name}` service, shared by its client and server.");
+    let sig_doc = format!(" Every method's signature, as hashed: {}.", sigs.join(", "));
+    quote! {
+        #[doc = #doc]
+        #[derive(Debug, Clone, Copy)]
+        #vis struct #svc;
+
+        impl #svc {
+            /// The service name both sides announce at the handshake.
+            pub const NAME: &'static ::core::primitive::str = #name_str;
+            /// Hash of the method table; a peer built from another trait is refused.
+            #[doc = #sig_doc]
+            pub const METHOD_HASH: u64 = #hash;
+            #(#consts)*
+        }
+    }
+}
+
+/// Same as `rpal::rpc::service_hash`.
+fn service_hash(service: &str, sigs: &[&str]) -> u64 {
+    let mut sorted = sigs.to_vec();
+    sorted.sort_unstable();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in std::iter::once(service).chain(sorted) {
+        for &b in part.as_bytes().iter().chain(b";") {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+fn dispatcher(s: &Service) -> TokenStream {
+    let Service { vis, name, .. } = s;
+    let svc = service_ident(s);
+    let server = format_ident!("{}Server", name);
+    let arms = s.methods.iter().map(|m| {
+        let c = const_ident(m);
+        let mname = &m.name;
+        let reads = m.args.iter().map(|a| {
+            let n = &a.name;
+            let ty = &a.ty;
+            let read = match &a.kind {
+                Kind::Value => quote_spanned!(ty.span()=> args.value::<#ty>()),
+                _ => quote_spanned!(ty.span()=> args.view::<#ty>()),
+            };
+            quote! {
+                let #n = #read.map_err(|_| ::rpal::RemoteStatus::BadRequest)?;
+            }
+        });
+        let names = m.args.iter().map(|a| &a.name);
+        let write = match &m.ret {
+            None => quote!(let () = out;),
+            Some((ty, Kind::Value)) => quote_spanned!(ty.span()=> reply.value::<#ty>(&out);),
+            Some((ty, _)) => quote_spanned!(ty.span()=>
+                reply.lent::<#ty>(out, peer_pid).map_err(|_| ::rpal::RemoteStatus::BadReply)?;
+            ),
+        };
+        quote! {
+            #svc::#c => {
+                #(#reads)*
+                ::rpal::rpc::args_done(args)?;
+                let out = #name::#mname(&self.handler, #(#names),*);
+                #write
+                ::core::result::Result::Ok(())
+            }
+        }
+    });
+    let doc = format!(
+        " Serves a [`{name}`] handler: decodes each call, runs the handler, encodes the result. Serve it with [`{server}::host`]."
+    );
+    quote! {
+        #[doc = #doc]
+        #vis struct #server<H> {
+            handler: H,
+        }
+
+        impl<H: #name> #server<H> {
+            /// Wraps `handler`.
+            pub fn new(handler: H) -> Self {
+                Self { handler }
+            }
+
+            /// The handler.
+            pub fn handler(&self) -> &H {
+                &self.handler
+            }
+
+            /// Starts configuring where to serve: shared memory, TCP, Unix stream.
+            pub fn host(self) -> ::rpal::HostBuilder<Self> {
+                ::rpal::HostBuilder::new(self)
+            }
+        }
+
+        impl<H: #name> ::rpal::rpc::Dispatch for #server<H> {
+            const SERVICE: &'static ::core::primitive::str = #svc::NAME;
+            const METHOD_HASH: u64 = #svc::METHOD_HASH;
+
+            fn dispatch(
+                &self,
+                method: u32,
+                args: &mut ::rpal::rpc::Reader<'_>,
+                reply: &mut ::rpal::rpc::Writer<'_>,
+                peer_pid: i32,
+            ) -> ::core::result::Result<(), ::rpal::RemoteStatus> {
+                let _ = (&reply, peer_pid);
+                match method {
+                    #(#arms)*
+                    _ => ::core::result::Result::Err(::rpal::RemoteStatus::UnknownMethod),
+                }
+            }
+        }
+    }
+}
+
+fn client(s: &Service) -> TokenStream {
+    let Service { vis, name, .. } = s;
+    let svc = service_ident(s);
+    let client = format_ident!("{}Client", name);
+    let methods = s.methods.iter().map(|m| {
+        let c = const_ident(m);
+        let Method { name: mname, docs, .. } = m;
+        let mname_async = format_ident!("{}_async", mname);
+        let params: Vec<TokenStream> = m
+            .args
+            .iter()
+            .map(|a| {
+                let (n, ty) = (&a.name, &a.ty);
+                match a.kind {
+                    Kind::Value => quote!(#n: #ty),
+                    _ => quote!(#n: &#ty),
+                }
+            })
+            .collect();
+        let writes: Vec<TokenStream> = m
+            .args
+            .iter()
+            .map(|a| {
+                let (n, ty) = (&a.name, &a.ty);
+                match a.kind {
+                    Kind::Value => quote_spanned!(ty.span()=> w.value::<#ty>(&#n);),
+                    _ => quote_spanned!(ty.span()=> w.borrowed::<#ty>(#n);),
+                }
+            })
+            .collect();
+        let (ret_ty, read) = match &m.ret {
+            None => (quote!(()), quote!(())),
+            Some((ty, Kind::Value)) => (quote!(#ty), quote!(r.value::<#ty>()?)),
+            Some((ty, _)) => (quote!(::rpal::rpc::Returned<#ty>), quote!(ctx.returned::<#ty>(r)?)),
+        };
+        let call = quote! {
+            #svc::#c,
+            self.timeout,
+            |w: &mut ::rpal::rpc::Writer<'_>| {
+                let _ = &w;
+                #(#writes)*
+                ::core::result::Result::Ok(())
+            },
+            |r: &mut ::rpal::rpc::Reader<'_>, ctx: &::rpal::rpc::ReplyCtx<'_>| {
+                let _ = ctx;
+                let out = #read;
+                r.finish()?;
+                ::core::result::Result::Ok(out)
+            },
+        };
+        let async_doc = format!(" The async form of [`{client}::{mname}`]: dropping the future cancels the call.");
+        quote! {
+            #(#docs)*
+            pub fn #mname(&self, #(#params),*) -> ::rpal::Result<#ret_ty> {
+                self.channel.call(#call)
+            }
+
+            #[doc = #async_doc]
+            pub async fn #mname_async(&self, #(#params),*) -> ::rpal::Result<#ret_ty> {
+                self.channel.call_async(#call).await
+            }
+        }
+    });
+    let doc = format!(
+        " A client of the `{name}` service. Clones share one connection, which carries calls from any number of threads and tasks at once."
+    );
+    quote! {
+        #[doc = #doc]
+        #[derive(Debug, Clone)]
+        #vis struct #client {
+            channel: ::rpal::rpc::Channel,
+            timeout: ::core::option::Option<::core::time::Duration>,
+        }
+
+        impl #client {
+            /// Connects over shared memory to the server at `path` (same host).
+            pub fn connect(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
+                Self::connect_with(path, ::rpal::ClientOptions::new(#svc::NAME))
+            }
+
+            /// As [`Self::connect`], with explicit options (wait policy, default
+            /// deadline); the service name and method hash are filled in.
+            pub fn connect_with(
+                path: impl ::core::convert::AsRef<::std::path::Path>,
+                mut opts: ::rpal::ClientOptions,
+            ) -> ::rpal::Result<Self> {
+                opts.service = ::std::string::String::from(#svc::NAME);
+                opts.method_hash = #svc::METHOD_HASH;
+                let timeout = opts.call_timeout;
+                let client = ::rpal::Client::connect(path, opts)?;
+                let channel = ::rpal::rpc::Channel::Shm(::rpal::rpc::ShmChannel::new(client));
+                ::core::result::Result::Ok(Self { channel, timeout })
+            }
+
+            /// Connects over TCP (any host): arguments are copied into frames.
+            pub fn connect_tcp(addr: impl ::std::net::ToSocketAddrs) -> ::rpal::Result<Self> {
+                let c = ::rpal::rpc::StreamChannel::connect_tcp(addr, #svc::NAME, #svc::METHOD_HASH)?;
+                ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
+            }
+
+            /// Connects to a server's Unix stream socket: like TCP, without the network stack.
+            pub fn connect_unix_stream(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
+                let c = ::rpal::rpc::StreamChannel::connect_unix(path, #svc::NAME, #svc::METHOD_HASH)?;
+                ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
+            }
+
+            /// A client over an existing channel (no deadline).
+            pub fn from_channel(channel: ::rpal::rpc::Channel) -> Self {
+                Self { channel, timeout: ::core::option::Option::None }
+            }
+
+            /// A handle on the same connection whose calls fail with
+            /// `Timeout` after `timeout`.
+            pub fn with_timeout(&self, timeout: ::core::time::Duration) -> Self {
+                Self { channel: ::core::clone::Clone::clone(&self.channel), timeout: ::core::option::Option::Some(timeout) }
+            }
+
+            /// The connection.
+            pub fn channel(&self) -> &::rpal::rpc::Channel {
+                &self.channel
+            }
+
+            #(#methods)*
+        }
+    }
+}

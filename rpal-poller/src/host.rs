@@ -1,0 +1,140 @@
+//! Serving one service everywhere at once: shared memory (pollers, handlers
+//! inline) plus TCP and Unix-stream peers (tokio, the same handler).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rpal_core::rpc::{Dispatch, ShmHandler, StreamServer, serve_stream};
+use rpal_core::{Error, Result, Server, ServerOptions};
+
+use crate::pool::{PollerConfig, Serving, serve};
+
+/// Where and how to serve a service; [`HostBuilder::start`] starts it.
+pub struct HostBuilder<D> {
+    dispatch: Arc<D>,
+    shm: Option<(PathBuf, ServerOptions)>,
+    poller: PollerConfig,
+    tcp: Option<String>,
+    unix_stream: Option<PathBuf>,
+    stream_threads: usize,
+}
+
+impl<D: Dispatch> HostBuilder<D> {
+    /// Serves `dispatch` (a generated `XServer`); add at least one endpoint.
+    pub fn new(dispatch: D) -> Self {
+        Self {
+            dispatch: Arc::new(dispatch),
+            shm: None,
+            poller: PollerConfig::default(),
+            tcp: None,
+            unix_stream: None,
+            stream_threads: 1,
+        }
+    }
+
+    /// Serves shared-memory clients at the Unix socket `path`.
+    pub fn shm(self, path: impl Into<PathBuf>) -> Self {
+        self.shm_with(path, ServerOptions::new(D::SERVICE))
+    }
+
+    /// As [`HostBuilder::shm`] with explicit options (policy, wait); the
+    /// service name and method hash are filled in.
+    pub fn shm_with(mut self, path: impl Into<PathBuf>, mut opts: ServerOptions) -> Self {
+        opts.service = D::SERVICE.to_owned();
+        opts.method_hash = D::METHOD_HASH;
+        self.shm = Some((path.into(), opts));
+        self
+    }
+
+    /// Poller threads and their spin policy, for shared-memory clients.
+    pub fn poller(mut self, cfg: PollerConfig) -> Self {
+        self.poller = cfg;
+        self
+    }
+
+    /// Serves TCP clients at `addr` (port 0 picks one; see [`Host::tcp_addr`]).
+    pub fn tcp(mut self, addr: impl Into<String>) -> Self {
+        self.tcp = Some(addr.into());
+        self
+    }
+
+    /// Serves stream clients at the Unix socket `path` (no shared memory).
+    pub fn unix_stream(mut self, path: impl Into<PathBuf>) -> Self {
+        self.unix_stream = Some(path.into());
+        self
+    }
+
+    /// Tokio worker threads for the stream endpoints.
+    pub fn stream_threads(mut self, n: usize) -> Self {
+        self.stream_threads = n.max(1);
+        self
+    }
+
+    /// Binds every endpoint and starts serving.
+    pub fn start(self) -> Result<Host> {
+        let shm = match self.shm {
+            Some((path, opts)) => {
+                let server = Server::bind(&path, opts)?;
+                Some(serve(server, ShmHandler(self.dispatch.clone()), self.poller)?)
+            }
+            None => None,
+        };
+        let tcp: Option<SocketAddr> = match &self.tcp {
+            Some(a) => Some(
+                a.to_socket_addrs()
+                    .map_err(|e| Error::io(format!("resolve {a}"), e))?
+                    .next()
+                    .ok_or_else(|| Error::io(format!("resolve {a}"), std::io::ErrorKind::NotFound.into()))?,
+            ),
+            None => None,
+        };
+        let stream = if tcp.is_some() || self.unix_stream.is_some() {
+            Some(serve_stream(
+                self.dispatch.clone(),
+                tcp,
+                self.unix_stream.as_deref(),
+                self.stream_threads,
+            )?)
+        } else {
+            None
+        };
+        Ok(Host { shm, stream })
+    }
+}
+
+/// A service being served. Dropping it stops every endpoint.
+pub struct Host {
+    shm: Option<Serving>,
+    stream: Option<StreamServer>,
+}
+
+impl Host {
+    /// The shared-memory side: pollers, their stats, server counters.
+    pub fn shm(&self) -> Option<&Serving> {
+        self.shm.as_ref()
+    }
+
+    /// The TCP address (with the real port).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.stream.as_ref().and_then(|s| s.tcp_addr())
+    }
+
+    /// Serves until the process ends.
+    pub fn join(mut self) {
+        match self.shm.take() {
+            Some(s) => s.join(),
+            None => loop {
+                std::thread::park();
+            },
+        }
+    }
+
+    /// Stops every endpoint and waits for the pollers.
+    pub fn shutdown(mut self) {
+        if let Some(s) = self.shm.take() {
+            s.shutdown();
+        }
+        self.stream = None;
+    }
+}
