@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 
 use rpal::sys;
 
+pub mod stub;
+
 /// One measured row.
 #[derive(Debug, Clone)]
 pub struct Row {
-    /// `raw-spin`, `raw-futex`, `rpal`, `tcp`, `alloc`.
+    /// `raw-spin`, `raw-futex`, `rpal`, `tcp`, `local`, `rpal-stub`, `tcp-stub`, `alloc`.
     pub transport: &'static str,
-    /// `busy` or `parked` for round trips; the implementation (`rpal`,
-    /// `system`) for `alloc` rows.
+    /// `busy`, `parked` or `async` for round trips, `write` for `local`; the
+    /// implementation (`rpal`, `system`) for `alloc` rows.
     pub mode: &'static str,
     /// Payload bytes each way.
     pub payload: usize,
@@ -41,6 +43,8 @@ impl Row {
         // Alloc rows name the implementation `impl` and measure one alloc+free pair.
         let (key, measure) = if self.transport == "alloc" {
             ("impl", "alloc_free")
+        } else if self.transport == "local" {
+            ("mode", "local_write")
         } else {
             ("mode", "round_trip")
         };
@@ -227,6 +231,7 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             }
             Ok(())
         }
+        "stub-busy" | "stub-parked" => stub::run_stub_server(&arg(0), role == "stub-parked"),
         "queue-producer" => queue_producer(
             &arg(0),
             arg(1).parse().expect("payload"),

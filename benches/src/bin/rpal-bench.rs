@@ -2,22 +2,34 @@
 //! transport, in one run, so they can be compared as ratios.
 //!
 //! ```text
-//! cargo run --release -p rpal-bench -- [--json] [--iters N] [--quick] [--only NAME]
+//! cargo run --release -p rpal-bench -- [--json] [--iters N] [--quick] [--payload BYTES] [--only NAME]
 //! ```
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rpal_bench::stub::{StubMode, StubRoundTrip};
 use rpal_bench::{
     ALLOC_BATCH, RawPingPong, RoundTrip, Row, RpalRoundTrip, TcpRoundTrip, measure_alloc, measure_idle, measure_queue,
     measure_samples, pin, run_child, summarize,
 };
+
+/// Stub payloads: (bytes, iterations of fast rows, of sleeping or TCP rows).
+const STUB_PAYLOADS: [(usize, usize, usize); 4] = [
+    (8, 200_000, 20_000),
+    (4096, 50_000, 10_000),
+    (65536, 10_000, 5_000),
+    (1 << 20, 2_000, 1_000),
+];
+/// Rows that `--only stub` selects.
+const STUB_ROWS: [&str; 3] = ["local", "rpal-stub", "tcp-stub"];
 
 struct Args {
     json: bool,
     iters: Option<usize>,
     quick: bool,
     only: Option<String>,
+    payload: Option<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -26,6 +38,7 @@ fn parse() -> Result<Args, String> {
         iters: None,
         quick: false,
         only: None,
+        payload: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -33,10 +46,17 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = true,
             "--quick" => a.quick = true,
             "--iters" => a.iters = Some(it.next().and_then(|v| v.parse().ok()).ok_or("--iters needs a number")?),
+            "--payload" => {
+                a.payload = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .ok_or("--payload needs a number")?,
+                )
+            }
             "--only" => a.only = Some(it.next().ok_or("--only needs a transport name")?),
             "-h" | "--help" => {
                 println!(
-                    "usage: rpal-bench [--json] [--iters N] [--quick] [--only NAME[,NAME...]] (raw-spin raw-futex rpal rpal-busy rpal-parked tcp queue idle alloc)"
+                    "usage: rpal-bench [--json] [--iters N] [--quick] [--payload BYTES] [--only NAME[,NAME...]] (raw-spin raw-futex rpal rpal-busy rpal-parked tcp stub local rpal-stub tcp-stub queue idle alloc)"
                 );
                 std::process::exit(0);
             }
@@ -56,14 +76,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse()?;
     let exe: PathBuf = std::env::current_exe()?;
     pin(0);
-    // (transport, mode, default iterations): sleeping rows are ~100x slower.
-    let plan: [(&str, &str, usize); 5] = [
-        ("raw-spin", "busy", 200_000),
-        ("raw-futex", "parked", 20_000),
-        ("rpal", "busy", 200_000),
-        ("rpal", "parked", 20_000),
-        ("tcp", "busy", 20_000),
+    // (transport, mode, payload, default iterations): sleeping rows are
+    // ~100x slower, and big payloads cost their write on every call.
+    let mut plan: Vec<(&str, &str, usize, usize)> = vec![
+        ("raw-spin", "busy", 8, 200_000),
+        ("raw-futex", "parked", 8, 20_000),
+        ("rpal", "busy", 8, 200_000),
+        ("rpal", "parked", 8, 20_000),
+        ("tcp", "busy", 8, 20_000),
     ];
+    for (payload, fast, slow) in STUB_PAYLOADS {
+        plan.push(("local", "write", payload, fast));
+        plan.push(("rpal-stub", "busy", payload, fast));
+        plan.push(("rpal-stub", "parked", payload, slow));
+        plan.push(("rpal-stub", "async", payload, slow));
+        plan.push(("tcp-stub", "busy", payload, slow));
+    }
     // The machine's two vCPUs may sit on two cores or on one core's two
     // hyperthreads, and the hypervisor moves them: so every row runs in
     // several short rounds, interleaved with the others, and the rows pool
@@ -71,37 +99,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds = if args.quick { 2 } else { 5 };
     let chosen: Vec<_> = plan
         .iter()
-        .filter(|(t, m, _)| {
-            args.only
-                .as_deref()
-                .is_none_or(|o| o.split(',').any(|o| o == *t || o == format!("{t}-{m}")))
+        .filter(|(_, _, p, _)| args.payload.is_none_or(|want| want == *p))
+        .filter(|(t, m, _, _)| {
+            args.only.as_deref().is_none_or(|o| {
+                o.split(',')
+                    .any(|o| o == *t || o == format!("{t}-{m}") || (o == "stub" && STUB_ROWS.contains(t)))
+            })
         })
         .collect();
     let mut samples: Vec<Vec<u64>> = vec![Vec::new(); chosen.len()];
     let mut iters_of = vec![0usize; chosen.len()];
     for _ in 0..rounds {
-        for (k, &&(transport, mode, default_iters)) in chosen.iter().enumerate() {
-            let iters = args
+        for (k, &&(transport, mode, payload, default_iters)) in chosen.iter().enumerate() {
+            let iters = (args
                 .iters
                 .unwrap_or(if args.quick { default_iters / 20 } else { default_iters })
-                / rounds;
+                / rounds)
+                .max(10);
+            let stub = |m| StubRoundTrip::start(&exe, m, payload);
             let mut rt: Box<dyn RoundTrip> = match (transport, mode) {
                 ("raw-spin", _) => Box::new(RawPingPong::start(&exe, false)?),
                 ("raw-futex", _) => Box::new(RawPingPong::start(&exe, true)?),
                 ("rpal", m) => Box::new(RpalRoundTrip::start(&exe, m == "parked")?),
-                _ => Box::new(TcpRoundTrip::start(&exe)?),
+                ("tcp", _) => Box::new(TcpRoundTrip::start(&exe)?),
+                ("local", _) => Box::new(stub(StubMode::Local)?),
+                ("rpal-stub", "busy") => Box::new(stub(StubMode::Busy)?),
+                ("rpal-stub", "parked") => Box::new(stub(StubMode::Parked)?),
+                ("rpal-stub", _) => Box::new(stub(StubMode::Async)?),
+                _ => Box::new(stub(StubMode::Tcp)?),
             };
             samples[k].extend(measure_samples(rt.as_mut(), iters / 10 + 10, iters));
             iters_of[k] += iters;
         }
     }
     let mut rows = Vec::new();
-    for (k, &&(transport, mode, _)) in chosen.iter().enumerate() {
+    for (k, &&(transport, mode, payload, _)) in chosen.iter().enumerate() {
         let (p50, p99, mean) = summarize(&mut samples[k]);
         let row = Row {
             transport,
             mode,
-            payload: 8,
+            payload,
             p50_ns: p50,
             p99_ns: p99,
             mean_ns: mean,
@@ -178,7 +215,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ));
     }
     if !args.json {
-        print_table(&rows);
+        let (basic, stubs): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| !STUB_ROWS.contains(&r.transport));
+        print_table(&basic);
+        print_stub_table(&stubs, &basic);
         println!();
         for l in &extra_lines {
             println!("{l}");
@@ -248,5 +287,66 @@ fn print_table(rows: &[Row]) {
     }
     println!(
         "p50/p99/mean are per round trip; /raw-spin: p50 over the spin floor; tcp/x: how many times faster than TCP."
+    );
+}
+
+fn print_stub_table(rows: &[Row], basic: &[Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let p50 = |t: &str, m: &str, payload: usize| {
+        rows.iter()
+            .chain(basic)
+            .find(|r| r.transport == t && r.mode == m && r.payload == payload)
+            .map(|r| r.p50_ns as f64)
+    };
+    println!();
+    println!(
+        "generated stubs (#[rpal::service]): the caller writes the whole payload each call, the callee checks its first and last 8 bytes"
+    );
+    println!(
+        "{:<10} {:<7} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
+        "transport", "mode", "payload", "p50", "p99", "mean", "iters", "-local p50"
+    );
+    let us = |ns: f64| format!("{:.2} us", ns / 1000.0);
+    for r in rows {
+        let over = match p50("local", "write", r.payload) {
+            Some(l) if r.transport != "local" => us(r.p50_ns as f64 - l),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<10} {:<7} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
+            r.transport,
+            r.mode,
+            r.payload,
+            us(r.p50_ns as f64),
+            us(r.p99_ns as f64),
+            us(r.mean_ns as f64),
+            r.iters,
+            over
+        );
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let stub8 = p50("rpal-stub", "busy", 8);
+    println!(
+        "stub busy 8 B / raw queue round trip (rpal busy): {}; / raw spin: {}",
+        ratio(stub8, p50("rpal", "busy", 8)),
+        ratio(stub8, p50("raw-spin", "busy", 8))
+    );
+    if let (Some(s1m), Some(l1m), Some(s8)) = (p50("rpal-stub", "busy", 1 << 20), p50("local", "write", 1 << 20), stub8)
+    {
+        println!(
+            "zero copy at 1 MiB: stub p50 - local p50 = {} ({:.2}x the 8 B stub p50)",
+            us(s1m - l1m),
+            (s1m - l1m) / s8
+        );
+    }
+    println!(
+        "tcp-stub / rpal-stub p50: {} at 8 B, {} at 1 MiB",
+        ratio(p50("tcp-stub", "busy", 8), stub8),
+        ratio(p50("tcp-stub", "busy", 1 << 20), p50("rpal-stub", "busy", 1 << 20))
     );
 }

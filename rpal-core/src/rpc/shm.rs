@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::table::{Body, Dead, Table, Waiter, thread_bell};
+use super::table::{Dead, Table, Waiter, thread_bell};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, ReleaseSink, Writer};
 use super::{ReplyCtx, Sink};
@@ -69,6 +69,10 @@ pub struct ShmChannel {
     /// Releases of the server's blocks, made without the lock (from `Drop`
     /// of a result), published at the next send or read.
     releases: Mutex<Vec<u64>>,
+    has_releases: AtomicBool,
+    /// Threads waiting for `inner`: a caller spinning with the lock held
+    /// lets go as soon as this is non-zero.
+    contenders: AtomicU32,
     pump_started: AtomicBool,
     pump_bell: Arc<AtomicU32>,
 }
@@ -94,6 +98,8 @@ impl ShmChannel {
             pid,
             parked,
             releases: Mutex::new(Vec::new()),
+            has_releases: AtomicBool::new(false),
+            contenders: AtomicU32::new(0),
             pump_started: AtomicBool::new(false),
             pump_bell: Arc::new(AtomicU32::new(0)),
         })
@@ -117,7 +123,38 @@ impl ShmChannel {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic in a caller's `read` leaves the connection consistent
         // (the table and queues change only in non-panicking code).
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        if let Ok(g) = self.inner.try_lock() {
+            return g;
+        }
+        // Relaxed: only a hint to a spinning holder; the mutex orders the rest.
+        self.contenders.fetch_add(1, Ordering::Relaxed);
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.contenders.fetch_sub(1, Ordering::Relaxed);
+        g
+    }
+
+    /// Spins with the lock held while the reply is not there, nobody else
+    /// wants the connection, and the spin budget lasts. True if something
+    /// arrived.
+    fn spin_locked(&self, word: WordRef, seen: u32) -> bool {
+        // SAFETY: the caller holds the lock, so the channel and its mappings live.
+        let word = unsafe { word.get() };
+        let mut start = None;
+        loop {
+            for _ in 0..1024 {
+                // Acquire: pairs with the server's Release publication.
+                if word.load(Ordering::Acquire) != seen {
+                    return true;
+                }
+                if self.contenders.load(Ordering::Relaxed) != 0 {
+                    return false;
+                }
+                std::hint::spin_loop();
+            }
+            if start.get_or_insert_with(Instant::now).elapsed() >= self.wait.spin {
+                return false;
+            }
+        }
     }
 
     /// Sends a request whose body `write` fills, and tracks it.
@@ -125,11 +162,13 @@ impl ShmChannel {
         &self,
         inner: &mut Inner,
         method: u32,
-        waiter: Waiter,
+        waiter: Option<Waiter>,
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
     ) -> Result<u64> {
         inner.table.check()?;
-        self.flush_releases(inner);
+        if self.has_releases.load(Ordering::Relaxed) {
+            self.flush_releases(inner);
+        }
         let mut failed = None;
         let sent = inner.client.send_request(method, INLINE_CAPACITY, |buf| {
             let mut w = Writer::fixed(buf);
@@ -145,13 +184,16 @@ impl ShmChannel {
             Ok(id) => id,
             Err(e) => return Err(self.fail_conn(inner, e)),
         };
-        inner.table.insert(id, method, waiter);
-        if let Some(e) = failed {
-            // The request went out empty; forget it (its reply is discarded).
-            inner.table.remove(id);
-            return Err(e);
+        match waiter {
+            Some(w) if failed.is_none() => inner.table.insert(id, method, w),
+            // Untracked (the caller keeps the lock), or the request went out
+            // empty: its reply, if any, is discarded.
+            _ => inner.table.sent_untracked(id),
         }
-        Ok(id)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(id),
+        }
     }
 
     /// Transport failures end the connection for every call; call-level
@@ -168,6 +210,7 @@ impl ShmChannel {
 
     fn flush_releases(&self, inner: &mut Inner) {
         let mut r = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        self.has_releases.store(false, Ordering::Relaxed);
         for addr in r.drain(..) {
             inner.client.release(addr);
         }
@@ -185,10 +228,10 @@ impl ShmChannel {
         let Inner { client, table } = inner;
         let pid = self.pid;
         let r = client.drain_replies(|id, status, body, region| {
-            if id == mine && read.is_some() && table.contains(id) {
+            if id == mine && read.is_some() {
                 table.remove(id);
                 let read = read.take().expect("checked above");
-                *out = Some(self.finish(id, status, body, region, read, table_method(status)));
+                *out = Some(self.finish(status, body, region, read));
                 Ok(())
             } else {
                 table.complete(id, status, body, pid)
@@ -200,18 +243,18 @@ impl ShmChannel {
         }
     }
 
+    /// Reads a reply with `read`; an error status becomes `Remote` (the
+    /// caller fills in the method, see `fix_method`).
     fn finish<R>(
         self: &Arc<Self>,
-        _id: u64,
         status: u32,
         body: &[u8],
         region: &PeerRegion,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
-        method: Option<u32>,
     ) -> Result<R> {
         if status != 0 {
             return Err(Error::Remote {
-                method: method.unwrap_or(0),
+                method: 0,
                 status: RemoteStatus::from_code(status),
             });
         }
@@ -233,13 +276,32 @@ impl ShmChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
-        let deadline = timeout.map(|d| (Instant::now() + d, d));
-        let bell = thread_bell();
         let mut inner = self.lock();
-        let id = self.send(&mut inner, method, Waiter::Thread(bell.clone()), write)?;
-        inner.client.flush();
         let mut read = Some(read);
         let mut out = None;
+        // Fast path: while no other thread wants the connection, keep the
+        // lock, spin on the reply word, and read the reply in place. The
+        // call then never enters the table and takes the lock once.
+        let id = self.send(&mut inner, method, None, write)?;
+        inner.client.flush();
+        let mut spun = false;
+        if !self.wait.spin.is_zero() {
+            let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+            if let Some((word, seen)) = target {
+                spun = !self.spin_locked(word, seen) && self.contenders.load(Ordering::Relaxed) == 0;
+            }
+            self.drain(&mut inner, id, &mut read, &mut out)?;
+            if let Some(r) = out.take() {
+                return fix_method(r, method);
+            }
+        }
+        // Slow path: track the call so that whoever reads replies next can
+        // hand ours over, and wait without the lock.
+        // The deadline counts from here: reading the clock costs as much as
+        // the whole fast path, and the spin above is bounded anyway.
+        let deadline = timeout.map(|d| (Instant::now() + d, d));
+        let bell = thread_bell();
+        inner.table.insert(id, method, Waiter::Thread(bell));
         loop {
             self.drain(&mut inner, id, &mut read, &mut out)?;
             if let Some(r) = out.take() {
@@ -249,12 +311,12 @@ impl ShmChannel {
                 // Another thread read our reply and copied it for us.
                 let read = read.take().expect("not read yet");
                 let region = &inner.client.peer().region;
-                return done.and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method));
+                return done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method));
             }
             let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
             drop(inner);
             let waited = match target {
-                Some((word, seen)) => self.wait(word, seen, &bell, deadline),
+                Some((word, seen)) => self.wait(word, seen, bell.word(), deadline, !std::mem::take(&mut spun)),
                 None => Ok(()),
             };
             inner = self.lock();
@@ -263,8 +325,7 @@ impl ShmChannel {
                     if let Some(done) = inner.table.take(id) {
                         let read = read.take().expect("not read yet");
                         let region = &inner.client.peer().region;
-                        return done
-                            .and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method));
+                        return done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method));
                     }
                     inner.table.remove(id);
                 } else {
@@ -277,7 +338,14 @@ impl ShmChannel {
 
     /// Waits until `word` leaves `seen` or `bell` rings, the deadline
     /// passes, or the server dies.
-    fn wait(&self, word: WordRef, seen: u32, bell: &AtomicU32, deadline: Option<(Instant, Duration)>) -> Result<()> {
+    fn wait(
+        &self,
+        word: WordRef,
+        seen: u32,
+        bell: &AtomicU32,
+        deadline: Option<(Instant, Duration)>,
+        spin: bool,
+    ) -> Result<()> {
         // SAFETY: `self` is alive for the whole wait and keeps the mappings.
         let (word, parked) = unsafe { (word.get(), self.parked.get()) };
         let changed = || {
@@ -285,16 +353,18 @@ impl ShmChannel {
             // reply (and with the Release store of a bell in `Table`).
             word.load(Ordering::Acquire) != seen || bell.load(Ordering::Acquire) != 0
         };
-        if !self.wait.spin.is_zero() {
-            let start = Instant::now();
+        if spin && !self.wait.spin.is_zero() {
+            // The clock is read only after the first 1024 spins, so a reply
+            // that comes quickly never pays for it.
+            let mut start = None;
             loop {
-                for _ in 0..256 {
+                for _ in 0..1024 {
                     if changed() {
                         return Ok(());
                     }
                     std::hint::spin_loop();
                 }
-                if start.elapsed() >= self.wait.spin {
+                if start.get_or_insert_with(Instant::now).elapsed() >= self.wait.spin {
                     break;
                 }
             }
@@ -349,7 +419,7 @@ impl ShmChannel {
     ) -> Result<R> {
         let id = {
             let mut inner = self.lock();
-            let id = self.send(&mut inner, method, Waiter::Task(None), write)?;
+            let id = self.send(&mut inner, method, Some(Waiter::Task(None)), write)?;
             inner.client.flush();
             id
         };
@@ -372,9 +442,7 @@ impl ShmChannel {
             if let Some(done) = inner.table.take(id) {
                 let read = read.take().expect("not read yet");
                 let region = &inner.client.peer().region;
-                return Poll::Ready(
-                    done.and_then(|b| fix_method(self.finish(id, 0, b.bytes(), region, read, None), method)),
-                );
+                return Poll::Ready(done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method)));
             }
             inner.table.set_waker(id, cx.waker());
             Poll::Pending
@@ -426,7 +494,7 @@ fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
         let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
         drop(inner);
         if let Some((word, seen)) = target {
-            if let Err(e) = chan.wait(word, seen, &bell, None) {
+            if let Err(e) = chan.wait(word, seen, &bell, None, true) {
                 chan.lock().table.kill(Dead::of(&e));
                 return;
             }
@@ -455,6 +523,9 @@ impl Expire for ShmChannel {
 impl ReleaseSink for ShmChannel {
     fn release(&self, addr: u64) {
         self.releases.lock().unwrap_or_else(|p| p.into_inner()).push(addr);
+        // Relaxed: a hint; the list itself is read under its lock, and a
+        // release seen one call late is still published.
+        self.has_releases.store(true, Ordering::Relaxed);
     }
 }
 
@@ -464,19 +535,9 @@ impl Sink for Arc<ShmChannel> {
     }
 }
 
-/// Error replies name the method; the drain does not know it.
-fn table_method(_status: u32) -> Option<u32> {
-    None
-}
-
 fn fix_method<R>(r: Result<R>, method: u32) -> Result<R> {
     match r {
         Err(Error::Remote { status, .. }) => Err(Error::Remote { method, status }),
         r => r,
     }
-}
-
-#[allow(dead_code)]
-fn _body_is_send(b: Body) -> impl Send {
-    b
 }

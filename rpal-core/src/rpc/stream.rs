@@ -240,7 +240,8 @@ impl StreamChannel {
     ) -> Result<R> {
         let deadline = timeout.map(|d| (Instant::now() + d, d));
         let bell = thread_bell();
-        let id = self.send(method, Waiter::Thread(bell.clone()), write)?;
+        let id = self.send(method, Waiter::Thread(bell), write)?;
+        let bell = bell.word();
         loop {
             if let Some(done) = lock(&self.table).take(id) {
                 return done.and_then(|b| read(&mut Reader::stream(b.bytes()), &ReplyCtx::stream()));
@@ -260,7 +261,7 @@ impl StreamChannel {
             }
             // Acquire pairs with the Release store of the bell in `Table`.
             if bell.load(Ordering::Acquire) == 0 {
-                sys::futex_wait(&bell, 0, Some(slice));
+                sys::futex_wait(bell, 0, Some(slice));
             }
         }
     }

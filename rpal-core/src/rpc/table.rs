@@ -7,7 +7,6 @@
 //! for an id never given out is a protocol violation.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::Waker;
 
@@ -47,10 +46,26 @@ impl Body {
     }
 }
 
+/// A blocked thread's bell: a thread-local word. The thread stays inside
+/// the call (and so alive) while its slot holds the bell.
+#[derive(Clone, Copy)]
+pub(crate) struct Bell(std::ptr::NonNull<AtomicU32>);
+
+// SAFETY: points to an atomic that outlives every use (see the type's doc).
+unsafe impl Send for Bell {}
+
+impl Bell {
+    pub(crate) fn word(&self) -> &AtomicU32 {
+        // SAFETY: the owning thread is blocked in the call that holds this
+        // bell; its thread-local outlives the call.
+        unsafe { self.0.as_ref() }
+    }
+}
+
 /// Who waits for a call.
 pub(crate) enum Waiter {
     /// A blocked thread sleeping on its bell word.
-    Thread(Arc<AtomicU32>),
+    Thread(Bell),
     /// An async task.
     Task(Option<Waker>),
 }
@@ -59,6 +74,7 @@ impl Waiter {
     fn wake(&mut self) {
         match self {
             Waiter::Thread(bell) => {
+                let bell = bell.word();
                 // Release: pairs with the Acquire load in the waiter's loop;
                 // the slot's state was written (under the table lock) before.
                 bell.store(1, Ordering::Release);
@@ -139,18 +155,27 @@ impl Table {
         }
     }
 
-    /// Tracks call `id` (the next one in order).
+    /// Notes that call `id` went out without a slot: its caller holds the
+    /// connection until the reply and reads it itself.
+    pub(crate) fn sent_untracked(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
+    }
+
+    /// Tracks call `id` (ids are given out in order; ids skipped by
+    /// untracked calls become empty slots).
     pub(crate) fn insert(&mut self, id: u64, method: u32, waiter: Waiter) {
-        debug_assert_eq!(id, self.next_id, "call ids are tracked in order");
         if self.slots.is_empty() {
             self.base = id;
+        }
+        while self.base + (self.slots.len() as u64) < id {
+            self.slots.push_back(None);
         }
         self.slots.push_back(Some(Slot {
             method,
             done: None,
             waiter,
         }));
-        self.next_id = id + 1;
+        self.next_id = self.next_id.max(id + 1);
     }
 
     fn index(&self, id: u64) -> Option<usize> {
@@ -162,11 +187,6 @@ impl Table {
     /// The id the next call gets.
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id
-    }
-
-    /// Whether `id` is tracked.
-    pub(crate) fn contains(&self, id: u64) -> bool {
-        self.index(id).is_some_and(|i| self.slots[i].is_some())
     }
 
     /// Stops tracking `id`; a reply that comes later is discarded.
@@ -272,14 +292,14 @@ impl Table {
 }
 
 thread_local! {
-    static BELL: Arc<AtomicU32> = Arc::new(AtomicU32::new(0));
+    static BELL: AtomicU32 = const { AtomicU32::new(0) };
 }
 
 /// This thread's bell: the word it sleeps on while another thread reads
 /// replies for it. Cleared, ready for a new call.
-pub(crate) fn thread_bell() -> Arc<AtomicU32> {
+pub(crate) fn thread_bell() -> Bell {
     BELL.with(|b| {
         b.store(0, Ordering::Relaxed);
-        b.clone()
+        Bell(std::ptr::NonNull::from(b))
     })
 }
