@@ -1,14 +1,16 @@
-//! `#[derive(ShmSafe)]` refuses types that cannot be shared, with messages
-//! that name the field and the replacement; and its output compiles under
-//! `#![no_implicit_prelude]`.
+//! `#[derive(ShmSafe)]` and `#[rpal::service]` refuse what cannot be shared
+//! or called across processes, with messages that point at the offending
+//! field, argument or item and name the replacement; and their output
+//! compiles under `#![no_implicit_prelude]`.
 
 #[test]
-fn shm_safe_derive_messages() {
+fn macro_messages_and_hygiene() {
     if std::env::var_os("RPAL_SKIP_TRYBUILD").is_some() {
         eprintln!("skipped: RPAL_SKIP_TRYBUILD is set");
         return;
     }
     let t = trybuild::TestCases::new();
     t.compile_fail("tests/ui/shm_safe/*.rs");
+    t.compile_fail("tests/ui/service/*.rs");
     t.pass("tests/ui/pass/*.rs");
 }

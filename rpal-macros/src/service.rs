@@ -126,11 +126,8 @@ fn parse(item: &ItemTrait) -> syn::Result<Service> {
 
 fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
     let sig = &f.sig;
-    let mut ok = true;
-    let mut bad = |span: Span, msg: &str| {
-        errors.push(span, msg);
-        ok = false;
-    };
+    let mut errs: Vec<syn::Error> = Vec::new();
+    let mut bad = |span: Span, msg: &str| errs.push(syn::Error::new(span, msg));
     if let Some(a) = &sig.asyncness {
         bad(
             a.span(),
@@ -164,6 +161,7 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         _ => bad(sig.ident.span(), "service methods take `&self` as their first argument"),
     }
     let mut args = Vec::new();
+    let mut bad_type: Vec<syn::Error> = Vec::new();
     for input in sig.inputs.iter().skip(1) {
         let FnArg::Typed(pt) = input else { continue };
         let name = match &*pt.pat {
@@ -179,7 +177,7 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
                 ty: (*pt.ty).clone(),
                 kind,
             }),
-            Err((span, msg)) => bad(span, &msg),
+            Err(e) => bad_type.push(e),
         }
     }
     let ret = match &sig.output {
@@ -187,12 +185,16 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
         ReturnType::Type(_, ty) => match classify(ty) {
             Ok(kind) => Some(((**ty).clone(), kind)),
-            Err((span, msg)) => {
-                bad(span, &msg);
+            Err(e) => {
+                bad_type.push(e);
                 None
             }
         },
     };
+    let ok = errs.is_empty() && bad_type.is_empty();
+    for e in errs.into_iter().chain(bad_type) {
+        errors.add(e);
+    }
     if !ok {
         return None;
     }
@@ -221,8 +223,8 @@ fn single_arg(seg: &syn::PathSegment) -> Option<Type> {
 }
 
 /// Sorts a type into value or pointer kinds, refusing what cannot cross.
-fn classify(ty: &Type) -> Result<Kind, (Span, String)> {
-    let refuse = |msg: &str| Err((ty.span(), msg.to_owned()));
+fn classify(ty: &Type) -> syn::Result<Kind> {
+    let refuse = |msg: &str| Err(syn::Error::new_spanned(ty, msg));
     match ty {
         Type::Reference(_) => refuse(
             "references cannot cross processes: pass a value, or shared data as ShmBox<T>, ShmSlice<T>, ShmVec<T> or ShmString (the handler receives a reference)",
@@ -244,10 +246,10 @@ fn classify(ty: &Type) -> Result<Kind, (Span, String)> {
             match name.as_str() {
                 "ShmBox" => single_arg(seg)
                     .map(Kind::Boxed)
-                    .ok_or((ty.span(), "ShmBox takes one type argument".into())),
+                    .ok_or_else(|| syn::Error::new_spanned(ty, "ShmBox takes one type argument")),
                 "ShmSlice" | "ShmVec" => single_arg(seg)
                     .map(Kind::Slice)
-                    .ok_or((ty.span(), format!("{name} takes one type argument"))),
+                    .ok_or_else(|| syn::Error::new_spanned(ty, format!("{name} takes one type argument"))),
                 "ShmString" => Ok(Kind::Str),
                 "String" | "str" => refuse("String lives in private memory: use ShmString (the handler receives &str)"),
                 "Vec" => {
@@ -538,7 +540,7 @@ fn client(s: &Service) -> TokenStream {
                 path: impl ::core::convert::AsRef<::std::path::Path>,
                 mut opts: ::rpal::ClientOptions,
             ) -> ::rpal::Result<Self> {
-                opts.service = ::std::string::String::from(#svc::NAME);
+                opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(#svc::NAME);
                 opts.method_hash = #svc::METHOD_HASH;
                 let timeout = opts.call_timeout;
                 let client = ::rpal::Client::connect(path, opts)?;

@@ -19,6 +19,15 @@ impl Errors {
         }
     }
 
+    /// Adds an error made elsewhere (for example with `syn::Error::new_spanned`,
+    /// which covers every token of a type, not just the first).
+    pub(crate) fn add(&mut self, e: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+
     pub(crate) fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
     }
