@@ -225,6 +225,11 @@ impl ShmString {
         self.bytes.extend_from_slice(s.as_bytes())
     }
 
+    /// Empties the string, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.bytes.len()
