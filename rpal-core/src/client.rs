@@ -227,19 +227,23 @@ impl Client {
         }
     }
 
-    /// Reads every reply that has arrived, in place, in arrival order, and
-    /// hands each to `f` with its call id and status. Never waits. For
-    /// callers that track many calls themselves (replies may come in any
-    /// order); `f` may stop the drain with an error.
-    pub fn drain_replies(&mut self, mut f: impl FnMut(u64, u32, &[u8], &PeerRegion) -> Result<()>) -> Result<usize> {
+    /// Reads the replies that have arrived, in place, in arrival order, and
+    /// hands each to `f` with its call id and status, until `f` returns
+    /// `Ok(false)` or an error, or none is left. Never waits. For callers
+    /// that track many calls themselves (replies may come in any order).
+    /// Stopping as soon as the wanted reply is read matters: looking at the
+    /// next record would pull in a line the server is about to write.
+    pub fn drain_replies(&mut self, mut f: impl FnMut(u64, u32, &[u8], &PeerRegion) -> Result<bool>) -> Result<usize> {
         let _access = self.conn.peer.region.access();
         let mut n = 0;
         let out = loop {
             match next_msg(&mut self.conn.rx, &self.conn.peer.region) {
                 Ok(Some(msg)) => {
                     n += 1;
-                    if let Err(e) = f(msg.call_id, msg.status, msg.body, &self.conn.peer.region) {
-                        break Err(e);
+                    match f(msg.call_id, msg.status, msg.body, &self.conn.peer.region) {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(n),
+                        Err(e) => break Err(e),
                     }
                 }
                 Ok(None) => break Ok(n),

@@ -96,6 +96,7 @@ impl<D: Dispatch> Handler for ShmHandler<D> {
 
 /// Reads a method's arguments to the end: a body of another size was built
 /// for another signature (`BadRequest`).
+#[inline]
 pub fn args_done(r: &Reader<'_>) -> std::result::Result<(), RemoteStatus> {
     r.finish().map_err(|_| RemoteStatus::BadRequest)
 }

@@ -232,9 +232,9 @@ impl ShmChannel {
                 table.remove(id);
                 let read = read.take().expect("checked above");
                 *out = Some(self.finish(status, body, region, read));
-                Ok(())
+                Ok(false) // ours: stop here, the rest is for their callers
             } else {
-                table.complete(id, status, body, pid)
+                table.complete(id, status, body, pid).map(|()| true)
             }
         });
         match r {

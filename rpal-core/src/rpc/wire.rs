@@ -35,6 +35,7 @@ const fn align_up(at: usize, align: usize) -> usize {
 }
 
 /// The bytes of a `ShmSafe` value (it has no padding, so every byte is initialised).
+#[inline]
 fn bytes_of<T: ShmSafe>(v: &T) -> &[u8] {
     // SAFETY: ShmSafe types have no padding (trait obligation 1), so all
     // size_of::<T>() bytes are initialised; the slice borrows `v`.
@@ -186,6 +187,7 @@ enum Out<'a> {
 
 impl<'a> Writer<'a> {
     /// A writer into a fixed buffer (a queue record): shared-memory mode.
+    #[inline]
     pub fn fixed(buf: &'a mut [u8]) -> Self {
         Self {
             out: Out::Fixed(buf),
@@ -215,10 +217,12 @@ impl<'a> Writer<'a> {
     }
 
     /// Bytes written so far (`None` if a field did not fit).
+    #[inline]
     pub fn finish(self) -> Option<usize> {
         (!self.overflow).then_some(self.at)
     }
 
+    #[inline]
     fn put(&mut self, align: usize, bytes: &[u8]) {
         let start = align_up(self.at, align.max(1));
         let end = start + bytes.len();
@@ -229,7 +233,9 @@ impl<'a> Writer<'a> {
                     return;
                 };
                 let pad = start - self.at;
-                dst[..pad].fill(0);
+                if pad > 0 {
+                    dst[..pad].fill(0);
+                }
                 dst[pad..].copy_from_slice(bytes);
             }
             Out::Grow(v) => {
@@ -241,6 +247,7 @@ impl<'a> Writer<'a> {
     }
 
     /// A value, by copy.
+    #[inline]
     pub fn value<T: ShmSafe + Copy>(&mut self, v: &T) {
         self.put(align_of::<T>(), bytes_of(v));
     }
@@ -298,6 +305,7 @@ fn short(what: &'static str) -> Error {
 
 impl<'a> Reader<'a> {
     /// A reader of a body in shared memory; pointers are checked against `peer`.
+    #[inline]
     pub fn shm(body: &'a [u8], peer: &'a PeerRegion) -> Self {
         Self {
             body,
@@ -316,6 +324,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline]
     fn take(&mut self, align: usize, len: usize) -> Result<&'a [u8]> {
         let start = align_up(self.at, align.max(1));
         let bytes = start
@@ -332,6 +341,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A value, copied out (the peer may change its memory meanwhile).
+    #[inline]
     pub fn value<T: ShmSafe + Copy>(&mut self) -> Result<T> {
         let b = self.take(align_of::<T>(), size_of::<T>())?;
         // SAFETY: `b` holds size_of::<T>() bytes; ShmSafe accepts every bit
@@ -370,6 +380,7 @@ impl<'a> Reader<'a> {
 
     /// Errors unless the whole body was read: a body of the wrong size was
     /// built for another signature.
+    #[inline]
     pub fn finish(&self) -> Result<()> {
         if self.at == self.body.len() {
             Ok(())
