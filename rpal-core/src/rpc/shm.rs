@@ -424,10 +424,7 @@ impl ShmChannel {
             id
         };
         let forget = Forget { chan: self, id };
-        let armed = timeout.map(|d| {
-            let target: Weak<dyn Expire> = Arc::downgrade(&(self.clone() as Arc<dyn Expire>));
-            Wheel::global().arm(d, id, target)
-        });
+        let armed = Wheel::arm_call(self, timeout, id);
         self.kick_pump();
         let mut read = Some(read);
         let mut out = None;

@@ -277,10 +277,7 @@ impl StreamChannel {
     ) -> Result<R> {
         let id = self.send(method, Waiter::Task(None), write)?;
         let forget = Forget { table: &self.table, id };
-        let armed = timeout.map(|d| {
-            let target: Weak<dyn Expire> = Arc::downgrade(&(self.clone() as Arc<dyn Expire>));
-            Wheel::global().arm(d, id, target)
-        });
+        let armed = Wheel::arm_call(self, timeout, id);
         let done = poll_fn(|cx| {
             let mut t = lock(&self.table);
             match t.take(id) {

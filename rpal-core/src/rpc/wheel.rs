@@ -110,6 +110,15 @@ impl Wheel {
         Armed { key, generation }
     }
 
+    /// Arms `timeout` (if any) for call `id` of `target`: what an async
+    /// call does before it waits.
+    pub(crate) fn arm_call<T: Expire + 'static>(target: &Arc<T>, timeout: Option<Duration>, id: u64) -> Option<Armed> {
+        timeout.map(|d| {
+            let weak: Weak<dyn Expire> = Arc::downgrade(&(target.clone() as Arc<dyn Expire>));
+            Self::global().arm(d, id, weak)
+        })
+    }
+
     /// Disarms an entry whose call finished first.
     pub(crate) fn disarm(&self, a: Armed) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
