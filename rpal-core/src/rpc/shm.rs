@@ -302,8 +302,13 @@ impl ShmChannel {
         let deadline = timeout.map(|d| (Instant::now() + d, d));
         let bell = thread_bell();
         inner.table.insert(id, method, Waiter::Thread(bell));
+        // Replies were just read (fast path), or the request just went out
+        // (no spin): the first look would find nothing, so wait first.
+        let mut just_looked = true;
         loop {
-            self.drain(&mut inner, id, &mut read, &mut out)?;
+            if !std::mem::take(&mut just_looked) {
+                self.drain(&mut inner, id, &mut read, &mut out)?;
+            }
             if let Some(r) = out.take() {
                 return fix_method(r, method);
             }
@@ -454,6 +459,8 @@ impl ShmChannel {
 
     /// Starts the pump on the first async call, or wakes it from its idle sleep.
     fn kick_pump(self: &Arc<Self>) {
+        // AcqRel: only one caller wins the swap and spawns; the pump itself
+        // reaches the channel through the Arc, not through this flag.
         if !self.pump_started.swap(true, Ordering::AcqRel) {
             let weak = Arc::downgrade(self);
             let bell = self.pump_bell.clone();
