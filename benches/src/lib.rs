@@ -522,7 +522,7 @@ pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64
     let head = client.call(QUEUE_SETUP, &cursor_box.addr().to_le_bytes())?;
     let cursor: &AtomicU64 = &cursor_box;
     let head = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-    let region = &client.peer().region;
+    let region: &rpal::PeerRegion = &client.peer().region;
     let mut rx = Consumer::new(region, head, client.peer().cred.pid)?;
     let mut got = 0u64;
     let mut start = None;

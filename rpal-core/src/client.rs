@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use crate::arena::Arena;
-use crate::conn::{Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint, Peer, next_msg};
+use crate::conn::{Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint, Peer, budget_bits, next_msg};
 use crate::doorbell::{Deadline, DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind};
@@ -182,9 +182,21 @@ impl Client {
     /// Sends a request without waiting for its reply, and returns its call
     /// id; collect the reply with [`Client::try_reply`]. For event loops.
     pub fn send_request(&mut self, method: u32, cap: usize, write: impl FnOnce(&mut [u8]) -> usize) -> Result<u64> {
+        self.send_request_within(method, cap, None, write)
+    }
+
+    /// As [`Client::send_request`], telling the server how long we will
+    /// wait (`budget`): a server that answers later gives up after it.
+    pub fn send_request_within(
+        &mut self,
+        method: u32,
+        cap: usize,
+        budget: Option<Duration>,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<u64> {
         let id = self.next_id(method)?;
         let _access = self.conn.peer.region.access();
-        self.conn.send(method, id, 0, cap, write)?;
+        self.conn.send(method, id, budget_bits(budget), cap, write)?;
         self.conn.ring();
         Ok(id)
     }

@@ -11,8 +11,9 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
@@ -33,6 +34,27 @@ pub const INLINE_CAPACITY: usize = 4096 - MSG_HEADER;
 pub const METHOD_CLOSE: u32 = u32::MAX;
 /// Request status bit: the client expects no reply.
 pub(crate) const FLAG_ONEWAY: u32 = 1 << 31;
+/// Request status bits 0..24: the caller's remaining budget in milliseconds
+/// (0: no deadline). Relative, so it means the same over TCP between hosts;
+/// the time the request waits in the queue is not counted.
+const BUDGET_MASK: u32 = 0x00ff_ffff;
+
+/// The status bits that carry a request's deadline `budget` (rounded up to
+/// whole milliseconds; budgets over about 4.6 hours saturate).
+pub fn budget_bits(budget: Option<Duration>) -> u32 {
+    match budget {
+        None => 0,
+        Some(d) => d.as_micros().div_ceil(1000).clamp(1, BUDGET_MASK as u128) as u32,
+    }
+}
+
+/// The deadline budget a request's status bits carry.
+pub fn budget_of(status: u32) -> Option<Duration> {
+    match status & BUDGET_MASK {
+        0 => None,
+        ms => Some(Duration::from_millis(ms as u64)),
+    }
+}
 /// Entries in each side's release ring.
 pub const RELEASE_SLOTS: usize = 256;
 /// Queue blocks (about 64 KiB each) a producer may have unread before it
@@ -188,7 +210,7 @@ pub struct Peer {
     /// Kernel-reported credentials.
     pub cred: PeerCred,
     /// The peer's region, mapped read-only here.
-    pub region: PeerRegion,
+    pub region: Arc<PeerRegion>,
     pidfd: OwnedFd,
 }
 
@@ -247,7 +269,11 @@ impl Conn {
         let rx = Consumer::new(&region, head, cred.pid)?;
         Ok(Conn {
             sock,
-            peer: Peer { cred, region, pidfd },
+            peer: Peer {
+                cred,
+                region: Arc::new(region),
+                pidfd,
+            },
             mine,
             theirs,
             rx,
@@ -312,6 +338,8 @@ impl Conn {
     /// Backpressure: wait until the peer's cursor frees some of our blocks.
     fn wait_for_room(&mut self) -> Result<()> {
         let start = Instant::now();
+        let waits = &self.stats.full_waits;
+        waits.store(waits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         while self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
             self.ring();
             // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
@@ -355,7 +383,7 @@ impl Conn {
     /// Waits until a message is ready (or the deadline, or the peer's death).
     pub(crate) fn wait_ready(&mut self, deadline: Option<&Deadline>) -> Result<()> {
         loop {
-            if self.rx.ready_record(&self.peer.region)? {
+            if self.rx.ready_record(&*self.peer.region)? {
                 return Ok(());
             }
             self.publish_cursor();

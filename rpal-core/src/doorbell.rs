@@ -62,6 +62,8 @@ pub struct DoorbellStats {
     pub parks: AtomicU64,
     /// Wake system calls made for a parked peer.
     pub wakes: AtomicU64,
+    /// Sends that found the queue full (the peer behind) and waited for room.
+    pub full_waits: AtomicU64,
 }
 
 /// A snapshot of [`DoorbellStats`].
@@ -73,6 +75,8 @@ pub struct DoorbellSnapshot {
     pub parks: u64,
     /// Wake system calls made for a parked peer.
     pub wakes: u64,
+    /// Sends that found the queue full and waited for room (backpressure).
+    pub full_waits: u64,
 }
 
 impl DoorbellStats {
@@ -82,6 +86,7 @@ impl DoorbellStats {
             spin_hits: self.spin_hits.load(Ordering::Relaxed),
             parks: self.parks.load(Ordering::Relaxed),
             wakes: self.wakes.load(Ordering::Relaxed),
+            full_waits: self.full_waits.load(Ordering::Relaxed),
         }
     }
 }

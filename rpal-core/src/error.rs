@@ -18,6 +18,9 @@ pub enum RemoteStatus {
     HandlerPanicked,
     /// The handler claimed a reply longer than the reply buffer.
     BadReply,
+    /// The caller's deadline passed while the server still worked on the
+    /// call; the server stopped that work.
+    DeadlineExceeded,
     /// A status code this version does not know.
     Other(u32),
 }
@@ -29,6 +32,7 @@ impl RemoteStatus {
             Self::BadRequest => 2,
             Self::HandlerPanicked => 3,
             Self::BadReply => 4,
+            Self::DeadlineExceeded => 5,
             Self::Other(c) => c,
         }
     }
@@ -39,6 +43,7 @@ impl RemoteStatus {
             2 => Self::BadRequest,
             3 => Self::HandlerPanicked,
             4 => Self::BadReply,
+            5 => Self::DeadlineExceeded,
             c => Self::Other(c),
         }
     }

@@ -2,7 +2,8 @@
 //! connection. `rpal-poller` serves many connections with a few threads;
 //! [`ServerConn::run`] serves one on the calling thread.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -13,11 +14,13 @@ use std::time::Duration;
 
 use crate::arena::Arena;
 use crate::conn::{
-    BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, OwnEndpoint, Peer, next_msg,
+    BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, OwnEndpoint, Peer, budget_of,
+    next_msg,
 };
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
+use crate::later::{Deferred, LaterQueue};
 use crate::region::PeerRegion;
 use crate::space::Space;
 
@@ -62,12 +65,33 @@ pub struct Request<'a> {
     pub call_id: u64,
     /// The inline payload, in place in the client's region.
     pub payload: &'a [u8],
-    /// The client's region, for following pointers.
-    pub peer: &'a PeerRegion,
+    /// The client's region, for following pointers (an `Arc`, so work that
+    /// outlives the request, like an async handler, can keep it mapped).
+    pub peer: &'a Arc<PeerRegion>,
+    /// How long the caller will wait for the reply, if it set a deadline.
+    pub budget: Option<Duration>,
     releases: &'a RefCell<Vec<u64>>,
+    later: &'a Arc<LaterQueue>,
+    deferred: &'a Cell<bool>,
 }
 
 impl Request<'_> {
+    /// Answers later: the handler returns (its reply buffer is not used)
+    /// and the returned [`Deferred`] is completed from any thread. The
+    /// serving thread writes the reply then; if the caller's budget passes
+    /// first it fails the call with `DeadlineExceeded` and runs the
+    /// deferred call's cancel hook. Not for one-way messages.
+    pub fn defer(&self) -> Deferred {
+        self.deferred.set(true);
+        Deferred::new(self.call_id, self.method, self.later.clone())
+    }
+
+    /// How to stop a deferred call's work (abort its task) if its deadline
+    /// passes or its client goes away before it completes.
+    pub fn on_cancel(&self, cancel: impl FnOnce() + Send + 'static) {
+        self.later.on_cancel(self.call_id, Box::new(cancel));
+    }
+
     /// Says we are done with the client's block at `addr` (one it lent us).
     /// Published with the reply; the client frees it when it sees it.
     pub fn release(&self, addr: u64) {
@@ -230,7 +254,18 @@ impl Server {
             conn,
             stats: self.stats.clone(),
             releases: RefCell::new(Vec::new()),
+            later: Arc::default(),
+            deferred: Cell::new(false),
+            outstanding: HashMap::new(),
+            new_deadlines: Vec::new(),
         })
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        // The client is gone or closing: deferred work has no one to answer.
+        self.later.close();
     }
 }
 
@@ -255,6 +290,33 @@ pub struct ServerConn {
     stats: Arc<ServerStats>,
     /// Releases a handler asked for, published after each batch.
     releases: RefCell<Vec<u64>>,
+    /// Replies of deferred calls, completed by other threads.
+    later: Arc<LaterQueue>,
+    /// Set by [`Request::defer`] during the handler's run.
+    deferred: Cell<bool>,
+    /// Deferred calls not answered yet (by call id).
+    outstanding: HashMap<u64, u32>,
+    /// Deferred calls with a budget, for the serving thread's timing wheel.
+    new_deadlines: Vec<(u64, Duration)>,
+}
+
+/// Writes a reply's header after its handler ran: the length to commit.
+fn fill_reply(
+    buf: &mut [u8],
+    call_id: u64,
+    method: u32,
+    r: std::thread::Result<std::result::Result<usize, RemoteStatus>>,
+) -> usize {
+    let (n, status) = match r {
+        Ok(Ok(n)) if n <= INLINE_CAPACITY => (n, 0),
+        Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
+        Ok(Err(s)) => (0, s.code()),
+        Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
+    };
+    buf[0..8].copy_from_slice(&call_id.to_le_bytes());
+    buf[8..12].copy_from_slice(&method.to_le_bytes());
+    buf[12..16].copy_from_slice(&status.to_le_bytes());
+    MSG_HEADER + n
 }
 
 impl ServerConn {
@@ -291,7 +353,7 @@ impl ServerConn {
             return Ok(false); // requests wait until the client reads its replies
         }
         let _access = self.conn.peer.region.access();
-        self.conn.rx.ready_record(&self.conn.peer.region)
+        self.conn.rx.ready_record(&*self.conn.peer.region)
     }
 
     /// Whether the client has left more replies unread than the backlog
@@ -350,9 +412,13 @@ impl ServerConn {
                 call_id: msg.call_id,
                 payload: msg.body,
                 peer: &self.conn.peer.region,
+                budget: budget_of(msg.status),
                 releases: &self.releases,
+                later: &self.later,
+                deferred: &self.deferred,
             };
             let (method, call_id) = (msg.method, msg.call_id);
+            self.deferred.set(false);
             let reply_len = if msg.status & FLAG_ONEWAY != 0 {
                 let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut [])));
                 if !matches!(r, Ok(Ok(_))) {
@@ -363,17 +429,19 @@ impl ServerConn {
                 // The reply is written in place in our queue while the request
                 // is read in place from the client's: the two never alias.
                 let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
-                let (head, reply) = buf.split_at_mut(MSG_HEADER);
-                let (n, status) = match catch_unwind(AssertUnwindSafe(|| handler.handle(&req, reply))) {
-                    Ok(Ok(n)) if n <= INLINE_CAPACITY => (n, 0),
-                    Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
-                    Ok(Err(s)) => (0, s.code()),
-                    Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
-                };
-                head[0..8].copy_from_slice(&call_id.to_le_bytes());
-                head[8..12].copy_from_slice(&method.to_le_bytes());
-                head[12..16].copy_from_slice(&status.to_le_bytes());
-                Some(n)
+                let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut buf[MSG_HEADER..])));
+                if self.deferred.get() && matches!(r, Ok(Ok(_))) {
+                    // Answered later (the reservation is simply not committed).
+                    self.outstanding.insert(call_id, method);
+                    if let Some(b) = req.budget {
+                        self.new_deadlines.push((call_id, b));
+                    }
+                    None
+                } else {
+                    // A handler that deferred and then failed has answered:
+                    // its Deferred's reply finds no outstanding call.
+                    Some(fill_reply(buf, call_id, method, r))
+                }
             };
             // Releases go out before the reply, so a client that sees the
             // reply sees them too.
@@ -382,7 +450,7 @@ impl ServerConn {
                 self.conn.release_all(released);
             }
             if let Some(n) = reply_len {
-                self.conn.mine.tx.commit(MSG_HEADER + n);
+                self.conn.mine.tx.commit(n);
             }
             out.served += 1;
         }
@@ -393,6 +461,71 @@ impl ServerConn {
             self.stats.calls.fetch_add(out.served as u64, Ordering::Relaxed);
         }
         Ok(out)
+    }
+
+    /// How the serving thread is woken when a deferred call completes
+    /// (a poller rings its own bell).
+    pub fn set_later_waker(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        self.later.set_waker(wake);
+    }
+
+    /// Whether deferred replies are waiting to be written.
+    pub fn later_pending(&self) -> bool {
+        self.later.pending()
+    }
+
+    /// Deferred calls not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// Deferred calls that arrived with a budget since the last look: the
+    /// serving thread arms its timing wheel with them and calls
+    /// [`ServerConn::expire`] when they are due.
+    pub fn take_deadlines(&mut self) -> Vec<(u64, Duration)> {
+        std::mem::take(&mut self.new_deadlines)
+    }
+
+    /// Writes the replies of deferred calls that completed. Returns how many.
+    pub fn flush_later(&mut self) -> Result<usize> {
+        let done = self.later.take();
+        if done.is_empty() {
+            return Ok(0);
+        }
+        let _access = self.conn.peer.region.access();
+        let mut n = 0;
+        for (call_id, method, write) in done {
+            if self.outstanding.remove(&call_id).is_none() {
+                continue; // its deadline passed and it was answered already
+            }
+            let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
+            let r = match write {
+                Ok(w) => catch_unwind(AssertUnwindSafe(|| w(&mut buf[MSG_HEADER..]))),
+                Err(s) => Ok(Err(s)),
+            };
+            let len = fill_reply(buf, call_id, method, r);
+            self.conn.mine.tx.commit(len);
+            n += 1;
+        }
+        if n > 0 {
+            self.conn.ring();
+        }
+        Ok(n)
+    }
+
+    /// Deferred call `call_id`'s budget has passed: answers it with
+    /// `DeadlineExceeded` and stops its work. False if it was answered.
+    pub fn expire(&mut self, call_id: u64) -> Result<bool> {
+        let Some(method) = self.outstanding.remove(&call_id) else {
+            return Ok(false);
+        };
+        self.later.cancel(call_id);
+        let _access = self.conn.peer.region.access();
+        let buf = self.conn.mine.tx.reserve(MSG_HEADER)?;
+        let len = fill_reply(buf, call_id, method, Ok(Err(RemoteStatus::DeadlineExceeded)));
+        self.conn.mine.tx.commit(len);
+        self.conn.ring();
+        Ok(true)
     }
 
     /// Waits for a request (spinning, then parking) until one is ready.

@@ -36,6 +36,9 @@ struct Method {
     /// `name(types)->ret`, hashed into the method id.
     sig: String,
     id: u32,
+    /// Declared `async fn`: the handler returns a future, run on tokio.
+    /// (Not part of the id: how a server runs a method is its own affair.)
+    is_async: bool,
 }
 
 struct Service {
@@ -128,12 +131,6 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
     let sig = &f.sig;
     let mut errs: Vec<syn::Error> = Vec::new();
     let mut bad = |span: Span, msg: &str| errs.push(syn::Error::new(span, msg));
-    if let Some(a) = &sig.asyncness {
-        bad(
-            a.span(),
-            "declare service methods without `async`: handlers are plain functions and the client gets an `_async` twin of each method",
-        );
-    }
     if let Some(u) = &sig.unsafety {
         bad(u.span(), "service methods cannot be unsafe");
     }
@@ -208,6 +205,7 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         sig: text,
         args,
         ret,
+        is_async: sig.asyncness.is_some(),
     })
 }
 
@@ -305,9 +303,23 @@ fn handler_trait(s: &Service) -> TokenStream {
             let t = handler_arg_type(a);
             quote!(#n: #t)
         });
-        let ret = m.ret.as_ref().map(|(t, _)| quote!(-> #t));
+        let ret = if m.is_async {
+            // Implement it with `async fn`; the future must be `Send` to run on tokio.
+            let out = m.ret.as_ref().map_or_else(|| quote!(()), |(t, _)| quote!(#t));
+            quote!(-> impl ::core::future::Future<Output = #out> + ::core::marker::Send)
+        } else {
+            let t = m.ret.as_ref().map(|(t, _)| t);
+            t.map(|t| quote!(-> #t)).unwrap_or_default()
+        };
+        let how = if m.is_async {
+            " Async: runs on the host's tokio runtime, so it may wait without holding up other calls; implement it with `async fn`."
+        } else {
+            " Sync: runs inline on the thread that read the request (a poller, for shared-memory peers); keep it short."
+        };
         quote! {
             #(#docs)*
+            #[doc = ""]
+            #[doc = #how]
             fn #name(&self, #(#args),*) #ret;
         }
     });
@@ -397,16 +409,41 @@ fn dispatcher(s: &Service) -> TokenStream {
                 reply.lent::<#ty>(out, peer_pid).map_err(|_| ::rpal::RemoteStatus::BadReply)?;
             ),
         };
-        quote! {
-            #svc::#c => {
-                #(#reads)*
-                ::rpal::rpc::args_done(args)?;
-                let out = #name::#mname(&self.handler, #(#names),*);
-                #write
-                ::core::result::Result::Ok(())
+        if m.is_async {
+            // The request record is reused once we return: the future owns
+            // a copy of the arguments (pointer arguments still point into
+            // the client's region, which the copy keeps mapped).
+            quote! {
+                #svc::#c => {
+                    let owned = ::rpal::rpc::OwnedArgs::take(args)?;
+                    let this = <::std::sync::Arc<Self> as ::core::clone::Clone>::clone(this);
+                    ::core::result::Result::Ok(::rpal::rpc::Dispatched::Later(::std::boxed::Box::pin(async move {
+                        let mut args = owned.reader();
+                        let args = &mut args;
+                        #(#reads)*
+                        ::rpal::rpc::args_done(args)?;
+                        let out = #name::#mname(&this.handler, #(#names),*).await;
+                        ::core::result::Result::Ok(::rpal::rpc::Reply::new(move |reply, peer_pid| {
+                            let _ = (&reply, peer_pid);
+                            #write
+                            ::core::result::Result::Ok(())
+                        }))
+                    })))
+                }
+            }
+        } else {
+            quote! {
+                #svc::#c => {
+                    #(#reads)*
+                    ::rpal::rpc::args_done(args)?;
+                    let out = #name::#mname(&this.handler, #(#names),*);
+                    #write
+                    ::core::result::Result::Ok(::rpal::rpc::Dispatched::Done)
+                }
             }
         }
     });
+    let has_async = s.methods.iter().any(|m| m.is_async);
     let doc = format!(
         " Serves a [`{name}`] handler: decodes each call, runs the handler, encodes the result. Serve it with [`{server}::host`]."
     );
@@ -436,14 +473,15 @@ fn dispatcher(s: &Service) -> TokenStream {
         impl<H: #name> ::rpal::rpc::Dispatch for #server<H> {
             const SERVICE: &'static ::core::primitive::str = #svc::NAME;
             const METHOD_HASH: u64 = #svc::METHOD_HASH;
+            const HAS_ASYNC: bool = #has_async;
 
             fn dispatch(
-                &self,
+                this: &::std::sync::Arc<Self>,
                 method: u32,
                 args: &mut ::rpal::rpc::Reader<'_>,
                 reply: &mut ::rpal::rpc::Writer<'_>,
                 peer_pid: i32,
-            ) -> ::core::result::Result<(), ::rpal::RemoteStatus> {
+            ) -> ::core::result::Result<::rpal::rpc::Dispatched, ::rpal::RemoteStatus> {
                 let _ = (&reply, peer_pid);
                 match method {
                     #(#arms)*

@@ -65,7 +65,7 @@ impl<D: Dispatch> HostBuilder<D> {
         self
     }
 
-    /// Tokio worker threads for the stream endpoints.
+    /// Tokio worker threads, for the stream endpoints and async handlers.
     pub fn stream_threads(mut self, n: usize) -> Self {
         self.stream_threads = n.max(1);
         self
@@ -73,10 +73,27 @@ impl<D: Dispatch> HostBuilder<D> {
 
     /// Binds every endpoint and starts serving.
     pub fn start(self) -> Result<Host> {
+        let streams = self.tcp.is_some() || self.unix_stream.is_some();
+        // One runtime for stream peers and async handlers (of every transport).
+        let rt = if streams || D::HAS_ASYNC {
+            Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(self.stream_threads)
+                    .thread_name("rpal-tokio")
+                    .enable_io()
+                    .enable_time()
+                    .build()
+                    .map_err(|e| Error::io("start the tokio runtime".to_owned(), e))?,
+            )
+        } else {
+            None
+        };
+        let handle = rt.as_ref().map(|r| r.handle().clone());
         let shm = match self.shm {
             Some((path, opts)) => {
                 let server = Server::bind(&path, opts)?;
-                Some(serve(server, ShmHandler(self.dispatch.clone()), self.poller)?)
+                let handler = ShmHandler::new(self.dispatch.clone(), handle.clone());
+                Some(serve(server, handler, self.poller)?)
             }
             None => None,
         };
@@ -89,17 +106,16 @@ impl<D: Dispatch> HostBuilder<D> {
             ),
             None => None,
         };
-        let stream = if tcp.is_some() || self.unix_stream.is_some() {
-            Some(serve_stream(
+        let stream = match &handle {
+            Some(h) if streams => Some(serve_stream(
                 self.dispatch.clone(),
                 tcp,
                 self.unix_stream.as_deref(),
-                self.stream_threads,
-            )?)
-        } else {
-            None
+                h,
+            )?),
+            _ => None,
         };
-        Ok(Host { shm, stream })
+        Ok(Host { shm, stream, rt })
     }
 }
 
@@ -107,6 +123,7 @@ impl<D: Dispatch> HostBuilder<D> {
 pub struct Host {
     shm: Option<Serving>,
     stream: Option<StreamServer>,
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl Host {
@@ -136,5 +153,17 @@ impl Host {
             s.shutdown();
         }
         self.stream = None;
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        drop(self.shm.take());
+        self.stream = None;
+        // Do not wait for handlers still running: their callers are told
+        // by the connection's end.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
 }

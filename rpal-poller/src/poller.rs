@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rpal_core::rpc::TimerWheel;
 use rpal_core::{Error, Handler, ServerConn};
 
 use crate::backend::Backend;
@@ -43,6 +44,14 @@ impl Inbox {
 
 pub(crate) struct Poller<H> {
     conns: Vec<ServerConn>,
+    /// A key per connection (parallel to `conns`), stable while it lives.
+    keys: Vec<u64>,
+    next_key: u64,
+    /// Deadlines of the deferred (async) calls this poller serves, as
+    /// (connection key, call id). The park's one timeout (an io_uring
+    /// TIMEOUT with that backend) is cut to the wheel's next tick, so there
+    /// is no timer per call or per connection.
+    deadlines: TimerWheel<(u64, u64)>,
     inbox: Arc<Inbox>,
     handler: H,
     backend: Backend,
@@ -64,6 +73,9 @@ impl<H: Handler> Poller<H> {
         let budget = cfg.spin_max;
         Self {
             conns: Vec::new(),
+            keys: Vec::new(),
+            next_key: 0,
+            deadlines: TimerWheel::new(),
             inbox,
             handler,
             backend,
@@ -77,6 +89,9 @@ impl<H: Handler> Poller<H> {
     pub(crate) fn run(mut self) {
         while !self.inbox.shutdown.load(Ordering::Acquire) {
             self.adopt();
+            if !self.deadlines.is_empty() {
+                self.fire_deadlines();
+            }
             if self.sweep() > 0 {
                 continue;
             }
@@ -92,13 +107,25 @@ impl<H: Handler> Poller<H> {
         if self.inbox.pending.load(Ordering::Acquire) {
             let new = self.inbox.take();
             add(&self.stats.connections, new.len() as u64);
-            self.conns.extend(new);
+            for conn in new {
+                // A deferred call completing on another thread rings our bell.
+                let inbox = Arc::downgrade(&self.inbox);
+                conn.set_later_waker(Arc::new(move || {
+                    if let Some(i) = inbox.upgrade() {
+                        i.ring();
+                    }
+                }));
+                self.conns.push(conn);
+                self.keys.push(self.next_key);
+                self.next_key += 1;
+            }
             self.generation += 1;
         }
     }
 
     fn drop_conn(&mut self, i: usize, why: Option<Error>) {
         let conn = self.conns.swap_remove(i);
+        self.keys.swap_remove(i);
         let pid = conn.peer().cred.pid;
         match why {
             None => add(&self.stats.closed, 1),
@@ -121,10 +148,13 @@ impl<H: Handler> Poller<H> {
         let mut served = 0;
         let mut i = 0;
         while i < self.conns.len() {
-            match self.conns[i].poll(&mut self.handler, self.cfg.batch) {
-                Ok(p) if p.closed => self.drop_conn(i, None),
-                Ok(p) => {
-                    served += p.served;
+            let c = &mut self.conns[i];
+            let answered = if c.later_pending() { c.flush_later() } else { Ok(0) };
+            match answered.and_then(|n| c.poll(&mut self.handler, self.cfg.batch).map(|p| (n, p))) {
+                Ok((_, p)) if p.closed => self.drop_conn(i, None),
+                Ok((n, p)) => {
+                    served += n + p.served;
+                    self.arm_deadlines(i);
                     i += 1;
                 }
                 Err(e) => self.drop_conn(i, Some(e)),
@@ -132,6 +162,39 @@ impl<H: Handler> Poller<H> {
         }
         add(&self.stats.served, served as u64);
         served
+    }
+
+    /// Puts connection `i`'s new deferred calls with a budget on the wheel.
+    fn arm_deadlines(&mut self, i: usize) {
+        let new = self.conns[i].take_deadlines();
+        if new.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (call_id, budget) in new {
+            self.deadlines.arm(now + budget, (self.keys[i], call_id));
+        }
+    }
+
+    /// Fails deferred calls whose budget has passed (`DeadlineExceeded`)
+    /// and aborts their work.
+    fn fire_deadlines(&mut self) {
+        let now = Instant::now();
+        if self.deadlines.next_due().is_none_or(|t| t > now) {
+            return;
+        }
+        let mut due = Vec::new();
+        self.deadlines.expire(now, &mut due);
+        for (key, call_id) in due {
+            // A connection that is gone took its calls with it.
+            if let Some(i) = self.keys.iter().position(|k| *k == key) {
+                match self.conns[i].expire(call_id) {
+                    Ok(true) => add(&self.stats.deadlines, 1),
+                    Ok(false) => {}
+                    Err(e) => self.drop_conn(i, Some(e)),
+                }
+            }
+        }
     }
 
     /// A connection whose peer may be gone: serve what it sent before going
@@ -151,7 +214,11 @@ impl<H: Handler> Poller<H> {
     }
 
     fn work_ready(&mut self) -> bool {
-        self.inbox.pending.load(Ordering::Relaxed) || self.conns.iter_mut().any(|c| c.ready().unwrap_or(true))
+        self.inbox.pending.load(Ordering::Relaxed)
+            || self
+                .conns
+                .iter_mut()
+                .any(|c| c.later_pending() || c.ready().unwrap_or(true))
     }
 
     /// Spins up to the adaptive budget waiting for work; true if some came.
@@ -209,7 +276,13 @@ impl<H: Handler> Poller<H> {
             // A client that does not read its replies is not served, so its
             // pending requests are not work: look at it again in 1 ms.
             let mut slice = self.cfg.park_slice;
+            if let Some(due) = self.deadlines.next_due() {
+                slice = slice.min(due.saturating_duration_since(Instant::now()));
+                ready |= slice.is_zero();
+            }
             for c in &self.conns {
+                // After the bell's load: a completion after this look rings it.
+                ready |= c.later_pending();
                 if c.backpressured() {
                     slice = slice.min(Duration::from_millis(1));
                     continue;

@@ -28,6 +28,7 @@ pub struct PollerStats {
     pub(crate) spin_budget_ns: AtomicU64,
     pub(crate) parks: AtomicU64,
     pub(crate) timeouts: AtomicU64,
+    pub(crate) deadlines: AtomicU64,
     pub(crate) closed: AtomicU64,
     pub(crate) died: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
@@ -65,6 +66,7 @@ impl PollerStats {
             spin_budget_ns: g(&self.spin_budget_ns),
             parks: g(&self.parks),
             timeouts: g(&self.timeouts),
+            deadlines: g(&self.deadlines),
             closed: g(&self.closed),
             died: g(&self.died),
             protocol_errors: g(&self.protocol_errors),
@@ -95,6 +97,8 @@ pub struct PollerSnapshot {
     pub parks: u64,
     /// Sleeps that ended by timeout.
     pub timeouts: u64,
+    /// Deferred (async) calls failed with `DeadlineExceeded` by its wheel.
+    pub deadlines: u64,
     /// Connections closed by their client.
     pub closed: u64,
     /// Connections whose client died (pidfd).

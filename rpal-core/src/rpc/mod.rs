@@ -7,6 +7,7 @@
 //! - [`StreamChannel`]: the same calls over TCP or a Unix stream, copied into frames;
 //! - [`Channel`]: either, behind one type, which generated clients hold.
 
+mod deferred;
 mod shm;
 mod stream;
 mod table;
@@ -16,14 +17,17 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use deferred::{Dispatched, Later, OwnedArgs, Reply};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
+pub use wheel::{Armed, TimerWheel};
 pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
 
 use crate::error::{RemoteStatus, Result};
 use crate::region::PeerRegion;
 use crate::server::{Handler, Request};
+use deferred::Guarded;
 
 /// What a reply reader may need besides the body: the server's region (to
 /// validate result pointers) and a way to hand lent results back.
@@ -63,34 +67,86 @@ pub trait Dispatch: Send + Sync + 'static {
     const SERVICE: &'static str;
     /// Hash of every method's name and signature; checked at the handshake.
     const METHOD_HASH: u64;
-    /// Handles one call: reads the arguments from `args`, runs the handler,
-    /// writes the result to `reply`. `peer_pid` is who lent results go to.
+    /// Whether some handler is async: a host then runs a tokio runtime
+    /// for them, also for shared-memory peers.
+    const HAS_ASYNC: bool = false;
+    /// Handles one call: reads the arguments from `args`, then either runs
+    /// a sync handler and writes its result to `reply` ([`Dispatched::Done`])
+    /// or returns an async handler's future ([`Dispatched::Later`]), which
+    /// owns its arguments and resolves to the reply. `peer_pid` is who lent
+    /// results go to.
     fn dispatch(
-        &self,
+        this: &Arc<Self>,
         method: u32,
         args: &mut Reader<'_>,
         reply: &mut Writer<'_>,
         peer_pid: i32,
-    ) -> std::result::Result<(), RemoteStatus>;
+    ) -> std::result::Result<Dispatched, RemoteStatus>;
 }
 
 /// Adapts a [`Dispatch`] to the shared-memory server's [`Handler`]: the
 /// arguments are read in place in the client's memory and the result is
-/// written in place in our reply queue.
-pub struct ShmHandler<D>(pub Arc<D>);
+/// written in place in our reply queue. Sync handlers run inline on the
+/// poller; async ones are spawned on `rt` and answered through a
+/// [`crate::Deferred`], which the poller writes back (and times out).
+pub struct ShmHandler<D> {
+    dispatch: Arc<D>,
+    rt: Option<tokio::runtime::Handle>,
+}
+
+impl<D> ShmHandler<D> {
+    /// Serves `dispatch`; async handlers run on `rt` (required if it has any).
+    pub fn new(dispatch: Arc<D>, rt: Option<tokio::runtime::Handle>) -> Self {
+        Self { dispatch, rt }
+    }
+}
 
 impl<D> Clone for ShmHandler<D> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self {
+            dispatch: self.dispatch.clone(),
+            rt: self.rt.clone(),
+        }
     }
 }
 
 impl<D: Dispatch> Handler for ShmHandler<D> {
     fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
-        let mut args = Reader::shm(req.payload, req.peer);
+        let mut args = Reader::shm_shared(req.payload, req.peer);
         let mut out = Writer::fixed(reply);
-        self.0.dispatch(req.method, &mut args, &mut out, req.peer.pid())?;
-        out.finish().ok_or(RemoteStatus::BadReply)
+        let pid = req.peer.pid();
+        let fut = match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {
+            Dispatched::Done => return out.finish().ok_or(RemoteStatus::BadReply),
+            Dispatched::Later(fut) => fut,
+        };
+        let Some(rt) = &self.rt else {
+            tracing::error!(
+                method = req.method,
+                "an async handler needs a tokio runtime; serve it with a Host"
+            );
+            return Err(RemoteStatus::HandlerPanicked);
+        };
+        let deferred = req.defer();
+        let guarded = Guarded {
+            region: Some(req.peer.clone()),
+            fut,
+        };
+        let task = rt.spawn(async move {
+            // A panic here drops `deferred` unanswered: the caller gets
+            // HandlerPanicked.
+            match guarded.await {
+                Ok(r) => deferred.complete(Box::new(move |buf| {
+                    let mut w = Writer::fixed(buf);
+                    r.write(&mut w, pid)?;
+                    w.finish().ok_or(RemoteStatus::BadReply)
+                })),
+                Err(status) => deferred.fail(status),
+            }
+        });
+        // The poller aborts the task if the caller's budget passes or the
+        // client goes away first.
+        req.on_cancel(move || task.abort());
+        Ok(0)
     }
 }
 
@@ -151,10 +207,11 @@ impl Channel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
-        match self {
+        let r = match self {
             Channel::Shm(c) => c.call(method, timeout, write, read),
             Channel::Stream(c) => c.call(method, timeout, write, read),
-        }
+        };
+        as_timeout(r, timeout)
     }
 
     /// Calls `method` from an async task. Dropping the future cancels the
@@ -166,10 +223,11 @@ impl Channel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
-        match self {
+        let r = match self {
             Channel::Shm(c) => c.call_async(method, timeout, write, read).await,
             Channel::Stream(c) => c.call_async(method, timeout, write, read).await,
-        }
+        };
+        as_timeout(r, timeout)
     }
 
     /// Whether calls go through shared memory.
@@ -183,6 +241,21 @@ impl Channel {
             Channel::Shm(c) => c.in_flight(),
             Channel::Stream(c) => c.in_flight(),
         }
+    }
+}
+
+/// The server gave up at our deadline before our own timer did: to the
+/// caller it is the same `Timeout`.
+fn as_timeout<R>(r: Result<R>, timeout: Option<Duration>) -> Result<R> {
+    match (r, timeout) {
+        (
+            Err(crate::Error::Remote {
+                status: RemoteStatus::DeadlineExceeded,
+                ..
+            }),
+            Some(d),
+        ) => Err(crate::Error::Timeout(d)),
+        (r, _) => r,
     }
 }
 

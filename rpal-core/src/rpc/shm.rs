@@ -163,6 +163,7 @@ impl ShmChannel {
         inner: &mut Inner,
         method: u32,
         waiter: Option<Waiter>,
+        budget: Option<Duration>,
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
     ) -> Result<u64> {
         inner.table.check()?;
@@ -170,16 +171,18 @@ impl ShmChannel {
             self.flush_releases(inner);
         }
         let mut failed = None;
-        let sent = inner.client.send_request(method, INLINE_CAPACITY, |buf| {
-            let mut w = Writer::fixed(buf);
-            match write(&mut w) {
-                Ok(()) => w.finish().unwrap_or(INLINE_CAPACITY + 1),
-                Err(e) => {
-                    failed = Some(e);
-                    0
+        let sent = inner
+            .client
+            .send_request_within(method, INLINE_CAPACITY, budget, |buf| {
+                let mut w = Writer::fixed(buf);
+                match write(&mut w) {
+                    Ok(()) => w.finish().unwrap_or(INLINE_CAPACITY + 1),
+                    Err(e) => {
+                        failed = Some(e);
+                        0
+                    }
                 }
-            }
-        });
+            });
         let id = match sent {
             Ok(id) => id,
             Err(e) => return Err(self.fail_conn(inner, e)),
@@ -282,7 +285,7 @@ impl ShmChannel {
         // Fast path: while no other thread wants the connection, keep the
         // lock, spin on the reply word, and read the reply in place. The
         // call then never enters the table and takes the lock once.
-        let id = self.send(&mut inner, method, None, write)?;
+        let id = self.send(&mut inner, method, None, timeout, write)?;
         inner.client.flush();
         let mut spun = false;
         if !self.wait.spin.is_zero() {
@@ -424,7 +427,7 @@ impl ShmChannel {
     ) -> Result<R> {
         let id = {
             let mut inner = self.lock();
-            let id = self.send(&mut inner, method, Some(Waiter::Task(None)), write)?;
+            let id = self.send(&mut inner, method, Some(Waiter::Task(None)), timeout, write)?;
             inner.client.flush();
             id
         };

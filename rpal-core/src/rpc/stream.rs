@@ -31,7 +31,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::table::{Body, Dead, Table, Waiter, thread_bell};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, Writer};
-use super::{Dispatch, ReplyCtx};
+use super::{Dispatch, Dispatched, Later, ReplyCtx};
+use crate::conn::budget_of;
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
 use crate::sys;
@@ -199,7 +200,13 @@ impl StreamChannel {
     }
 
     /// Builds the frame, tracks the call, and sends it.
-    fn send(&self, method: u32, waiter: Waiter, write: impl FnOnce(&mut Writer<'_>) -> Result<()>) -> Result<u64> {
+    fn send(
+        &self,
+        method: u32,
+        waiter: Waiter,
+        budget: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+    ) -> Result<u64> {
         let mut frame = vec![0u8; FRAME_HEADER];
         let mut w = Writer::stream(&mut frame);
         write(&mut w)?;
@@ -220,7 +227,7 @@ impl StreamChannel {
             t.insert(id, method, waiter);
             id
         };
-        encode_header(&mut frame, len, id, method, 0);
+        encode_header(&mut frame, len, id, method, crate::conn::budget_bits(budget));
         if let Err(e) = sock.write_all(&frame) {
             let dead = Dead::Lost(format!("{}: {e}", self.endpoint));
             lock(&self.table).kill(dead.clone());
@@ -240,7 +247,7 @@ impl StreamChannel {
     ) -> Result<R> {
         let deadline = timeout.map(|d| (Instant::now() + d, d));
         let bell = thread_bell();
-        let id = self.send(method, Waiter::Thread(bell), write)?;
+        let id = self.send(method, Waiter::Thread(bell), timeout, write)?;
         let bell = bell.word();
         loop {
             if let Some(done) = lock(&self.table).take(id) {
@@ -275,7 +282,7 @@ impl StreamChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
-        let id = self.send(method, Waiter::Task(None), write)?;
+        let id = self.send(method, Waiter::Task(None), timeout, write)?;
         let forget = Forget { table: &self.table, id };
         let armed = Wheel::arm_call(self, timeout, id);
         let done = poll_fn(|cx| {
@@ -355,7 +362,8 @@ fn read_replies(mut sock: Sock, table: Weak<Mutex<Table>>, endpoint: String) {
 pub struct StreamServer {
     tcp: Option<SocketAddr>,
     unix: Option<PathBuf>,
-    rt: Option<tokio::runtime::Runtime>,
+    /// The accept loops, stopped on drop.
+    accepting: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl StreamServer {
@@ -372,8 +380,8 @@ impl StreamServer {
 
 impl Drop for StreamServer {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+        for a in &self.accepting {
+            a.abort();
         }
         if let Some(p) = &self.unix {
             let _ = std::fs::remove_file(p);
@@ -382,24 +390,19 @@ impl Drop for StreamServer {
 }
 
 /// Serves `dispatch` over TCP at `tcp` and/or a Unix stream socket at
-/// `unix`, on `threads` tokio workers.
+/// `unix`, on the tokio runtime `rt` (which needs IO and time enabled).
+/// Dropping the result stops accepting; connections end with the runtime.
 pub fn serve_stream<D: Dispatch>(
     dispatch: Arc<D>,
     tcp: Option<SocketAddr>,
     unix: Option<&Path>,
-    threads: usize,
+    rt: &tokio::runtime::Handle,
 ) -> Result<StreamServer> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .thread_name("rpal-stream")
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| Error::io("start the stream server's runtime".to_owned(), e))?;
+    let _enter = rt.enter();
     let mut out = StreamServer {
         tcp: None,
         unix: None,
-        rt: None,
+        accepting: Vec::new(),
     };
     if let Some(addr) = tcp {
         let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("bind TCP {addr}"), e))?;
@@ -407,15 +410,15 @@ pub fn serve_stream<D: Dispatch>(
         l.set_nonblocking(true)
             .map_err(|e| Error::io("nonblocking".to_owned(), e))?;
         let d = dispatch.clone();
-        rt.spawn(async move {
-            let l = tokio::net::TcpListener::from_std(l).expect("inside the runtime");
+        let l = tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register TCP listener".to_owned(), e))?;
+        out.accepting.push(rt.spawn(async move {
             loop {
                 if let Ok((s, peer)) = l.accept().await {
                     let _ = s.set_nodelay(true);
                     tokio::spawn(serve_conn(s, d.clone(), peer.to_string()));
                 }
             }
-        });
+        }));
     }
     if let Some(path) = unix {
         if path.exists() && UnixStream::connect(path).is_err() {
@@ -427,64 +430,122 @@ pub fn serve_stream<D: Dispatch>(
             .map_err(|e| Error::io("nonblocking".to_owned(), e))?;
         let d = dispatch.clone();
         let name = path.display().to_string();
-        rt.spawn(async move {
-            let l = tokio::net::UnixListener::from_std(l).expect("inside the runtime");
+        let l = tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register Unix listener".to_owned(), e))?;
+        out.accepting.push(rt.spawn(async move {
             loop {
                 if let Ok((s, _)) = l.accept().await {
                     tokio::spawn(serve_conn(s, d.clone(), name.clone()));
                 }
             }
-        });
+        }));
     }
-    out.rt = Some(rt);
     Ok(out)
 }
 
 /// Serves one stream connection: handshake, then frames until it closes.
+/// Sync handlers run inline, one frame after another; async handlers run
+/// as tasks of their own, so slow ones do not hold up the connection, and
+/// their replies go out when ready (the client matches them by call id).
 async fn serve_conn<S, D>(mut s: S, d: Arc<D>, peer: String)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     D: Dispatch,
 {
     if let Err(e) = stream_handshake(&mut s, &peer, D::SERVICE, D::METHOD_HASH).await {
         tracing::debug!(%peer, %e, "stream handshake failed");
         return;
     }
+    let (mut rd, wr) = tokio::io::split(s);
+    let wr = Arc::new(tokio::sync::Mutex::new(wr));
+    // Async calls in flight; dropped (aborted) when the connection ends.
+    let mut later = tokio::task::JoinSet::new();
     let mut reply = Vec::with_capacity(4096);
     loop {
+        while later.try_join_next().is_some() {}
         let mut h = [0u8; FRAME_HEADER];
-        if s.read_exact(&mut h).await.is_err() {
+        if rd.read_exact(&mut h).await.is_err() {
             return;
         }
-        let (len, id, method, _) = decode_header(&h);
+        let (len, id, method, flags) = decode_header(&h);
         if len > MAX_FRAME {
             tracing::warn!(%peer, len, "frame over the limit; closing");
             return;
         }
         let mut body = Body::zeroed(len);
-        if s.read_exact(body.bytes_mut()).await.is_err() {
+        if rd.read_exact(body.bytes_mut()).await.is_err() {
             return;
         }
         reply.clear();
         reply.resize(FRAME_HEADER, 0);
-        let status = {
+        let r = {
             let mut args = Reader::stream(body.bytes());
             let mut w = Writer::stream(&mut reply);
-            match catch_unwind(AssertUnwindSafe(|| d.dispatch(method, &mut args, &mut w, 0))) {
-                Ok(Ok(())) => 0,
-                Ok(Err(s)) => s.code(),
-                Err(_) => RemoteStatus::HandlerPanicked.code(),
+            catch_unwind(AssertUnwindSafe(|| D::dispatch(&d, method, &mut args, &mut w, 0)))
+        };
+        let status = match r {
+            Ok(Ok(Dispatched::Done)) => 0,
+            Ok(Ok(Dispatched::Later(fut))) => {
+                later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone()));
+                continue;
             }
+            Ok(Err(s)) => s.code(),
+            Err(_) => RemoteStatus::HandlerPanicked.code(),
         };
         if status != 0 {
             reply.truncate(FRAME_HEADER);
         }
         let n = reply.len() - FRAME_HEADER;
         encode_header(&mut reply, n, id, method, status);
-        if s.write_all(&reply).await.is_err() {
+        if wr.lock().await.write_all(&reply).await.is_err() {
             return;
         }
     }
+}
+
+/// Aborts a task when dropped (its connection ended or its deadline passed).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs one async handler and writes its reply frame. The handler runs as
+/// a task of its own, so its panic comes back as a `JoinError` here; past
+/// the caller's `budget` it is aborted and the call fails with
+/// `DeadlineExceeded` (tokio's timer wheel holds the deadline).
+async fn answer_later<W>(fut: Later, budget: Option<Duration>, id: u64, method: u32, wr: Arc<tokio::sync::Mutex<W>>)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut task = AbortOnDrop(tokio::spawn(fut));
+    let joined = match budget {
+        None => (&mut task.0).await,
+        Some(b) => match tokio::time::timeout(b, &mut task.0).await {
+            Ok(j) => j,
+            Err(_) => Ok(Err(RemoteStatus::DeadlineExceeded)),
+        },
+    };
+    drop(task);
+    let mut frame = vec![0u8; FRAME_HEADER];
+    let status = match joined {
+        Ok(Ok(r)) => {
+            let mut w = Writer::stream(&mut frame);
+            match r.write(&mut w, 0) {
+                Ok(()) => 0,
+                Err(s) => s.code(),
+            }
+        }
+        Ok(Err(s)) => s.code(),
+        Err(_) => RemoteStatus::HandlerPanicked.code(),
+    };
+    if status != 0 {
+        frame.truncate(FRAME_HEADER);
+    }
+    let n = frame.len() - FRAME_HEADER;
+    encode_header(&mut frame, n, id, method, status);
+    let _ = wr.lock().await.write_all(&frame).await;
 }
 
 /// The server side of the stream hello: same message as shared memory.

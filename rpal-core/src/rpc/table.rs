@@ -93,6 +93,10 @@ impl Waiter {
 pub(crate) struct Slot {
     method: u32,
     done: Option<Result<Body>>,
+    /// `done` came from the server (not from our deadline): another reply
+    /// to the same id is a protocol error, while a reply after our own
+    /// timeout is just late.
+    replied: bool,
     waiter: Waiter,
 }
 
@@ -173,6 +177,7 @@ impl Table {
         self.slots.push_back(Some(Slot {
             method,
             done: None,
+            replied: false,
             waiter,
         }));
         self.next_id = self.next_id.max(id + 1);
@@ -237,11 +242,15 @@ impl Table {
         let Some(Some(slot)) = self.index(id).map(|i| &mut self.slots[i]) else {
             return Ok(()); // the late reply of a call that timed out or was dropped
         };
-        if slot.done.is_some() {
+        if slot.replied {
             return Err(Error::Protocol {
                 pid,
                 detail: format!("second reply to call {id}"),
             });
+        }
+        slot.replied = true;
+        if slot.done.is_some() {
+            return Ok(()); // our deadline failed it first: late, discarded
         }
         slot.done = Some(if status == 0 {
             Ok(body())
@@ -302,4 +311,31 @@ pub(crate) fn thread_bell() -> Bell {
         b.store(0, Ordering::Relaxed);
         Bell(std::ptr::NonNull::from(b))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn late_replies_are_discarded_and_double_replies_refused() {
+        let mut t = Table::new(1);
+        for id in 1..=3 {
+            t.insert(id, 7, Waiter::Task(None));
+        }
+        // Our deadline fails call 1; the server's answer comes after it.
+        t.fail(1, Error::Timeout(std::time::Duration::from_millis(5)));
+        assert!(t.complete(1, 5, &[], 9).is_ok(), "a late reply is not a protocol error");
+        assert!(matches!(t.take(1), Some(Err(Error::Timeout(_)))));
+        // A reply, then another to the same call: the server is broken.
+        t.complete(2, 0, &[1, 2], 9).unwrap();
+        assert!(matches!(t.complete(2, 0, &[3], 9), Err(Error::Protocol { .. })));
+        assert_eq!(t.take(2).unwrap().unwrap().bytes(), &[1, 2]);
+        // An id never given out.
+        assert!(matches!(t.complete(99, 0, &[], 9), Err(Error::Protocol { .. })));
+        // A call whose caller gave up (removed): its reply is dropped.
+        t.remove(3);
+        assert!(t.complete(3, 0, &[], 9).is_ok());
+        assert_eq!(t.in_flight(), 0);
+    }
 }

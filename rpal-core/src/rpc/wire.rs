@@ -292,6 +292,9 @@ pub struct Reader<'a> {
     body: &'a [u8],
     at: usize,
     peer: Option<&'a PeerRegion>,
+    /// The same region as `peer`, as a handle work that outlives the
+    /// request can keep (see `OwnedArgs`).
+    shared: Option<&'a Arc<PeerRegion>>,
 }
 
 /// The error every malformed body gives.
@@ -311,7 +314,30 @@ impl<'a> Reader<'a> {
             body,
             at: 0,
             peer: Some(peer),
+            shared: None,
         }
+    }
+
+    /// As [`Reader::shm`], with a handle on the region that an async
+    /// handler's owned arguments can keep.
+    #[inline]
+    pub fn shm_shared(body: &'a [u8], peer: &'a Arc<PeerRegion>) -> Self {
+        Self {
+            body,
+            at: 0,
+            peer: Some(peer),
+            shared: Some(peer),
+        }
+    }
+
+    /// Whether pointers are checked against a peer's region (shared memory).
+    pub fn is_shm(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// The whole body and the region handle, if any.
+    pub(crate) fn parts(&self) -> (&'a [u8], Option<&'a Arc<PeerRegion>>) {
+        (self.body, self.shared)
     }
 
     /// A reader of a body from a stream (pointed-to data is inline; `body`
@@ -321,6 +347,7 @@ impl<'a> Reader<'a> {
             body,
             at: 0,
             peer: None,
+            shared: None,
         }
     }
 

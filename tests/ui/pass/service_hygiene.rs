@@ -21,6 +21,10 @@ pub trait Everything {
     fn join(&self, xs: ::rpal::ShmSlice<u64>, v: ::rpal::ShmVec<u8>, s: ::rpal::ShmString, b: ::rpal::ShmBox<Pair>) -> ::rpal::ShmString;
     /// An array by value.
     fn first(&self, raw: [u8; 16]) -> u8;
+    /// An async handler reading a slice in place and lending a result.
+    async fn later(&self, xs: ::rpal::ShmSlice<u64>, s: ::rpal::ShmString) -> ::rpal::ShmBox<Pair>;
+    /// An async handler with nothing back.
+    async fn tick(&self);
 }
 
 // Names that shadow what careless generated code might use.
@@ -52,6 +56,11 @@ impl Everything for Impl {
     fn first(&self, raw: [u8; 16]) -> u8 {
         raw[0]
     }
+    async fn later(&self, xs: &[u64], s: &str) -> ::rpal::ShmBox<Pair> {
+        let a = xs.len() as u64;
+        ::rpal::ShmBox::new(Pair { a, b: s.len() as u64 }).unwrap()
+    }
+    async fn tick(&self) {}
 }
 
 fn main() {

@@ -1,7 +1,6 @@
 #[rpal::service]
 pub trait Shape<T> {
     type Assoc;
-    async fn later(&self) -> u64;
     fn generic<U>(&self, u: u64) -> u64;
     fn with_body(&self) -> u64 {
         1

@@ -1,0 +1,97 @@
+//! Async handlers: what a dispatcher returns for a method whose handler is
+//! a future, and what that future owns so it can outlive the request record.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use super::table::Body;
+use super::wire::{Reader, Writer};
+use crate::error::RemoteStatus;
+use crate::region::PeerRegion;
+
+/// A result computed by an async handler, waiting to be written into a
+/// reply (in place in our queue over shared memory, into a frame over a
+/// stream). The `i32` is the caller's pid, for results lent to it.
+pub struct Reply(Box<WriteReply>);
+
+type WriteReply = dyn FnOnce(&mut Writer<'_>, i32) -> Result<(), RemoteStatus> + Send;
+
+impl Reply {
+    /// A reply that `write` fills.
+    pub fn new(write: impl FnOnce(&mut Writer<'_>, i32) -> Result<(), RemoteStatus> + Send + 'static) -> Self {
+        Self(Box::new(write))
+    }
+
+    /// Writes the reply body.
+    pub fn write(self, w: &mut Writer<'_>, peer_pid: i32) -> Result<(), RemoteStatus> {
+        (self.0)(w, peer_pid)
+    }
+}
+
+/// The future of an async handler: resolves to its reply.
+pub type Later = Pin<Box<dyn Future<Output = Result<Reply, RemoteStatus>> + Send>>;
+
+/// What dispatching one call did.
+pub enum Dispatched {
+    /// The reply is written.
+    Done,
+    /// An async handler: run the future (on tokio); its output is the reply.
+    Later(Later),
+}
+
+/// A call's arguments, owned: the request record is reused as soon as the
+/// dispatcher returns, but an async handler reads its arguments later.
+/// Values are in a copy of the body; pointer arguments still point into
+/// the client's region, which this keeps mapped.
+pub struct OwnedArgs {
+    body: Body,
+    region: Option<Arc<PeerRegion>>,
+}
+
+impl OwnedArgs {
+    /// Takes the arguments of `r`, a reader nothing was read from yet.
+    pub fn take(r: &Reader<'_>) -> Result<Self, RemoteStatus> {
+        let (body, region) = r.parts();
+        if region.is_some() != r.is_shm() {
+            // A shared-memory reader built without a region handle cannot
+            // keep the client's memory mapped for later.
+            return Err(RemoteStatus::BadRequest);
+        }
+        Ok(Self {
+            body: Body::copy(body),
+            region: region.cloned(),
+        })
+    }
+
+    /// A reader over the arguments (validating pointers as the first did).
+    pub fn reader(&self) -> Reader<'_> {
+        match &self.region {
+            Some(region) => Reader::shm_shared(self.body.bytes(), region),
+            None => Reader::stream(self.body.bytes()),
+        }
+    }
+
+    /// The client's region, when the arguments came over shared memory.
+    pub fn region(&self) -> Option<&Arc<PeerRegion>> {
+        self.region.as_ref()
+    }
+}
+
+/// Grants the polling thread access to a peer's region (protection keys)
+/// for each poll of `fut`: an async handler reads pointer arguments in
+/// place from whichever tokio thread runs it.
+pub(crate) struct Guarded<F> {
+    pub region: Option<Arc<PeerRegion>>,
+    pub fut: F,
+}
+
+impl<F: Future + Unpin> Future for Guarded<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let _access = self.region.as_ref().and_then(|r| r.access());
+        Pin::new(&mut self.fut).poll(cx)
+    }
+}
