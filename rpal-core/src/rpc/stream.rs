@@ -180,6 +180,15 @@ impl StreamChannel {
             }
         }
         sock.set_timeouts(None).map_err(|e| io("configure", e))?;
+        // Over a Unix socket the kernel names the server's process: hold a
+        // pidfd on it, so that its death is told apart from a hang-up.
+        // (Over TCP the peer may be on another host: a lost connection.)
+        let server = match &sock {
+            Sock::Unix(u) => crate::handshake::peer_cred(u)
+                .ok()
+                .and_then(|c| sys::pidfd_open(c.pid).ok().map(|fd| (c.pid, fd))),
+            Sock::Tcp(_) => None,
+        };
         let reader = sock.try_clone().map_err(|e| io("clone the socket of", e))?;
         let chan = Arc::new(StreamChannel {
             writer: Mutex::new(sock),
@@ -189,7 +198,7 @@ impl StreamChannel {
         let table = Arc::downgrade(&chan.table);
         std::thread::Builder::new()
             .name("rpal-stream-rx".into())
-            .spawn(move || read_replies(reader, table, endpoint))
+            .spawn(move || read_replies(reader, table, endpoint, server))
             .map_err(|e| Error::io("spawn the reply reader".to_owned(), e))?;
         Ok(chan)
     }
@@ -330,7 +339,12 @@ impl Drop for Forget<'_> {
 
 /// The reader thread: hands each reply to its call; at the end of the
 /// stream, fails every call still in flight.
-fn read_replies(mut sock: Sock, table: Weak<Mutex<Table>>, endpoint: String) {
+fn read_replies(
+    mut sock: Sock,
+    table: Weak<Mutex<Table>>,
+    endpoint: String,
+    server: Option<(i32, std::os::fd::OwnedFd)>,
+) {
     let why = loop {
         let mut h = [0u8; FRAME_HEADER];
         if let Err(e) = sock.read_exact(&mut h) {
@@ -352,8 +366,18 @@ fn read_replies(mut sock: Sock, table: Weak<Mutex<Table>>, endpoint: String) {
             break e.to_string();
         }
     };
+    // A dying process closes its sockets before its pidfd turns readable:
+    // give it a moment to finish dying.
+    let died = server.and_then(|(pid, fd)| {
+        sys::poll_wait(fd.as_fd(), Duration::from_millis(50))
+            .unwrap_or(false)
+            .then_some(pid)
+    });
     if let Some(t) = table.upgrade() {
-        lock(&t).kill(Dead::Lost(why));
+        lock(&t).kill(match died {
+            Some(pid) => Dead::PeerDied(pid),
+            None => Dead::Lost(why),
+        });
     }
 }
 
