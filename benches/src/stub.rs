@@ -24,6 +24,8 @@ pub trait Bench {
     fn ping(&self, v: u64) -> u64;
     /// Answers `!first` if the first and last values of `data` match, else 0.
     fn check(&self, data: ShmSlice<u64>) -> u64;
+    /// `ping` as an async handler: what the hop to tokio and back costs.
+    async fn ping_later(&self, v: u64) -> u64;
 }
 
 /// The callee.
@@ -38,6 +40,9 @@ impl Bench for Callee {
             (Some(f), Some(l)) if f == l => !f,
             _ => 0,
         }
+    }
+    async fn ping_later(&self, v: u64) -> u64 {
+        !v
     }
 }
 
@@ -77,6 +82,9 @@ pub enum StubMode {
     Parked,
     /// Shared memory, `_async` methods on a tokio current-thread runtime.
     Async,
+    /// Shared memory, a blocking caller, an async handler (`ping_later`): the
+    /// poller spawns it on the host's tokio runtime and writes its reply back.
+    AsyncHandler,
     /// Loopback TCP, same client type.
     Tcp,
     /// No call: the caller's write alone.
@@ -155,6 +163,7 @@ impl RoundTrip for StubRoundTrip {
             };
         };
         let r = match (&self.data, &self.rt) {
+            (None, None) if self.mode == StubMode::AsyncHandler => client.ping_later(value),
             (None, None) => client.ping(value),
             (Some(d), None) => client.check(d),
             (None, Some(rt)) => rt.block_on(client.ping_async(value)),

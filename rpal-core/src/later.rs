@@ -48,6 +48,7 @@ impl LaterQueue {
     }
 
     /// Whether completions are waiting (a hint; [`LaterQueue::take`] decides).
+    #[inline]
     pub(crate) fn pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
     }

@@ -470,6 +470,7 @@ impl ServerConn {
     }
 
     /// Whether deferred replies are waiting to be written.
+    #[inline]
     pub fn later_pending(&self) -> bool {
         self.later.pending()
     }

@@ -415,9 +415,8 @@ fn dispatcher(s: &Service) -> TokenStream {
             // the client's region, which the copy keeps mapped).
             quote! {
                 #svc::#c => {
-                    let owned = ::rpal::rpc::OwnedArgs::take(args)?;
                     let this = <::std::sync::Arc<Self> as ::core::clone::Clone>::clone(this);
-                    ::core::result::Result::Ok(::rpal::rpc::Dispatched::Later(::std::boxed::Box::pin(async move {
+                    ::rpal::rpc::later_call(args, move |owned| async move {
                         let mut args = owned.reader();
                         let args = &mut args;
                         #(#reads)*
@@ -428,7 +427,7 @@ fn dispatcher(s: &Service) -> TokenStream {
                             #write
                             ::core::result::Result::Ok(())
                         }))
-                    })))
+                    })
                 }
             }
         } else {

@@ -91,6 +91,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         plan.push(("rpal-stub", "parked", payload, slow));
         plan.push(("rpal-stub", "async", payload, slow));
         plan.push(("tcp-stub", "busy", payload, slow));
+        if payload == 8 {
+            // What an async handler adds: the hop to tokio and back.
+            plan.push(("rpal-stub", "async-handler", payload, slow));
+        }
     }
     // The machine's two vCPUs may sit on two cores or on one core's two
     // hyperthreads, and the hypervisor moves them: so every row runs in
@@ -125,6 +129,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ("local", _) => Box::new(stub(StubMode::Local)?),
                 ("rpal-stub", "busy") => Box::new(stub(StubMode::Busy)?),
                 ("rpal-stub", "parked") => Box::new(stub(StubMode::Parked)?),
+                ("rpal-stub", "async-handler") => Box::new(stub(StubMode::AsyncHandler)?),
                 ("rpal-stub", _) => Box::new(stub(StubMode::Async)?),
                 _ => Box::new(stub(StubMode::Tcp)?),
             };
@@ -305,7 +310,7 @@ fn print_stub_table(rows: &[Row], basic: &[Row]) {
         "generated stubs (#[rpal::service]): the caller writes the whole payload each call, the callee checks its first and last 8 bytes"
     );
     println!(
-        "{:<10} {:<7} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
+        "{:<10} {:<13} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
         "transport", "mode", "payload", "p50", "p99", "mean", "iters", "-local p50"
     );
     let us = |ns: f64| format!("{:.2} us", ns / 1000.0);
@@ -315,7 +320,7 @@ fn print_stub_table(rows: &[Row], basic: &[Row]) {
             _ => "-".into(),
         };
         println!(
-            "{:<10} {:<7} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
+            "{:<10} {:<13} {:>9} {:>11} {:>11} {:>11} {:>8} {:>11}",
             r.transport,
             r.mode,
             r.payload,

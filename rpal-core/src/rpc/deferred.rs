@@ -79,6 +79,19 @@ impl OwnedArgs {
     }
 }
 
+/// What a dispatcher does for an async method: takes the arguments and
+/// makes the handler's future from them. Never inlined, so an async method
+/// does not make the dispatcher (on every sync call's path) bigger.
+#[inline(never)]
+pub fn later_call<F, Fut>(args: &Reader<'_>, make: F) -> Result<Dispatched, RemoteStatus>
+where
+    F: FnOnce(OwnedArgs) -> Fut,
+    Fut: Future<Output = Result<Reply, RemoteStatus>> + Send + 'static,
+{
+    let owned = OwnedArgs::take(args)?;
+    Ok(Dispatched::Later(Box::pin(make(owned))))
+}
+
 /// Grants the polling thread access to a peer's region (protection keys)
 /// for each poll of `fut`: an async handler reads pointer arguments in
 /// place from whichever tokio thread runs it.

@@ -17,7 +17,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use deferred::{Dispatched, Later, OwnedArgs, Reply};
+pub use deferred::{Dispatched, Later, OwnedArgs, Reply, later_call};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
@@ -115,10 +115,18 @@ impl<D: Dispatch> Handler for ShmHandler<D> {
         let mut args = Reader::shm_shared(req.payload, req.peer);
         let mut out = Writer::fixed(reply);
         let pid = req.peer.pid();
-        let fut = match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {
-            Dispatched::Done => return out.finish().ok_or(RemoteStatus::BadReply),
-            Dispatched::Later(fut) => fut,
-        };
+        match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {
+            Dispatched::Done => out.finish().ok_or(RemoteStatus::BadReply),
+            Dispatched::Later(fut) => self.spawn(req, fut, pid),
+        }
+    }
+}
+
+impl<D: Dispatch> ShmHandler<D> {
+    /// Runs an async handler's future on tokio and answers through the
+    /// poller when it resolves.
+    #[cold]
+    fn spawn(&self, req: &Request<'_>, fut: Later, pid: i32) -> std::result::Result<usize, RemoteStatus> {
         let Some(rt) = &self.rt else {
             tracing::error!(
                 method = req.method,
@@ -246,6 +254,7 @@ impl Channel {
 
 /// The server gave up at our deadline before our own timer did: to the
 /// caller it is the same `Timeout`.
+#[inline]
 fn as_timeout<R>(r: Result<R>, timeout: Option<Duration>) -> Result<R> {
     match (r, timeout) {
         (
