@@ -39,6 +39,11 @@ pub trait Sidecar {
     fn ship(&self, line: ShmString) -> u64;
     /// How many times the sidecar has called the app back.
     fn health_checks(&self) -> u64;
+    /// Waits until every line shipped so far is written out; returns how
+    /// many. An async handler: it runs on the sidecar's tokio runtime and
+    /// may wait as long as it likes without holding up `allow` and `ship`,
+    /// which run inline on the poller.
+    async fn flush(&self) -> u64;
 }
 
 /// The app's service, called by the sidecar.
@@ -75,6 +80,12 @@ impl Sidecar for Limiter {
     }
     fn health_checks(&self) -> u64 {
         CHECKS.load(Ordering::Relaxed)
+    }
+    async fn flush(&self) -> u64 {
+        let upto = self.shipped.load(Ordering::Relaxed);
+        // A real shipper would await its file or network write here.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        upto
     }
 }
 
@@ -184,6 +195,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     ns.sort_unstable();
+    // While `flush` waits on the sidecar's tokio runtime,
+    // `allow` is still answered inline by its poller.
+    let flushing = {
+        let sidecar = sidecar.clone();
+        std::thread::spawn(move || sidecar.flush())
+    };
+    sidecar.allow(0)?;
+    let flushed = flushing.join().map_err(|_| "the flushing thread panicked")??;
+    if flushed != REQUESTS {
+        return Err(format!("flush confirmed {flushed} lines, not {REQUESTS}").into());
+    }
     let checks = sidecar.health_checks()?;
     println!(
         "app pid {} and sidecar pid {} called each other:",
@@ -197,6 +219,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ns[ns.len() * 99 / 100] as f64 / 1000.0
     );
     println!("  the sidecar called the app's health() {checks} times meanwhile");
+    println!("  flush() (an async handler, on the sidecar's tokio runtime) confirmed {flushed} lines");
     if checks == 0 {
         return Err("the sidecar never called the app".into());
     }
