@@ -197,11 +197,16 @@ pub(crate) fn write_msg(
     if n > cap {
         return Err(Error::TooLarge { len: n, capacity: cap });
     }
+    put_header(buf, call_id, method, status);
+    tx.commit(MSG_HEADER + n);
+    Ok(())
+}
+
+/// Writes a message header (call id, method, status) at the start of `buf`.
+pub(crate) fn put_header(buf: &mut [u8], call_id: u64, method: u32, status: u32) {
     buf[0..8].copy_from_slice(&call_id.to_le_bytes());
     buf[8..12].copy_from_slice(&method.to_le_bytes());
     buf[12..16].copy_from_slice(&status.to_le_bytes());
-    tx.commit(MSG_HEADER + n);
-    Ok(())
 }
 
 /// The peer of a connection.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::arena::Arena;
 use crate::conn::{
     BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, OwnEndpoint, Peer, budget_of,
-    next_msg,
+    next_msg, put_header,
 };
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
@@ -313,9 +313,7 @@ fn fill_reply(
         Ok(Err(s)) => (0, s.code()),
         Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
     };
-    buf[0..8].copy_from_slice(&call_id.to_le_bytes());
-    buf[8..12].copy_from_slice(&method.to_le_bytes());
-    buf[12..16].copy_from_slice(&status.to_le_bytes());
+    put_header(buf, call_id, method, status);
     MSG_HEADER + n
 }
 

@@ -515,11 +515,7 @@ where
             Ok(Err(s)) => s.code(),
             Err(_) => RemoteStatus::HandlerPanicked.code(),
         };
-        if status != 0 {
-            reply.truncate(FRAME_HEADER);
-        }
-        let n = reply.len() - FRAME_HEADER;
-        encode_header(&mut reply, n, id, method, status);
+        finish_frame(&mut reply, id, method, status);
         if wr.lock().await.write_all(&reply).await.is_err() {
             return;
         }
@@ -564,12 +560,17 @@ where
         Ok(Err(s)) => s.code(),
         Err(_) => RemoteStatus::HandlerPanicked.code(),
     };
+    finish_frame(&mut frame, id, method, status);
+    let _ = wr.lock().await.write_all(&frame).await;
+}
+
+/// Fills in a reply frame's header; a failed call carries no body.
+fn finish_frame(frame: &mut Vec<u8>, id: u64, method: u32, status: u32) {
     if status != 0 {
         frame.truncate(FRAME_HEADER);
     }
     let n = frame.len() - FRAME_HEADER;
-    encode_header(&mut frame, n, id, method, status);
-    let _ = wr.lock().await.write_all(&frame).await;
+    encode_header(frame, n, id, method, status);
 }
 
 /// The server side of the stream hello: same message as shared memory.
