@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{ALL, Transport, retry, runtime};
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -102,15 +104,6 @@ fn checksum(b: &Block) -> u64 {
     b.words.iter().fold(0u64, |h, w| h.rotate_left(5) ^ w)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Transport {
-    Shm,
-    Tcp,
-    UnixStream,
-}
-
-const ALL: [Transport; 3] = [Transport::Shm, Transport::Tcp, Transport::UnixStream];
-
 struct ServerChild {
     _guard: common::ChildGuard,
     base: PathBuf,
@@ -132,8 +125,7 @@ fn serve_child() {
         .start()
         .expect("start the host");
     let port = host.tcp_addr().expect("tcp").port();
-    std::fs::write(base.with_extension("tmp"), port.to_string()).unwrap();
-    std::fs::rename(base.with_extension("tmp"), base.with_extension("port")).unwrap();
+    common::publish_port(&base, port);
     host.join();
 }
 
@@ -143,25 +135,9 @@ fn start_server(test: &str, name: &str) -> ServerChild {
     ServerChild { _guard: guard, base }
 }
 
-fn retry<T>(mut f: impl FnMut() -> rpal::Result<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if t0.elapsed() > Duration::from_secs(20) => panic!("cannot connect: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
 impl ServerChild {
     fn connect(&self, t: Transport) -> JobsClient {
-        let port = retry(|| {
-            std::fs::read_to_string(self.base.with_extension("port"))
-                .map_err(|e| rpal::Error::io("port file", e))?
-                .parse::<u16>()
-                .map_err(|e| rpal::Error::io("port", std::io::Error::other(e)))
-        });
+        let port = common::read_port(&self.base);
         let c = match t {
             Transport::Shm => retry(|| JobsClient::connect(&self.base)),
             Transport::Tcp => retry(|| JobsClient::connect_tcp(("127.0.0.1", port))),
@@ -170,14 +146,6 @@ impl ServerChild {
         // A test that goes wrong fails with Timeout instead of hanging.
         c.with_timeout(Duration::from_secs(20))
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Polls `f` until it holds (10 s at most).

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{ALL, Transport, retry, runtime};
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,15 +70,6 @@ impl Kv for KvImpl {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Transport {
-    Shm,
-    Tcp,
-    UnixStream,
-}
-
-const ALL: [Transport; 3] = [Transport::Shm, Transport::Tcp, Transport::UnixStream];
-
 /// A server child: shared memory at `base`, a Unix stream at `base.stream`,
 /// TCP on a port it writes to `base.port`.
 struct ServerChild {
@@ -99,8 +92,7 @@ fn serve_child() {
         .start()
         .expect("start the host");
     let port = host.tcp_addr().expect("tcp").port();
-    std::fs::write(base.with_extension("tmp"), port.to_string()).unwrap();
-    std::fs::rename(base.with_extension("tmp"), base.with_extension("port")).unwrap();
+    common::publish_port(&base, port);
     host.join();
 }
 
@@ -110,26 +102,9 @@ fn start_server(test: &str, name: &str) -> ServerChild {
     ServerChild { guard, base }
 }
 
-/// Retries `f` until the server is up (20 s at most).
-fn retry<T>(mut f: impl FnMut() -> rpal::Result<T>) -> T {
-    let t0 = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) if t0.elapsed() > Duration::from_secs(20) => panic!("cannot connect: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-}
-
 impl ServerChild {
     fn port(&self) -> u16 {
-        retry(|| {
-            std::fs::read_to_string(self.base.with_extension("port"))
-                .map_err(|e| rpal::Error::io("port file", e))?
-                .parse::<u16>()
-                .map_err(|e| rpal::Error::io("port", std::io::Error::other(e)))
-        })
+        common::read_port(&self.base)
     }
 
     fn connect(&self, t: Transport) -> KvClient {
@@ -145,14 +120,6 @@ impl ServerChild {
             }
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

@@ -90,3 +90,52 @@ pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool)
 pub fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rpal-test-{}-{name}.sock", std::process::id()))
 }
+
+/// How a service test reaches its server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transport {
+    Shm,
+    Tcp,
+    UnixStream,
+}
+
+/// Every transport a service test runs over.
+pub const ALL: [Transport; 3] = [Transport::Shm, Transport::Tcp, Transport::UnixStream];
+
+/// Retries `f` until the server is up (20 s at most).
+pub fn retry<T>(mut f: impl FnMut() -> rpal::Result<T>) -> T {
+    let t0 = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if t0.elapsed() > Duration::from_secs(20) => panic!("cannot connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// A server child's side: tells the test its TCP port in `base.port`
+/// (written whole, then renamed, so a reader never sees half of it).
+pub fn publish_port(base: &std::path::Path, port: u16) {
+    std::fs::write(base.with_extension("tmp"), port.to_string()).unwrap();
+    std::fs::rename(base.with_extension("tmp"), base.with_extension("port")).unwrap();
+}
+
+/// The test's side of [`publish_port`]: waits for the port.
+pub fn read_port(base: &std::path::Path) -> u16 {
+    retry(|| {
+        std::fs::read_to_string(base.with_extension("port"))
+            .map_err(|e| rpal::Error::io("port file", e))?
+            .parse::<u16>()
+            .map_err(|e| rpal::Error::io("port", std::io::Error::other(e)))
+    })
+}
+
+/// A small multi-thread tokio runtime for a test's tasks.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
