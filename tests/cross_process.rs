@@ -40,7 +40,7 @@ fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
     );
     let (mut count, mut sum, mut names_ok, mut in_place, mut sorted) = (0u64, 0u64, 0u64, 0u64, 1u64);
     let mut visit = |node: &Node, addr: u64| -> Result<(), RemoteStatus> {
-        let name = node.name.get(req.peer).map_err(|_| RemoteStatus::BadRequest)?;
+        let name = node.name.get(req.mem()).map_err(|_| RemoteStatus::BadRequest)?;
         names_ok += (name == name_of(node.value)) as u64;
         // The view is the client's memory itself, not a copy.
         in_place += (std::ptr::eq(node, addr as *const Node)
@@ -57,7 +57,7 @@ fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
                 if steps > 10 * NODES {
                     return Err(RemoteStatus::BadRequest); // a cycle: the walk is bounded
                 }
-                let node: &Node = req.peer.view(p).map_err(|_| RemoteStatus::BadRequest)?;
+                let node: &Node = req.mem().view(p).map_err(|_| RemoteStatus::BadRequest)?;
                 visit(node, p)?;
                 p = node.next;
             }
@@ -72,10 +72,10 @@ fn walker(req: &Request<'_>, reply: &mut [u8]) -> Result<usize, RemoteStatus> {
                 }
                 while p != 0 {
                     stack.push(p);
-                    p = req.peer.view::<Node>(p).map_err(|_| RemoteStatus::BadRequest)?.left;
+                    p = req.mem().view::<Node>(p).map_err(|_| RemoteStatus::BadRequest)?.left;
                 }
                 let addr = stack.pop().unwrap();
-                let node: &Node = req.peer.view(addr).map_err(|_| RemoteStatus::BadRequest)?;
+                let node: &Node = req.mem().view(addr).map_err(|_| RemoteStatus::BadRequest)?;
                 if last.is_some_and(|l| l > node.value) {
                     sorted = 0;
                 }

@@ -138,7 +138,7 @@ fn typed_calls_over_every_transport() {
         assert_eq!(kv.add(40, 2).unwrap(), 42, "{t:?}");
         assert_eq!(kv.sum(&xs).unwrap(), 500_500, "{t:?}");
         let hello = kv.greet(&name).unwrap();
-        assert_eq!(&*hello, "hello, rpal", "{t:?}");
+        assert_eq!(&*hello.read(), "hello, rpal", "{t:?}");
         // Over shared memory the result stays in the server's memory.
         assert_eq!(hello.is_shared(), t == Transport::Shm);
         drop(hello);
@@ -158,7 +158,7 @@ fn typed_calls_over_every_transport() {
         assert_eq!(kv.add(1, 1).unwrap(), 2, "the server goes on after a panic");
         rt.block_on(async {
             assert_eq!(kv.add_async(5, 6).await.unwrap(), 11, "{t:?}");
-            assert_eq!(&*kv.greet_async(&name).await.unwrap(), "hello, rpal");
+            assert_eq!(&*kv.greet_async(&name).await.unwrap().read(), "hello, rpal");
         });
         // A client built from another trait of the same name is refused.
         let e = match t {

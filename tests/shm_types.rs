@@ -141,7 +141,7 @@ fn peer_releases_every_block_and_the_owner_reclaims_them() {
             for pair in req.payload.chunks_exact(16) {
                 let addr = u64::from_le_bytes(pair[..8].try_into().unwrap());
                 let len = u64::from_le_bytes(pair[8..].try_into().unwrap());
-                let bytes = req.peer.bytes(addr, len).map_err(|_| RemoteStatus::BadRequest)?;
+                let bytes = req.mem().bytes(addr, len).map_err(|_| RemoteStatus::BadRequest)?;
                 ok += bytes.iter().copied().eq(pattern(len as usize, addr)) as u32;
                 req.release(addr);
             }

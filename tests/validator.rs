@@ -78,7 +78,10 @@ fn validator_against_a_real_peer() {
     };
     assert!(conn.serve_one(&mut take).unwrap());
     let crafted_addr = *got.lock().unwrap();
-    let peer = &conn.peer().region;
+    let region = &conn.peer().region;
+    // Reading the client's memory takes a grant of access to it (pkeys).
+    let access = region.access();
+    let peer = region.mem(&access);
 
     // Crafted bad records: each a typed error, never a crash.
     let crafted: &Crafted = peer.view(crafted_addr).unwrap();
@@ -104,7 +107,7 @@ fn validator_against_a_real_peer() {
     assert!(matches!(e, Error::WalkLimit { visits: 11, .. }), "{e}");
 
     // Properties with random pointers and lengths.
-    let (base, len) = (peer.addr(), peer.len());
+    let (base, len) = (region.addr(), region.len());
     let model = |addr: u64, n: u64, align: u64| {
         addr % align == 0 && addr.checked_add(n).is_some_and(|end| addr >= base && end <= base + len)
     };

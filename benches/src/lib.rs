@@ -483,7 +483,10 @@ fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
     conn.serve_one(&mut setup)?;
     let (mut p, cursor_addr) = slot.borrow_mut().take().expect("setup call");
     let pid = conn.peer().cred.pid;
-    let cursor: &AtomicU64 = conn.peer().region.view(cursor_addr)?;
+    // The consumer's cursor is in its memory: read it with access granted.
+    let region = conn.peer().region.clone();
+    let access = region.access();
+    let cursor: &AtomicU64 = region.mem(&access).view(cursor_addr)?;
     let record = vec![0x5Au8; payload];
     for i in 0..count {
         // Backpressure: keep at most 64 blocks unread.
@@ -523,12 +526,14 @@ pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64
     let cursor: &AtomicU64 = &cursor_box;
     let head = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
     let region: &rpal::PeerRegion = &client.peer().region;
-    let mut rx = Consumer::new(region, head, client.peer().cred.pid)?;
+    let access = region.access();
+    let mem = region.mem(&access);
+    let mut rx = Consumer::new(mem, head, client.peer().cred.pid)?;
     let mut got = 0u64;
     let mut start = None;
     let mut check = 0u64;
     while got < count {
-        match rx.next(region)? {
+        match rx.next(mem)? {
             Some(rec) => {
                 start.get_or_insert_with(Instant::now);
                 if payload >= 8 {

@@ -10,7 +10,8 @@ use crate::conn::{Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, OwnEndpoint,
 use crate::doorbell::{Deadline, DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind};
-use crate::region::PeerRegion;
+use crate::pkey::Access;
+use crate::region::{PeerMem, PeerRegion};
 use crate::space::Space;
 
 /// How a client connects and waits.
@@ -133,14 +134,15 @@ impl Client {
     /// Calls `method`. `write` fills the request body in place in our queue
     /// (at most [`INLINE_CAPACITY`] bytes) and returns its length; `read` gets
     /// the reply body in place in the server's memory (validated, read-only)
-    /// and the server's region for following pointers. The reply is valid
-    /// only inside `read`.
+    /// and the server's memory for following pointers. The reply is valid
+    /// only inside `read`. The calling thread has access to the server's
+    /// region (protection keys) from the send to the end of `read`.
     pub fn call_with<R>(
         &mut self,
         method: u32,
         timeout: Option<Duration>,
         write: impl FnOnce(&mut [u8]) -> usize,
-        read: impl FnOnce(&[u8], &PeerRegion) -> R,
+        read: impl FnOnce(&[u8], PeerMem<'_>) -> R,
     ) -> Result<R> {
         self.call_sized(method, INLINE_CAPACITY, timeout, write, read)
     }
@@ -153,14 +155,15 @@ impl Client {
         cap: usize,
         timeout: Option<Duration>,
         write: impl FnOnce(&mut [u8]) -> usize,
-        read: impl FnOnce(&[u8], &PeerRegion) -> R,
+        read: impl FnOnce(&[u8], PeerMem<'_>) -> R,
     ) -> Result<R> {
         let deadline = timeout.or(self.call_timeout).map(Deadline::after);
-        let _access = self.conn.peer.region.access();
+        // One grant for the whole call: the steps below nest in it for free.
+        let access = self.conn.peer.region.access();
         let id = self.send_request(method, cap, write)?;
         let mut read = Some(read);
         loop {
-            self.conn.wait_ready(deadline.as_ref())?;
+            self.conn.wait_ready(&access, deadline.as_ref())?;
             if let Some(out) = self.try_reply(id, method, &mut read)? {
                 return Ok(out);
             }
@@ -195,9 +198,9 @@ impl Client {
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<u64> {
         let id = self.next_id(method)?;
-        let _access = self.conn.peer.region.access();
-        self.conn.send(method, id, budget_bits(budget), cap, write)?;
-        self.conn.ring();
+        let access = self.conn.peer.region.access();
+        self.conn.send(&access, method, id, budget_bits(budget), cap, write)?;
+        self.conn.ring(&access);
         Ok(id)
     }
 
@@ -207,12 +210,12 @@ impl Client {
     /// cancelled) are discarded on the way.
     pub fn try_reply<R, F>(&mut self, id: u64, method: u32, read: &mut Option<F>) -> Result<Option<R>>
     where
-        F: FnOnce(&[u8], &PeerRegion) -> R,
+        F: FnOnce(&[u8], PeerMem<'_>) -> R,
     {
-        let _access = self.conn.peer.region.access();
+        let access = self.conn.peer.region.access();
         loop {
             let pid = self.conn.pid();
-            let Some(msg) = next_msg(&mut self.conn.rx, &self.conn.peer.region)? else {
+            let Some(msg) = next_msg(&mut self.conn.rx, self.conn.peer.region.mem(&access))? else {
                 self.conn.publish_cursor();
                 return Ok(None);
             };
@@ -232,7 +235,7 @@ impl Client {
                 });
             }
             let read = read.take().expect("a reply is read once");
-            let out = read(msg.body, &self.conn.peer.region);
+            let out = read(msg.body, self.conn.peer.region.mem(&access));
             // Recycling and releases wait for the next send; the cursor goes now.
             self.conn.publish_cursor();
             return Ok(Some(out));
@@ -245,14 +248,15 @@ impl Client {
     /// that track many calls themselves (replies may come in any order).
     /// Stopping as soon as the wanted reply is read matters: looking at the
     /// next record would pull in a line the server is about to write.
-    pub fn drain_replies(&mut self, mut f: impl FnMut(u64, u32, &[u8], &PeerRegion) -> Result<bool>) -> Result<usize> {
-        let _access = self.conn.peer.region.access();
+    pub fn drain_replies(&mut self, mut f: impl FnMut(u64, u32, &[u8], PeerMem<'_>) -> Result<bool>) -> Result<usize> {
+        let access = self.conn.peer.region.access();
         let mut n = 0;
         let out = loop {
-            match next_msg(&mut self.conn.rx, &self.conn.peer.region) {
+            let mem = self.conn.peer.region.mem(&access);
+            match next_msg(&mut self.conn.rx, mem) {
                 Ok(Some(msg)) => {
                     n += 1;
-                    match f(msg.call_id, msg.status, msg.body, &self.conn.peer.region) {
+                    match f(msg.call_id, msg.status, msg.body, mem) {
                         Ok(true) => {}
                         Ok(false) => break Ok(n),
                         Err(e) => break Err(e),
@@ -274,9 +278,16 @@ impl Client {
     /// What to sleep on until the next reply: the word it will change and
     /// its current value, or `None` if something has arrived already. Set
     /// [`Client::parked_flag`] (then fence, then look again) before sleeping,
-    /// so that the server wakes you.
-    pub fn reply_wait_target(&self) -> Option<(&AtomicU32, u32)> {
-        self.conn.rx.wait_word()
+    /// so that the server wakes you. The word is in the server's memory:
+    /// readable (and waitable) while `access` lives.
+    pub fn reply_wait_target<'a>(&'a self, access: &'a Access) -> Option<(&'a AtomicU32, u32)> {
+        self.conn.rx.wait_word(self.conn.mem(access))
+    }
+
+    /// A grant of access to the server's region for this thread (see
+    /// [`crate::pkey`]), for [`Client::reply_wait_target`] and waits on it.
+    pub fn access(&self) -> Access {
+        self.conn.peer.region.access()
     }
 
     /// Our `parked` flag for this connection.
@@ -314,8 +325,8 @@ impl Client {
     /// parked server after a batch (the next call does it too).
     pub fn send_oneway(&mut self, method: u32, len: usize, write: impl FnOnce(&mut [u8])) -> Result<()> {
         let id = self.next_id(method)?;
-        let _access = self.conn.peer.region.access();
-        self.conn.send(method, id, FLAG_ONEWAY, len, |buf| {
+        let access = self.conn.peer.region.access();
+        self.conn.send(&access, method, id, FLAG_ONEWAY, len, |buf| {
             write(&mut buf[..len]);
             len
         })
@@ -324,20 +335,22 @@ impl Client {
     /// Wakes the server if it sleeps, so that one-way messages sent so far
     /// are handled.
     pub fn flush(&mut self) {
-        self.conn.ring();
+        let access = self.conn.peer.region.access();
+        self.conn.ring(&access);
     }
 
     /// Says we are done with the server's block at `addr` (one it lent us);
     /// the server frees it once it sees the release.
     pub fn release(&mut self, addr: u64) {
-        self.conn.release(addr);
+        let access = self.conn.peer.region.access();
+        self.conn.release(&access, addr);
     }
 
     /// Frees our blocks that the server released, now (this also happens on
     /// every reply). Returns how many were freed.
     pub fn reclaim(&mut self) -> Result<usize> {
-        let _access = self.conn.peer.region.access();
-        self.conn.reclaim()
+        let access = self.conn.peer.region.access();
+        self.conn.reclaim(&access)
     }
 
     /// Releases by the server that matched no block lent to it, refused so far.
@@ -356,7 +369,7 @@ impl Client {
     #[doc(hidden)]
     pub fn inject_header(&mut self, seq_skew: u32, len: u32) {
         self.conn.mine.tx.inject_header(seq_skew, len);
-        self.conn.ring();
+        self.flush();
     }
 }
 
@@ -364,9 +377,9 @@ impl Drop for Client {
     fn drop(&mut self) {
         // Tell the server we are done, so it stops waiting at once. Best
         // effort: a server that died needs no goodbye.
-        let _access = self.conn.peer.region.access();
-        if self.conn.send(METHOD_CLOSE, 0, FLAG_ONEWAY, 0, |_| 0).is_ok() {
-            self.conn.ring();
+        let access = self.conn.peer.region.access();
+        if self.conn.send(&access, METHOD_CLOSE, 0, FLAG_ONEWAY, 0, |_| 0).is_ok() {
+            self.conn.ring(&access);
         }
     }
 }

@@ -21,8 +21,9 @@ use crate::arena::Arena;
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
 use crate::handshake::PeerCred;
+use crate::pkey::Access;
 use crate::queue::{Consumer, Producer};
-use crate::region::PeerRegion;
+use crate::region::{PeerMem, PeerRegion};
 use crate::sys;
 
 /// Message header: call id, method, status.
@@ -163,13 +164,13 @@ pub(crate) struct Msg<'a> {
     pub body: &'a [u8],
 }
 
-/// Reads the next message, if one is ready. `rx` and `region` are separate
+/// Reads the next message, if one is ready. `rx` and `mem` are separate
 /// borrows so the caller can answer while holding the message.
-pub(crate) fn next_msg<'a>(rx: &mut Consumer, region: &'a PeerRegion) -> Result<Option<Msg<'a>>> {
-    let Some(rec) = rx.next(region)? else { return Ok(None) };
+pub(crate) fn next_msg<'a>(rx: &mut Consumer, mem: PeerMem<'a>) -> Result<Option<Msg<'a>>> {
+    let Some(rec) = rx.next(mem)? else { return Ok(None) };
     if rec.len() < MSG_HEADER {
         return Err(Error::Protocol {
-            pid: region.pid(),
+            pid: mem.pid(),
             detail: format!("message of {} bytes is shorter than its header", rec.len()),
         });
     }
@@ -267,11 +268,15 @@ impl Conn {
         )?;
         let pidfd = sys::pidfd_open(cred.pid).map_err(|e| Error::io(format!("pidfd_open({})", cred.pid), e))?;
         let theirs = their_endpoint as *const Endpoint;
-        // SAFETY: `check` proved the block lies inside the mapped region and is aligned.
+        let access = region.access();
+        let mem = region.mem(&access);
+        // SAFETY: `check` proved the block lies inside the mapped region and
+        // is aligned; `access` lets this thread read it.
         // Acquire: the peer wrote `queue_head` before sending its hello; the
         // socket exchange already orders it, this documents the dependency.
         let head = unsafe { (*theirs).queue_head.load(Ordering::Acquire) };
-        let rx = Consumer::new(&region, head, cred.pid)?;
+        let rx = Consumer::new(mem, head, cred.pid)?;
+        drop(access);
         Ok(Conn {
             sock,
             peer: Peer {
@@ -295,10 +300,18 @@ impl Conn {
         self.peer.cred.pid
     }
 
-    fn theirs(&self) -> &Endpoint {
+    /// The peer's endpoint block, readable while `access` lives.
+    fn theirs<'a>(&'a self, access: &'a Access) -> &'a Endpoint {
+        let _ = self.peer.region.mem(access); // checks the grant in debug builds
         // SAFETY: `theirs` was validated in `new` and stays mapped with `self`;
-        // only its atomics are read through this reference.
+        // `access` lets this thread read it; only its atomics are read
+        // through this reference.
         unsafe { &*self.theirs }
+    }
+
+    /// The peer's memory, readable while `access` lives.
+    pub(crate) fn mem<'a>(&'a self, access: &'a Access) -> PeerMem<'a> {
+        self.peer.region.mem(access)
     }
 
     /// Our `parked` flag (the peer reads it before waking us).
@@ -316,22 +329,25 @@ impl Conn {
     /// Does not wake the peer: call [`Conn::ring`] after a batch.
     pub(crate) fn send(
         &mut self,
+        access: &Access,
         method: u32,
         call_id: u64,
         status: u32,
         cap: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<()> {
-        self.housekeeping()?;
+        self.housekeeping(access)?;
         if self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
-            self.wait_for_room()?;
+            self.wait_for_room(access)?;
         }
         write_msg(&mut self.mine.tx, method, call_id, cap, |body| (write(body), status))
     }
 
     /// Wakes the peer if it sleeps on our queue.
-    pub(crate) fn ring(&mut self) {
-        // SAFETY: see `theirs`; split from `self.mine` for the borrow checker.
+    pub(crate) fn ring(&mut self, access: &Access) {
+        let _ = self.peer.region.mem(access); // checks the grant in debug builds
+        // SAFETY: see `theirs` (`access` lets us read it); split from
+        // `self.mine` for the borrow checker.
         let parked = unsafe { &(*self.theirs).parked };
         if self.mine.tx.ring(parked) {
             self.stats
@@ -341,14 +357,14 @@ impl Conn {
     }
 
     /// Backpressure: wait until the peer's cursor frees some of our blocks.
-    fn wait_for_room(&mut self) -> Result<()> {
+    fn wait_for_room(&mut self, access: &Access) -> Result<()> {
         let start = Instant::now();
         let waits = &self.stats.full_waits;
         waits.store(waits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         while self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
-            self.ring();
+            self.ring(access);
             // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
-            let seen = self.theirs().cursor.load(Ordering::Acquire);
+            let seen = self.theirs(access).cursor.load(Ordering::Acquire);
             self.mine.tx.recycle(seen, self.pid())?;
             if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
                 break;
@@ -364,13 +380,13 @@ impl Conn {
 
     /// Recycles our queue blocks the peer has passed, publishes pending
     /// releases, and frees our blocks the peer released.
-    pub(crate) fn housekeeping(&mut self) -> Result<()> {
+    pub(crate) fn housekeeping(&mut self, access: &Access) -> Result<()> {
         // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
-        let cursor = self.theirs().cursor.load(Ordering::Acquire);
+        let cursor = self.theirs(access).cursor.load(Ordering::Acquire);
         let pid = self.pid();
         self.mine.tx.recycle(cursor, pid)?;
-        self.flush_releases();
-        self.reclaim()?;
+        self.flush_releases(access);
+        self.reclaim(access)?;
         Ok(())
     }
 
@@ -386,14 +402,14 @@ impl Conn {
     }
 
     /// Waits until a message is ready (or the deadline, or the peer's death).
-    pub(crate) fn wait_ready(&mut self, deadline: Option<&Deadline>) -> Result<()> {
+    pub(crate) fn wait_ready(&mut self, access: &Access, deadline: Option<&Deadline>) -> Result<()> {
         loop {
-            if self.rx.ready_record(&*self.peer.region)? {
+            if self.rx.ready_record(self.peer.region.mem(access))? {
                 return Ok(());
             }
             self.publish_cursor();
             // The record may have landed since `ready_record` looked.
-            let Some((word, seen)) = self.rx.wait_word() else {
+            let Some((word, seen)) = self.rx.wait_word(self.peer.region.mem(access)) else {
                 continue;
             };
             let parked = &self.mine.block().parked;
@@ -406,19 +422,19 @@ impl Conn {
 
     /// Says we are done with the peer's block at `addr`; published in our
     /// release ring now or, if it is full, at the next send or receive.
-    pub(crate) fn release(&mut self, addr: u64) {
+    pub(crate) fn release(&mut self, access: &Access, addr: u64) {
         self.pending_releases.push(addr);
-        self.flush_releases();
+        self.flush_releases(access);
     }
 
     /// Queues releases gathered elsewhere (a handler's).
-    pub(crate) fn release_all(&mut self, addrs: impl IntoIterator<Item = u64>) {
+    pub(crate) fn release_all(&mut self, access: &Access, addrs: impl IntoIterator<Item = u64>) {
         self.pending_releases.extend(addrs);
-        self.flush_releases();
+        self.flush_releases(access);
     }
 
     /// Publishes pending releases while our ring has room.
-    fn flush_releases(&mut self) {
+    fn flush_releases(&mut self, access: &Access) {
         if self.pending_releases.is_empty() {
             return;
         }
@@ -426,8 +442,7 @@ impl Conn {
         let tail = mine.release_tail.load(Ordering::Relaxed);
         // Acquire: pairs with the Release store of `release_head` in the
         // peer's `reclaim`; slots it consumed may be overwritten.
-        // SAFETY: see `theirs`.
-        let head = unsafe { (*self.theirs).release_head.load(Ordering::Acquire) };
+        let head = self.theirs(access).release_head.load(Ordering::Acquire);
         let room = (RELEASE_SLOTS as u64).saturating_sub(tail.wrapping_sub(head));
         let n = (room as usize).min(self.pending_releases.len());
         for (i, &addr) in self.pending_releases[..n].iter().enumerate() {
@@ -441,11 +456,11 @@ impl Conn {
     /// Frees our blocks that the peer released. A release that matches no
     /// block lent to this peer is refused and counted; a release cursor that
     /// jumps or goes backwards is a protocol violation.
-    pub(crate) fn reclaim(&mut self) -> Result<usize> {
+    pub(crate) fn reclaim(&mut self, access: &Access) -> Result<usize> {
         let pid = self.pid();
         let head = self.mine.block().release_head.load(Ordering::Relaxed);
         // Acquire: pairs with the Release store of `release_tail` in the peer's `flush_releases`.
-        let tail = self.theirs().release_tail.load(Ordering::Acquire);
+        let tail = self.theirs(access).release_tail.load(Ordering::Acquire);
         let ahead = tail.wrapping_sub(head);
         if ahead == 0 {
             return Ok(0);
@@ -459,7 +474,7 @@ impl Conn {
         let arena = Arena::global()?;
         let mut freed = 0;
         for i in head..tail {
-            let addr = self.theirs().releases[i as usize % RELEASE_SLOTS].load(Ordering::Relaxed);
+            let addr = self.theirs(access).releases[i as usize % RELEASE_SLOTS].load(Ordering::Relaxed);
             match arena.reclaim(addr, pid) {
                 Ok(()) => freed += 1,
                 Err(e) => {
@@ -470,7 +485,7 @@ impl Conn {
         }
         // Release: the peer may reuse the slots we read; pairs with the Acquire in `flush_releases`.
         self.mine.block().release_head.store(tail, Ordering::Release);
-        self.flush_releases();
+        self.flush_releases(access);
         Ok(freed)
     }
 

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
-use crate::region::PeerRegion;
+use crate::region::PeerMem;
 
 /// Size of a normal block (fits the allocator's 64 KiB class with its header).
 pub const BLOCK_SIZE: usize = (64 << 10) - 128;
@@ -73,16 +73,24 @@ const fn footprint(len: usize) -> usize {
     pad8(RECORD_HEADER + len)
 }
 
-/// Where the consumer validates what it reads: a peer's region, or (in
-/// tests) any checker with the same contract.
-pub trait Bounds {
+/// Where the consumer validates what it reads: a peer's memory while this
+/// thread may read it ([`PeerMem`]), or (in tests) any checker with the
+/// same contract.
+///
+/// # Safety
+/// `check` may return `Ok` only for a range that is mapped, and readable by
+/// the calling thread (protection keys included) for as long as `self` is
+/// borrowed, that is for `'a`.
+pub unsafe trait Bounds<'a>: Copy {
     /// Errors unless `[addr, addr+len)` is readable and aligned to `align`.
     fn check(&self, addr: u64, len: u64, align: u64) -> Result<()>;
 }
 
-impl Bounds for PeerRegion {
+// SAFETY: a PeerMem exists only while its Access (or an equivalent grant)
+// lives, and the region stays mapped while it is borrowed, both for 'a.
+unsafe impl<'a> Bounds<'a> for PeerMem<'a> {
     fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
-        PeerRegion::check(self, addr, len, align)
+        PeerMem::check(self, addr, len, align)
     }
 }
 
@@ -372,7 +380,7 @@ pub struct Consumer {
 
 impl Consumer {
     /// Starts reading at the producer's first block `head`.
-    pub fn new(bounds: &impl Bounds, head: u64, pid: i32) -> Result<Self> {
+    pub fn new<'a>(bounds: impl Bounds<'a>, head: u64, pid: i32) -> Result<Self> {
         let size = Self::check_block(bounds, head, pid)?;
         Ok(Self {
             block: head,
@@ -388,7 +396,7 @@ impl Consumer {
         Error::Protocol { pid: self.pid, detail }
     }
 
-    fn check_block(bounds: &impl Bounds, addr: u64, pid: i32) -> Result<u64> {
+    fn check_block<'a>(bounds: impl Bounds<'a>, addr: u64, pid: i32) -> Result<u64> {
         bounds.check(addr, BLOCK_HEADER as u64, 64)?;
         // SAFETY: the header lies in the peer's mapping (checked just above).
         let size = unsafe { (*(addr as *const BlockHeader)).size.load(Ordering::Relaxed) };
@@ -410,8 +418,9 @@ impl Consumer {
 
     /// The word the next record's header will change and its current value,
     /// to sleep on; `None` if a record (or skip) is already there, so there
-    /// is nothing to wait for.
-    pub fn wait_word(&self) -> Option<(&AtomicU32, u32)> {
+    /// is nothing to wait for. The word is readable while `bounds` is.
+    pub fn wait_word<'a>(&'a self, bounds: impl Bounds<'a>) -> Option<(&'a AtomicU32, u32)> {
+        let _ = bounds;
         let w = &self.header().seq;
         let now = w.load(Ordering::Relaxed);
         (now != self.expected).then_some((w, now))
@@ -425,7 +434,7 @@ impl Consumer {
     /// Whether a record is ready at the read position. Steps over skip
     /// records into the next block (validating it) on the way, and reports
     /// a sequence word that jumps.
-    pub fn ready_record(&mut self, bounds: &impl Bounds) -> Result<bool> {
+    pub fn ready_record<'a>(&mut self, bounds: impl Bounds<'a>) -> Result<bool> {
         loop {
             let h = self.header();
             // Acquire: pairs with the Release store in `Producer::publish_header`.
@@ -461,7 +470,7 @@ impl Consumer {
 
     /// The next record's payload, in place in the producer's block, or `None`
     /// if it has not been published yet.
-    pub fn next<'a>(&mut self, bounds: &'a impl Bounds) -> Result<Option<&'a [u8]>> {
+    pub fn next<'a>(&mut self, bounds: impl Bounds<'a>) -> Result<Option<&'a [u8]>> {
         let h = self.header();
         // Acquire: pairs with the Release store in `Producer::publish_header`.
         // (The fast path: a ready, ordinary record; `ready_record` handles
@@ -499,8 +508,11 @@ mod tests {
     use super::*;
 
     /// Our own arena stands in for the peer's region in single-process tests.
+    #[derive(Clone, Copy)]
     struct OwnArena;
-    impl Bounds for OwnArena {
+    // SAFETY: our own arena is mapped read-write for the process's life and
+    // carries no protection key.
+    unsafe impl Bounds<'static> for OwnArena {
         fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
             let r = Arena::global()?.region();
             if addr % align == 0 && r.contains(addr, len) {
@@ -518,7 +530,7 @@ mod tests {
     #[test]
     fn records_of_every_size_cross_blocks_in_order() {
         let mut p = Producer::new().unwrap();
-        let mut c = Consumer::new(&OwnArena, p.head(), 0).unwrap();
+        let mut c = Consumer::new(OwnArena, p.head(), 0).unwrap();
         let sizes = [0usize, 1, 7, 8, 9, 100, 4000, 70_000, 3, BLOCK_SIZE, 5];
         for round in 0..20u8 {
             for &n in &sizes {
@@ -529,11 +541,11 @@ mod tests {
                 p.commit(n);
             }
             for &n in &sizes {
-                let rec = c.next(&OwnArena).unwrap().expect("published");
+                let rec = c.next(OwnArena).unwrap().expect("published");
                 assert_eq!(rec.len(), n);
                 assert!(rec.iter().enumerate().all(|(i, &b)| b == round.wrapping_add(i as u8)));
             }
-            assert!(c.next(&OwnArena).unwrap().is_none());
+            assert!(c.next(OwnArena).unwrap().is_none());
             p.recycle(c.passed(), 0).unwrap();
         }
         assert!(p.backlog_blocks() <= 2, "passed blocks are recycled");
@@ -542,19 +554,19 @@ mod tests {
     #[test]
     fn hostile_values_are_protocol_errors() {
         let mut p = Producer::new().unwrap();
-        let mut c = Consumer::new(&OwnArena, p.head(), 7).unwrap();
+        let mut c = Consumer::new(OwnArena, p.head(), 7).unwrap();
         p.push(b"ok").unwrap();
-        assert_eq!(c.next(&OwnArena).unwrap(), Some(&b"ok"[..]));
+        assert_eq!(c.next(OwnArena).unwrap(), Some(&b"ok"[..]));
         // A length past the block.
         p.inject_header(0, 1 << 20);
-        assert!(matches!(c.next(&OwnArena), Err(Error::Protocol { pid: 7, .. })));
+        assert!(matches!(c.next(OwnArena), Err(Error::Protocol { pid: 7, .. })));
 
         let mut p = Producer::new().unwrap();
-        let mut c = Consumer::new(&OwnArena, p.head(), 7).unwrap();
-        assert!(c.next(&OwnArena).unwrap().is_none());
+        let mut c = Consumer::new(OwnArena, p.head(), 7).unwrap();
+        assert!(c.next(OwnArena).unwrap().is_none());
         // A sequence word that jumps.
         p.inject_header(8, 4);
-        assert!(matches!(c.next(&OwnArena), Err(Error::Protocol { .. })));
+        assert!(matches!(c.next(OwnArena), Err(Error::Protocol { .. })));
 
         // Cursors that run ahead or go backwards.
         let mut p = Producer::new().unwrap();

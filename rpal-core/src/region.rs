@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::pkey::{self, AccessGuard, Pkey};
+use crate::pkey::{self, Access, Pkey};
 use crate::space::{Occupant, Occupied, Space};
 use crate::sys;
 use crate::types::{ShmSafe, Walk};
@@ -133,11 +133,13 @@ impl Drop for Region {
 
 /// A peer's region, mapped read-only here at the peer's address.
 ///
-/// Everything read through it is validated: [`PeerRegion::check`] proves a
-/// `(ptr, len)` lies inside the region with the right alignment. The bytes
-/// behind a view can still change while you hold it (the peer owns them):
-/// copy what must stay stable, and never use peer values as pointers or
-/// lengths without checking them here first.
+/// Its memory is read through a [`PeerMem`], made by [`PeerRegion::mem`]
+/// from the region and a live [`Access`] (see [`crate::pkey`] for who holds
+/// which). Everything read through it is validated: [`PeerRegion::check`]
+/// proves a `(ptr, len)` lies inside the region with the right alignment.
+/// The bytes behind a view can still change while you hold it (the peer
+/// owns them): copy what must stay stable, and never use peer values as
+/// pointers or lengths without checking them here first.
 #[derive(Debug)]
 pub struct PeerRegion {
     addr: u64,
@@ -255,13 +257,13 @@ impl PeerRegion {
         let k = match Pkey::alloc() {
             Ok(k) => k,
             Err(e) => {
-                tracing::warn!(%e, "no protection key left; peer region left unguarded");
+                pkey::degrade(format!("no protection key for pid {pid}'s region at {addr:#x}: {e}"));
                 return None;
             }
         };
         // SAFETY: the mapping is read-only and fresh; no reference into it exists yet.
         if let Err(e) = unsafe { k.protect(addr as usize, len as usize, libc::PROT_READ) } {
-            tracing::warn!(%e, "pkey_mprotect failed; peer region left unguarded");
+            pkey::degrade(format!("pkey_mprotect of pid {pid}'s region at {addr:#x} failed: {e}"));
             return None;
         }
         pkey::register_region(addr, len, pid, k.key());
@@ -298,10 +300,38 @@ impl PeerRegion {
         self.pkey.as_deref()
     }
 
-    /// Grants this thread access to the region until the guard drops. A
-    /// no-op when protection keys are not active.
-    pub fn access(&self) -> Option<AccessGuard> {
-        self.pkey.as_deref().map(Pkey::allow)
+    /// Grants this thread access to the region (on top of what it has)
+    /// until the guard drops. A no-op when the region has no key.
+    #[inline]
+    pub fn access(&self) -> Access {
+        match &self.pkey {
+            Some(k) => k.allow(),
+            None => Access::none(),
+        }
+    }
+
+    /// Grants this thread access to this region and denies it every other
+    /// peer region, until the guard drops: what code run on this peer's
+    /// behalf (its handlers) runs under, so it cannot read another peer's
+    /// memory by mistake.
+    #[inline]
+    pub fn access_only(&self) -> Access {
+        match &self.pkey {
+            Some(k) => k.allow_only(),
+            None => Access::none(),
+        }
+    }
+
+    /// The region's memory, readable while `access` lives.
+    #[inline]
+    pub fn mem<'a>(&'a self, access: &'a Access) -> PeerMem<'a> {
+        let _ = access;
+        debug_assert!(
+            self.pkey.as_deref().is_none_or(Pkey::allowed_here),
+            "PeerRegion::mem with an Access that does not cover pid {}'s region",
+            self.pid
+        );
+        PeerMem { region: self }
     }
 
     /// Checks that `[addr, addr+len)` lies inside the region and `addr` is
@@ -319,19 +349,60 @@ impl PeerRegion {
         }
         Ok(())
     }
+}
+
+/// A peer's memory while this thread may read it: a [`PeerRegion`] and a
+/// live [`Access`], joined by [`PeerRegion::mem`]. Every view it hands out
+/// borrows both, so none outlives the grant.
+///
+/// It is `Send` so that an async handler's future, which holds views of its
+/// arguments across `.await`, can move between threads: whichever thread
+/// polls it re-grants the access first.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerMem<'a> {
+    region: &'a PeerRegion,
+}
+
+impl<'a> PeerMem<'a> {
+    /// The memory of `region` without a token in hand.
+    ///
+    /// # Safety
+    /// Every read through the result (and the views it hands out) must
+    /// happen on a thread that holds access to the region at that moment,
+    /// for example inside a future whose every poll is wrapped in a grant.
+    /// (A read without one faults where keys are active.)
+    pub(crate) unsafe fn assume(region: &'a PeerRegion) -> Self {
+        Self { region }
+    }
+
+    /// The region.
+    pub fn region(&self) -> &'a PeerRegion {
+        self.region
+    }
+
+    /// The owning peer's pid.
+    pub fn pid(&self) -> i32 {
+        self.region.pid
+    }
+
+    /// As [`PeerRegion::check`].
+    pub fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
+        self.region.check(addr, len, align)
+    }
 
     /// A validated view of one `T` at `addr` in the peer's region.
-    pub fn view<T: ShmSafe>(&self, addr: u64) -> Result<&T> {
+    pub fn view<T: ShmSafe>(&self, addr: u64) -> Result<&'a T> {
         self.check(addr, size_of::<T>() as u64, align_of::<T>() as u64)?;
         // SAFETY: `check` proved the bytes lie inside our read-only mapping,
-        // which lives as long as `self`, and are aligned; `T: ShmSafe` accepts any
+        // which lives as long as the region borrow, and are aligned; this
+        // thread may read them (the `Access` borrow); `T: ShmSafe` accepts any
         // bit pattern (ShmSafe rule 2). The peer may change the bytes concurrently (documented
         // on the type): we hand out plain data, never a pointer we follow.
         Ok(unsafe { &*(addr as *const T) })
     }
 
     /// A validated view of `count` values of `T` at `addr`.
-    pub fn slice<T: ShmSafe>(&self, addr: u64, count: u64) -> Result<&[T]> {
+    pub fn slice<T: ShmSafe>(&self, addr: u64, count: u64) -> Result<&'a [T]> {
         let Some(bytes) = count.checked_mul(size_of::<T>() as u64) else {
             return Err(Error::InvalidPointer {
                 addr,
@@ -346,17 +417,17 @@ impl PeerRegion {
 
     /// A `T` at `addr` with every nested pointer validated, following them
     /// all within the default [`crate::types::WalkLimits`].
-    pub fn walk<T: ShmSafe>(&self, addr: u64) -> Result<&T> {
-        Ok(&Walk::new(self).visit::<T>(addr, 1)?[0])
+    pub fn walk<T: ShmSafe>(&self, addr: u64) -> Result<&'a T> {
+        Ok(&Walk::new(*self).visit::<T>(addr, 1)?[0])
     }
 
     /// A validated byte view.
-    pub fn bytes(&self, addr: u64, len: u64) -> Result<&[u8]> {
+    pub fn bytes(&self, addr: u64, len: u64) -> Result<&'a [u8]> {
         self.slice::<u8>(addr, len)
     }
 
     /// A validated, UTF-8-checked string view.
-    pub fn str(&self, addr: u64, len: u64) -> Result<&str> {
+    pub fn str(&self, addr: u64, len: u64) -> Result<&'a str> {
         std::str::from_utf8(self.bytes(addr, len)?).map_err(|_| Error::InvalidUtf8 { addr })
     }
 }

@@ -21,7 +21,8 @@ use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
 use crate::later::{Deferred, LaterQueue};
-use crate::region::PeerRegion;
+use crate::pkey::Access;
+use crate::region::{PeerMem, PeerRegion};
 use crate::space::Space;
 
 /// How a server accepts and waits.
@@ -56,8 +57,10 @@ impl ServerOptions {
 }
 
 /// One request, as the handler sees it. The payload and every pointer in it
-/// live in the client's memory: read them through [`Request::peer`], which
-/// validates, and copy what must stay stable.
+/// live in the client's memory: read them through [`Request::mem`], which
+/// validates, and copy what must stay stable. The handler runs with access
+/// to this client's region alone (protection keys): views of it are valid
+/// for the handler's run, and no other peer's memory is readable.
 pub struct Request<'a> {
     /// Method id.
     pub method: u32,
@@ -65,9 +68,11 @@ pub struct Request<'a> {
     pub call_id: u64,
     /// The inline payload, in place in the client's region.
     pub payload: &'a [u8],
-    /// The client's region, for following pointers (an `Arc`, so work that
-    /// outlives the request, like an async handler, can keep it mapped).
+    /// The client's region (an `Arc`, so work that outlives the request,
+    /// like an async handler, can keep it mapped).
     pub peer: &'a Arc<PeerRegion>,
+    /// The client's memory, readable during the handler's run.
+    mem: PeerMem<'a>,
     /// How long the caller will wait for the reply, if it set a deadline.
     pub budget: Option<Duration>,
     releases: &'a RefCell<Vec<u64>>,
@@ -75,7 +80,12 @@ pub struct Request<'a> {
     deferred: &'a Cell<bool>,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    /// The client's memory, for following pointers in the payload.
+    pub fn mem(&self) -> PeerMem<'a> {
+        self.mem
+    }
+
     /// Answers later: the handler returns (its reply buffer is not used)
     /// and the returned [`Deferred`] is completed from any thread. The
     /// serving thread writes the reply then; if the caller's budget passes
@@ -331,8 +341,8 @@ impl ServerConn {
     /// Frees our blocks that the client released (this also happens on
     /// every batch). Returns how many were freed.
     pub fn reclaim(&mut self) -> Result<usize> {
-        let _access = self.conn.peer.region.access();
-        self.conn.reclaim()
+        let access = self.conn.peer.region.access();
+        self.conn.reclaim(&access)
     }
 
     /// Releases by the client that matched no block lent to it, refused so far.
@@ -350,8 +360,8 @@ impl ServerConn {
         if self.backpressured() {
             return Ok(false); // requests wait until the client reads its replies
         }
-        let _access = self.conn.peer.region.access();
-        self.conn.rx.ready_record(&*self.conn.peer.region)
+        let access = self.conn.peer.region.access();
+        self.conn.rx.ready_record(self.conn.peer.region.mem(&access))
     }
 
     /// Whether the client has left more replies unread than the backlog
@@ -363,9 +373,11 @@ impl ServerConn {
     }
 
     /// The word the client's next request will change and its current value:
-    /// what a poller sleeps on. `None` if a request is already there.
-    pub fn wait_target(&self) -> Option<(&AtomicU32, u32)> {
-        self.conn.rx.wait_word()
+    /// what a poller sleeps on. `None` if a request is already there. The
+    /// word is in the client's memory: readable (and waitable) while
+    /// `access` lives.
+    pub fn wait_target<'a>(&'a self, access: &'a Access) -> Option<(&'a AtomicU32, u32)> {
+        self.conn.rx.wait_word(self.conn.mem(access))
     }
 
     /// Our `parked` flag for this connection: set it before sleeping on
@@ -387,18 +399,20 @@ impl ServerConn {
     /// Handles up to `max` ready requests without waiting and answers them
     /// (one wake-up for the batch, if the client sleeps).
     pub fn poll(&mut self, handler: &mut impl Handler, max: usize) -> Result<Polled> {
-        let _access = self.conn.peer.region.access();
+        // The batch, handlers included, reads this client's memory alone.
+        let access = self.conn.peer.region.access_only();
         let mut out = Polled::default();
         if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
             // The client is not reading its replies: stop taking requests
             // until it catches up, rather than growing without bound.
-            self.conn.housekeeping()?;
+            self.conn.housekeeping(&access)?;
             if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
                 return Ok(out);
             }
         }
         while out.served < max {
-            let Some(msg) = next_msg(&mut self.conn.rx, &self.conn.peer.region)? else {
+            let mem = self.conn.peer.region.mem(&access);
+            let Some(msg) = next_msg(&mut self.conn.rx, mem)? else {
                 break;
             };
             if msg.method == METHOD_CLOSE {
@@ -410,6 +424,7 @@ impl ServerConn {
                 call_id: msg.call_id,
                 payload: msg.body,
                 peer: &self.conn.peer.region,
+                mem,
                 budget: budget_of(msg.status),
                 releases: &self.releases,
                 later: &self.later,
@@ -445,7 +460,7 @@ impl ServerConn {
             // reply sees them too.
             if !self.releases.borrow().is_empty() {
                 let released = std::mem::take(&mut *self.releases.borrow_mut());
-                self.conn.release_all(released);
+                self.conn.release_all(&access, released);
             }
             if let Some(n) = reply_len {
                 self.conn.mine.tx.commit(n);
@@ -454,8 +469,8 @@ impl ServerConn {
         }
         if out.served > 0 || out.closed {
             self.conn.publish_cursor();
-            self.conn.housekeeping()?;
-            self.conn.ring();
+            self.conn.housekeeping(&access)?;
+            self.conn.ring(&access);
             self.stats.calls.fetch_add(out.served as u64, Ordering::Relaxed);
         }
         Ok(out)
@@ -491,7 +506,7 @@ impl ServerConn {
         if done.is_empty() {
             return Ok(0);
         }
-        let _access = self.conn.peer.region.access();
+        let access = self.conn.peer.region.access_only();
         let mut n = 0;
         for (call_id, method, write) in done {
             if self.outstanding.remove(&call_id).is_none() {
@@ -507,7 +522,7 @@ impl ServerConn {
             n += 1;
         }
         if n > 0 {
-            self.conn.ring();
+            self.conn.ring(&access);
         }
         Ok(n)
     }
@@ -519,18 +534,18 @@ impl ServerConn {
             return Ok(false);
         };
         self.later.cancel(call_id);
-        let _access = self.conn.peer.region.access();
+        let access = self.conn.peer.region.access();
         let buf = self.conn.mine.tx.reserve(MSG_HEADER)?;
         let len = fill_reply(buf, call_id, method, Ok(Err(RemoteStatus::DeadlineExceeded)));
         self.conn.mine.tx.commit(len);
-        self.conn.ring();
+        self.conn.ring(&access);
         Ok(true)
     }
 
     /// Waits for a request (spinning, then parking) until one is ready.
     pub fn wait_ready(&mut self) -> Result<()> {
-        let _access = self.conn.peer.region.access();
-        self.conn.wait_ready(None)
+        let access = self.conn.peer.region.access();
+        self.conn.wait_ready(&access, None)
     }
 
     /// Waits for one request and answers it. Returns `Ok(false)` when the

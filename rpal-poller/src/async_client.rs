@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
 use rpal_core::doorbell::announce_park;
-use rpal_core::{Client, ClientOptions, Error, PeerRegion, Result};
+use rpal_core::region::PeerMem;
+use rpal_core::{Client, ClientOptions, Error, Result};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -119,7 +120,7 @@ impl AsyncClient {
     pub async fn call_with<R, W, F>(&mut self, method: u32, cap: usize, write: W, read: F) -> Result<R>
     where
         W: FnOnce(&mut [u8]) -> usize,
-        F: FnOnce(&[u8], &PeerRegion) -> R,
+        F: FnOnce(&[u8], PeerMem<'_>) -> R,
     {
         let id = self.client.send_request(method, cap, write)?;
         let timeout = self.timeout;
@@ -132,7 +133,7 @@ impl AsyncClient {
 
     async fn wait_reply<R, F>(&mut self, id: u64, method: u32, read: F) -> Result<R>
     where
-        F: FnOnce(&[u8], &PeerRegion) -> R,
+        F: FnOnce(&[u8], PeerMem<'_>) -> R,
     {
         let mut read = Some(read);
         loop {
@@ -146,7 +147,10 @@ impl AsyncClient {
     /// Arms the ring and awaits it; returns once something may have changed.
     async fn sleep_until_woken(&mut self) -> Result<()> {
         let submitted = {
-            let Some((word, seen)) = self.client.reply_wait_target() else {
+            // Access to the server's region for arming only (the kernel reads
+            // the futex word at submission): never held across the await.
+            let access = self.client.access();
+            let Some((word, seen)) = self.client.reply_wait_target(&access) else {
                 return Ok(());
             };
             let parked = self.client.parked_flag();

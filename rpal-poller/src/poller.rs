@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rpal_core::pkey::Access;
 use rpal_core::rpc::TimerWheel;
 use rpal_core::{Error, Handler, ServerConn};
 
@@ -87,8 +88,16 @@ impl<H: Handler> Poller<H> {
     }
 
     pub(crate) fn run(mut self) {
+        // Between handlers the poller reads every client's queue words and
+        // sleeps on them (the kernel reads them with this thread's rights),
+        // so it holds access to every peer region; `ServerConn::poll` narrows
+        // that to one client while its handlers run. Kept across the loop,
+        // so a look at the queues costs no PKRU write.
+        let mut access = Access::all();
         while !self.inbox.shutdown.load(Ordering::Acquire) {
             self.adopt();
+            // Keys of connections adopted since (one RDPKRU when none is new).
+            access.refresh();
             if !self.deadlines.is_empty() {
                 self.fire_deadlines();
             }
@@ -98,7 +107,7 @@ impl<H: Handler> Poller<H> {
             if self.spin() {
                 continue;
             }
-            self.park();
+            self.park(&access);
         }
         self.stats.set_state(PollerState::Stopped);
     }
@@ -256,7 +265,7 @@ impl<H: Handler> Poller<H> {
 
     /// Sleeps in the backend until a client writes, a peer dies or hangs up,
     /// the acceptor delivers, or the park slice passes.
-    fn park(&mut self) {
+    fn park(&mut self, access: &Access) {
         // Announce the sleep on every connection, then look once more
         // (the consumer half of the doorbell handshake; clients read
         // `parked` after a SeqCst fence before deciding to wake us).
@@ -288,7 +297,7 @@ impl<H: Handler> Poller<H> {
                     slice = slice.min(Duration::from_millis(1));
                     continue;
                 }
-                match c.wait_target() {
+                match c.wait_target(access) {
                     Some(t) => words.push(t),
                     None => ready = true,
                 }

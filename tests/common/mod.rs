@@ -86,6 +86,18 @@ pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool)
     }
 }
 
+/// How much slower than native this machine runs the tests: 1, or
+/// `RPAL_TEST_TIME_SCALE` (the pku-vm CI step sets it: emulation is 5-20x
+/// slower). For the few tests whose setup needs wall time to pass, never for
+/// asserting on speed.
+pub fn time_scale() -> u64 {
+    std::env::var("RPAL_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// A socket path unique to this process and `name`.
 pub fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rpal-test-{}-{name}.sock", std::process::id()))

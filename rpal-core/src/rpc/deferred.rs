@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use super::table::Body;
 use super::wire::{Reader, Writer};
 use crate::error::RemoteStatus;
-use crate::region::PeerRegion;
+use crate::region::{PeerMem, PeerRegion};
 
 /// A result computed by an async handler, waiting to be written into a
 /// reply (in place in our queue over shared memory, into a frame over a
@@ -66,9 +66,15 @@ impl OwnedArgs {
     }
 
     /// A reader over the arguments (validating pointers as the first did).
+    /// Its views of the client's memory are read inside the handler's
+    /// future, which runs only under [`Guarded`] (every poll re-grants this
+    /// thread access to the client's region).
     pub fn reader(&self) -> Reader<'_> {
         match &self.region {
-            Some(region) => Reader::shm_shared(self.body.bytes(), region),
+            // SAFETY: `OwnedArgs` are made only by `later_call`, whose future
+            // the shared-memory handler runs inside `Guarded`: every read
+            // through the views happens during a poll, with access granted.
+            Some(region) => Reader::shm_shared(self.body.bytes(), unsafe { PeerMem::assume(region) }, region),
             None => Reader::stream(self.body.bytes()),
         }
     }
@@ -92,9 +98,9 @@ where
     Ok(Dispatched::Later(Box::pin(make(owned))))
 }
 
-/// Grants the polling thread access to a peer's region (protection keys)
-/// for each poll of `fut`: an async handler reads pointer arguments in
-/// place from whichever tokio thread runs it.
+/// Grants the polling thread access to a peer's region, and to no other
+/// (protection keys), for each poll of `fut`: an async handler reads
+/// pointer arguments in place from whichever tokio thread runs it.
 pub(crate) struct Guarded<F> {
     pub region: Option<Arc<PeerRegion>>,
     pub fut: F,
@@ -104,7 +110,7 @@ impl<F: Future + Unpin> Future for Guarded<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let _access = self.region.as_ref().and_then(|r| r.access());
+        let _access = self.region.as_ref().map(|r| r.access_only());
         Pin::new(&mut self.fut).poll(cx)
     }
 }

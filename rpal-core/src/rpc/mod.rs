@@ -25,14 +25,14 @@ pub use wheel::{Armed, TimerWheel};
 pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
 
 use crate::error::{RemoteStatus, Result};
-use crate::region::PeerRegion;
+use crate::region::{PeerMem, PeerRegion};
 use crate::server::{Handler, Request};
 use deferred::Guarded;
 
 /// What a reply reader may need besides the body: the server's region (to
 /// validate result pointers) and a way to hand lent results back.
 pub struct ReplyCtx<'a> {
-    region: Option<&'a PeerRegion>,
+    shm: Option<(PeerMem<'a>, &'a Arc<PeerRegion>)>,
     sink: Option<&'a dyn Sink>,
 }
 
@@ -44,17 +44,16 @@ pub(crate) trait Sink {
 impl ReplyCtx<'_> {
     /// A context for a stream reply (no shared memory).
     pub fn stream() -> ReplyCtx<'static> {
-        ReplyCtx {
-            region: None,
-            sink: None,
-        }
+        ReplyCtx { shm: None, sink: None }
     }
 
     /// Reads a pointer-type result: a view into the server's memory, or a
     /// copy when it came over a stream.
     pub fn returned<P: ShmPtr>(&self, r: &mut Reader<'_>) -> Result<Returned<P>> {
-        match (self.region, self.sink, r.raw_pointer()?) {
-            (Some(region), Some(sink), Some((addr, count))) => Returned::lent(region, addr, count, sink.sink()),
+        match (self.shm, self.sink, r.raw_pointer()?) {
+            (Some((mem, region)), Some(sink), Some((addr, count))) => {
+                Returned::lent(mem, region, addr, count, sink.sink())
+            }
             _ => Returned::copied(r),
         }
     }
@@ -112,7 +111,7 @@ impl<D> Clone for ShmHandler<D> {
 
 impl<D: Dispatch> Handler for ShmHandler<D> {
     fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
-        let mut args = Reader::shm_shared(req.payload, req.peer);
+        let mut args = Reader::shm_shared(req.payload, req.mem(), req.peer);
         let mut out = Writer::fixed(reply);
         let pid = req.peer.pid();
         match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {

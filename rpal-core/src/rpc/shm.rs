@@ -25,7 +25,7 @@ use crate::client::Client;
 use crate::conn::INLINE_CAPACITY;
 use crate::doorbell::WaitConfig;
 use crate::error::{Error, RemoteStatus, Result};
-use crate::region::PeerRegion;
+use crate::region::{PeerMem, PeerRegion};
 use crate::sys;
 
 /// A word in memory the channel keeps mapped (our endpoint, or the
@@ -45,7 +45,9 @@ impl WordRef {
 
     /// # Safety
     /// The channel that produced the word must be alive (it keeps the
-    /// mapping; released peer ranges stay mapped as zeros until then).
+    /// mapping; released peer ranges stay mapped as zeros until then), and
+    /// for a word in the server's region the calling thread must hold access
+    /// to it (protection keys) while it uses the reference.
     unsafe fn get<'a>(self) -> &'a AtomicU32 {
         // SAFETY: per the caller's obligation the mapping is live.
         unsafe { self.0.as_ref() }
@@ -61,6 +63,8 @@ struct Inner {
 /// share (`Arc`); every method takes `&self`.
 pub struct ShmChannel {
     inner: Mutex<Inner>,
+    /// The server's region: every call grants access to it for its thread.
+    region: Arc<PeerRegion>,
     wait: WaitConfig,
     pid: i32,
     /// Our `parked` word, counted: each sleeper adds one, so the server
@@ -92,8 +96,10 @@ impl ShmChannel {
         let pid = client.peer().cred.pid;
         let parked = WordRef::new(client.parked_flag());
         let table = Table::new(client.next_call_id());
+        let region = client.peer().region.clone();
         Arc::new(Self {
             inner: Mutex::new(Inner { client, table }),
+            region,
             wait,
             pid,
             parked,
@@ -230,11 +236,11 @@ impl ShmChannel {
     ) -> Result<()> {
         let Inner { client, table } = inner;
         let pid = self.pid;
-        let r = client.drain_replies(|id, status, body, region| {
+        let r = client.drain_replies(|id, status, body, mem| {
             if id == mine && read.is_some() {
                 table.remove(id);
                 let read = read.take().expect("checked above");
-                *out = Some(self.finish(status, body, region, read));
+                *out = Some(self.finish(status, body, mem, read));
                 Ok(false) // ours: stop here, the rest is for their callers
             } else {
                 table.complete(id, status, body, pid).map(|()| true)
@@ -252,7 +258,7 @@ impl ShmChannel {
         self: &Arc<Self>,
         status: u32,
         body: &[u8],
-        region: &PeerRegion,
+        mem: PeerMem<'_>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
         if status != 0 {
@@ -261,9 +267,9 @@ impl ShmChannel {
                 status: RemoteStatus::from_code(status),
             });
         }
-        let mut r = Reader::shm(body, region);
+        let mut r = Reader::shm(body, mem);
         let ctx = ReplyCtx {
-            region: Some(region),
+            shm: Some((mem, &self.region)),
             sink: Some(self as &dyn Sink),
         };
         read(&mut r, &ctx)
@@ -279,6 +285,9 @@ impl ShmChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
+        // One grant of the server's region for the whole call, waits
+        // included (the kernel reads the futex word with our rights).
+        let access = self.region.access();
         let mut inner = self.lock();
         let mut read = Some(read);
         let mut out = None;
@@ -289,7 +298,10 @@ impl ShmChannel {
         inner.client.flush();
         let mut spun = false;
         if !self.wait.spin.is_zero() {
-            let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+            let target = inner
+                .client
+                .reply_wait_target(&access)
+                .map(|(w, v)| (WordRef::new(w), v));
             if let Some((word, seen)) = target {
                 spun = !self.spin_locked(word, seen) && self.contenders.load(Ordering::Relaxed) == 0;
             }
@@ -318,10 +330,13 @@ impl ShmChannel {
             if let Some(done) = inner.table.take(id) {
                 // Another thread read our reply and copied it for us.
                 let read = read.take().expect("not read yet");
-                let region = &inner.client.peer().region;
-                return done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method));
+                let mem = self.region.mem(&access);
+                return done.and_then(|b| fix_method(self.finish(0, b.bytes(), mem, read), method));
             }
-            let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+            let target = inner
+                .client
+                .reply_wait_target(&access)
+                .map(|(w, v)| (WordRef::new(w), v));
             drop(inner);
             let waited = match target {
                 Some((word, seen)) => self.wait(word, seen, bell.word(), deadline, !std::mem::take(&mut spun)),
@@ -332,8 +347,8 @@ impl ShmChannel {
                 if matches!(e, Error::Timeout(_)) {
                     if let Some(done) = inner.table.take(id) {
                         let read = read.take().expect("not read yet");
-                        let region = &inner.client.peer().region;
-                        return done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method));
+                        let mem = self.region.mem(&access);
+                        return done.and_then(|b| fix_method(self.finish(0, b.bytes(), mem, read), method));
                     }
                     inner.table.remove(id);
                 } else {
@@ -437,6 +452,8 @@ impl ShmChannel {
         let mut read = Some(read);
         let mut out = None;
         let r = poll_fn(|cx| {
+            // Access for this poll only: never held across a suspension.
+            let access = self.region.access();
             let mut inner = self.lock();
             if let Err(e) = self.drain(&mut inner, id, &mut read, &mut out) {
                 return Poll::Ready(Err(e));
@@ -446,8 +463,8 @@ impl ShmChannel {
             }
             if let Some(done) = inner.table.take(id) {
                 let read = read.take().expect("not read yet");
-                let region = &inner.client.peer().region;
-                return Poll::Ready(done.and_then(|b| fix_method(self.finish(0, b.bytes(), region, read), method)));
+                let mem = self.region.mem(&access);
+                return Poll::Ready(done.and_then(|b| fix_method(self.finish(0, b.bytes(), mem, read), method)));
             }
             inner.table.set_waker(id, cx.waker());
             Poll::Pending
@@ -486,6 +503,8 @@ fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
     loop {
         bell.store(0, Ordering::Relaxed);
         let Some(chan) = weak.upgrade() else { return };
+        // The pump reads and waits on the server's memory for this round.
+        let access = chan.region.access();
         let mut inner = chan.lock();
         let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
         if chan.drain(&mut inner, 0, &mut nothing, &mut None).is_err() || inner.table.dead.is_some() {
@@ -493,12 +512,16 @@ fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
         }
         if !inner.table.tasks_waiting() {
             drop(inner);
+            drop(access);
             drop(chan);
             // Idle: sleep until an async call kicks us (bell = 1).
             sys::futex_wait(&bell, 0, Some(Duration::from_secs(1)));
             continue;
         }
-        let target = inner.client.reply_wait_target().map(|(w, v)| (WordRef::new(w), v));
+        let target = inner
+            .client
+            .reply_wait_target(&access)
+            .map(|(w, v)| (WordRef::new(w), v));
         drop(inner);
         if let Some((word, seen)) = target {
             if let Err(e) = chan.wait(word, seen, &bell, None, true) {

@@ -16,7 +16,8 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::region::PeerRegion;
+use crate::pkey::Access;
+use crate::region::{PeerMem, PeerRegion};
 use crate::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
 
 /// Where a body travels: in shared memory (pointers pass as pointers) or
@@ -61,8 +62,8 @@ pub trait ShmPtr: Sized + 'static {
     fn data(&self) -> &[u8];
     /// Gives the block to peer `pid` (it stays allocated until released).
     fn lend_to(self, pid: i32) -> Result<(u64, u64)>;
-    /// A validated view of `count` elements at `addr` in a peer's region.
-    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&Self::View>;
+    /// A validated view of `count` elements at `addr` in a peer's memory.
+    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&Self::View>;
     /// A validated view of `count` elements in `bytes` (aligned for `Elem`).
     fn view_bytes(bytes: &[u8], count: u64) -> Result<&Self::View>;
 }
@@ -93,7 +94,7 @@ impl<T: ShmSafe> ShmPtr for ShmBox<T> {
     fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
         Ok((self.lend(pid)?, 1))
     }
-    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&T> {
+    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&T> {
         if count != 1 {
             return Err(Error::InvalidPointer {
                 addr,
@@ -127,7 +128,7 @@ macro_rules! slice_like {
             fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
                 self.lend(pid)
             }
-            fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&[$elem]> {
+            fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&[$elem]> {
                 if count == 0 {
                     return Ok(&[]);
                 }
@@ -155,7 +156,7 @@ impl ShmPtr for ShmString {
     fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
         self.lend(pid)
     }
-    fn view_peer(peer: &PeerRegion, addr: u64, count: u64) -> Result<&str> {
+    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&str> {
         if count == 0 {
             return Ok("");
         }
@@ -291,7 +292,7 @@ impl<'a> Writer<'a> {
 pub struct Reader<'a> {
     body: &'a [u8],
     at: usize,
-    peer: Option<&'a PeerRegion>,
+    peer: Option<PeerMem<'a>>,
     /// The same region as `peer`, as a handle work that outlives the
     /// request can keep (see `OwnedArgs`).
     shared: Option<&'a Arc<PeerRegion>>,
@@ -309,7 +310,7 @@ fn short(what: &'static str) -> Error {
 impl<'a> Reader<'a> {
     /// A reader of a body in shared memory; pointers are checked against `peer`.
     #[inline]
-    pub fn shm(body: &'a [u8], peer: &'a PeerRegion) -> Self {
+    pub fn shm(body: &'a [u8], peer: PeerMem<'a>) -> Self {
         Self {
             body,
             at: 0,
@@ -321,12 +322,12 @@ impl<'a> Reader<'a> {
     /// As [`Reader::shm`], with a handle on the region that an async
     /// handler's owned arguments can keep.
     #[inline]
-    pub fn shm_shared(body: &'a [u8], peer: &'a Arc<PeerRegion>) -> Self {
+    pub fn shm_shared(body: &'a [u8], peer: PeerMem<'a>, region: &'a Arc<PeerRegion>) -> Self {
         Self {
             body,
             at: 0,
             peer: Some(peer),
-            shared: Some(peer),
+            shared: Some(region),
         }
     }
 
@@ -425,7 +426,13 @@ pub trait ReleaseSink: Send + Sync {
 
 /// A pointer-type result on the caller's side: a view into the server's
 /// memory (released to the server when dropped) or, over a stream, an owned
-/// copy. Derefs to `T`, `[T]` or `str`.
+/// copy.
+///
+/// Keep it as long as you like, on any thread; read it through
+/// [`Returned::read`], whose guard grants this thread access to the
+/// server's region (protection keys) for as long as it lives. References
+/// into the data cannot outlive the guard; one smuggled out through a raw
+/// pointer faults with `SEGV_PKUERR` where keys are active.
 pub struct Returned<P: ShmPtr> {
     view: NonNull<P::View>,
     keep: Keep,
@@ -433,8 +440,12 @@ pub struct Returned<P: ShmPtr> {
 }
 
 enum Keep {
-    /// In the server's region; `addr` goes back to it on drop.
-    Lent { addr: u64, sink: Arc<dyn ReleaseSink> },
+    /// In the server's region (kept mapped here); `addr` goes back to it on drop.
+    Lent {
+        addr: u64,
+        sink: Arc<dyn ReleaseSink>,
+        region: Arc<PeerRegion>,
+    },
     /// A copy; the view points into it.
     Owned(#[allow(dead_code)] Box<[u128]>),
 }
@@ -447,10 +458,16 @@ unsafe impl<P: ShmPtr> Send for Returned<P> {}
 unsafe impl<P: ShmPtr> Sync for Returned<P> {}
 
 impl<P: ShmPtr> Returned<P> {
-    /// A result that lives in the server's region, read from a shm reply.
-    /// `region` must stay mapped while `sink` lives (the connection owns both).
-    pub fn lent(region: &PeerRegion, addr: u64, count: u64, sink: Arc<dyn ReleaseSink>) -> Result<Self> {
-        let view = match P::view_peer(region, addr, count) {
+    /// A result that lives in the server's region, read from a shm reply
+    /// through `mem`, the memory of `region`.
+    pub fn lent(
+        mem: PeerMem<'_>,
+        region: &Arc<PeerRegion>,
+        addr: u64,
+        count: u64,
+        sink: Arc<dyn ReleaseSink>,
+    ) -> Result<Self> {
+        let view = match P::view_peer(mem, addr, count) {
             Ok(v) => NonNull::from(v),
             Err(e) => {
                 if addr != 0 {
@@ -461,7 +478,11 @@ impl<P: ShmPtr> Returned<P> {
         };
         Ok(Self {
             view,
-            keep: Keep::Lent { addr, sink },
+            keep: Keep::Lent {
+                addr,
+                sink,
+                region: region.clone(),
+            },
             _p: PhantomData,
         })
     }
@@ -494,18 +515,56 @@ fn count_of<P: ShmPtr>(len: usize) -> u64 {
     (len / size_of::<P::Elem>().max(1)) as u64
 }
 
-impl<P: ShmPtr> Deref for Returned<P> {
-    type Target = P::View;
-    fn deref(&self) -> &P::View {
+impl<P: ShmPtr> Returned<P> {
+    /// The data, readable while the guard lives: it grants this thread
+    /// access to the server's region (nothing to grant for a copy).
+    #[inline]
+    pub fn read(&self) -> Viewed<'_, P::View> {
+        let access = match &self.keep {
+            Keep::Lent { region, .. } => region.access(),
+            Keep::Owned(_) => Access::none(),
+        };
         // SAFETY: `view` was validated when the handle was made and points
-        // into memory `keep` holds (see the Send impl).
-        unsafe { self.view.as_ref() }
+        // into memory `keep` holds (see the Send impl); `access` lets this
+        // thread read it while the returned guard (which borrows `self`) lives.
+        let view = unsafe { self.view.as_ref() };
+        Viewed { view, _access: access }
+    }
+
+    /// A copy of the data, owned (for data that must outlive the handle or
+    /// stay stable while the server could change it).
+    pub fn to_owned(&self) -> <P::View as ToOwned>::Owned
+    where
+        P::View: ToOwned,
+    {
+        self.read().to_owned()
+    }
+}
+
+/// A view of data in a peer's memory, with this thread's access to it:
+/// derefs to the data until it drops. Not `Send`: access is per thread.
+pub struct Viewed<'a, V: ?Sized> {
+    view: &'a V,
+    _access: Access,
+}
+
+impl<V: ?Sized> Deref for Viewed<'_, V> {
+    type Target = V;
+    #[inline]
+    fn deref(&self) -> &V {
+        self.view
+    }
+}
+
+impl<V: ?Sized + std::fmt::Debug> std::fmt::Debug for Viewed<'_, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.view, f)
     }
 }
 
 impl<P: ShmPtr> Drop for Returned<P> {
     fn drop(&mut self) {
-        if let Keep::Lent { addr, sink } = &self.keep {
+        if let Keep::Lent { addr, sink, .. } = &self.keep {
             if *addr != 0 {
                 sink.release(*addr);
             }
@@ -518,6 +577,6 @@ where
     P::View: std::fmt::Debug,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&**self, f)
+        std::fmt::Debug::fmt(&*self.read(), f)
     }
 }

@@ -3,7 +3,7 @@
 //! The owner builds values with [`ShmBox`], [`ShmVec`], [`ShmSlice`] and
 //! [`ShmString`] in its arena and uses them through `Deref`/`DerefMut` like
 //! their heap cousins. A peer that receives one reads it through the
-//! `get(&peer)` methods, which check region bounds, alignment and length
+//! `get(mem)` methods (with the [`PeerMem`](crate::region::PeerMem) of the peer, see [`crate::pkey`]), which check region bounds, alignment and length
 //! overflow (and UTF-8, for strings) before handing out a borrowed view, or
 //! validates a whole structure at once with [`Walk`], whose limits bound any
 //! walk over a cycle a hostile peer may have built.
@@ -17,7 +17,7 @@ pub use slice::ShmSlice;
 pub use vec::{ShmString, ShmVec};
 
 use crate::error::{Error, Result};
-use crate::region::PeerRegion;
+use crate::region::PeerMem;
 
 /// Plain data that may live in shared memory and be read by a peer.
 ///
@@ -98,7 +98,7 @@ impl Default for WalkLimits {
 
 /// A bounded walk that validates a peer's structure, pointer by pointer.
 pub struct Walk<'a> {
-    peer: &'a PeerRegion,
+    peer: PeerMem<'a>,
     limits: WalkLimits,
     visits: usize,
     depth: usize,
@@ -106,12 +106,12 @@ pub struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     /// A walk over `peer`'s region with the default limits.
-    pub fn new(peer: &'a PeerRegion) -> Self {
+    pub fn new(peer: PeerMem<'a>) -> Self {
         Self::with_limits(peer, WalkLimits::default())
     }
 
     /// A walk with explicit limits.
-    pub fn with_limits(peer: &'a PeerRegion, limits: WalkLimits) -> Self {
+    pub fn with_limits(peer: PeerMem<'a>, limits: WalkLimits) -> Self {
         Self {
             peer,
             limits,
@@ -126,7 +126,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The region walked.
-    pub fn peer(&self) -> &'a PeerRegion {
+    pub fn peer(&self) -> PeerMem<'a> {
         self.peer
     }
 
@@ -170,7 +170,7 @@ pub(crate) fn read_once(x: &u64) -> u64 {
 
 /// A peer's view of `len` values of `T` at `addr` (both read once from peer
 /// memory): bounds, alignment and length overflow checked; empty is fine.
-pub(crate) fn peer_slice<'p, T: ShmSafe>(addr: &u64, len: &u64, peer: &'p PeerRegion) -> Result<&'p [T]> {
+pub(crate) fn peer_slice<'p, T: ShmSafe>(addr: &u64, len: &u64, peer: PeerMem<'p>) -> Result<&'p [T]> {
     let len = read_once(len);
     if len == 0 {
         return Ok(&[]);
@@ -192,9 +192,9 @@ pub(crate) fn own_arena() -> &'static crate::arena::Arena {
 }
 
 /// Panics unless `addr` is in our own arena: owner-side access to a value
-/// that belongs to a peer is a programming error (use `get(&peer)`).
+/// that belongs to a peer is a programming error (use `get(mem)`).
 pub(crate) fn assert_owned(addr: u64, what: &str) {
     if addr != 0 && !own_arena().region().contains(addr, 1) {
-        panic!("{what} at {addr:#x} belongs to a peer: read it with .get(&peer), which validates it");
+        panic!("{what} at {addr:#x} belongs to a peer: read it with .get(mem), which validates it");
     }
 }

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, own_arena, read_once};
 use crate::error::Result;
-use crate::region::PeerRegion;
+use crate::region::PeerMem;
 
 /// A value of `T` in this process's arena, owned like a `Box`. Peers read it
 /// in place with [`ShmBox::get`].
@@ -41,7 +41,7 @@ impl<T: ShmSafe> ShmBox<T> {
     /// A peer's view of a `ShmBox` it received: checks that the value lies
     /// inside `peer`'s region and is aligned. Nested pointers are checked
     /// when they are followed (or all at once with [`Walk`]).
-    pub fn get<'p>(&self, peer: &'p PeerRegion) -> Result<&'p T> {
+    pub fn get<'p>(&self, peer: PeerMem<'p>) -> Result<&'p T> {
         peer.view::<T>(read_once(&self.addr))
     }
 

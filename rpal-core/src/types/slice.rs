@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
 use crate::error::{Error, Result};
-use crate::region::PeerRegion;
+use crate::region::PeerMem;
 
 /// A fixed-length slice of `T` in this process's arena. Peers read it in
 /// place with [`ShmSlice::get`]. In shared memory: address and length.
@@ -59,7 +59,7 @@ impl<T: ShmSafe> ShmSlice<T> {
     }
 
     /// A peer's view: checks bounds, alignment and length overflow.
-    pub fn get<'p>(&self, peer: &'p PeerRegion) -> Result<&'p [T]> {
+    pub fn get<'p>(&self, peer: PeerMem<'p>) -> Result<&'p [T]> {
         peer_slice(&self.addr, &self.len, peer)
     }
 

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
 use crate::error::{Error, Result};
-use crate::region::PeerRegion;
+use crate::region::PeerMem;
 
 /// A growable vector of `T` in this process's arena. Peers read it in place
 /// with [`ShmVec::get`]. In shared memory: address, length, capacity.
@@ -135,7 +135,7 @@ impl<T: ShmSafe> ShmVec<T> {
     }
 
     /// A peer's view: checks bounds, alignment and length overflow.
-    pub fn get<'p>(&self, peer: &'p PeerRegion) -> Result<&'p [T]> {
+    pub fn get<'p>(&self, peer: PeerMem<'p>) -> Result<&'p [T]> {
         peer_slice(&self.addr, &self.len, peer)
     }
 
@@ -241,7 +241,7 @@ impl ShmString {
     }
 
     /// A peer's view: bounds checked, then UTF-8 checked once.
-    pub fn get<'p>(&self, peer: &'p PeerRegion) -> Result<&'p str> {
+    pub fn get<'p>(&self, peer: PeerMem<'p>) -> Result<&'p str> {
         let bytes = self.bytes.get(peer)?;
         std::str::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 {
             addr: read_once(&self.bytes.addr),
