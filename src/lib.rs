@@ -27,10 +27,10 @@ pub use rpal_poller::{
 
 /// The types most programs use.
 pub mod prelude {
-    pub use rpal_core::rpc::Returned;
+    pub use rpal_core::rpc::{Returned, ServiceId};
     pub use rpal_core::{
-        Arena, Client, ClientOptions, Error, Handler, PeerPolicy, PeerRegion, RemoteStatus, Request, Result, Server,
-        ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
+        Arena, Client, ClientOptions, Error, Handler, PeerMem, PeerPolicy, PeerRegion, RemoteStatus, Request, Result,
+        Server, ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
     };
     pub use rpal_macros::{ShmSafe, service};
     pub use rpal_poller::{AsyncClient, Host, PollerConfig, Serving, serve};

@@ -316,3 +316,46 @@ fn pkru_writes_per_call() {
     assert_eq!(mine, 2 * CALLS + 2, "one grant (write, restore) per blocking call");
     assert_eq!(theirs, 0, "a poller with one client process never narrows");
 }
+
+#[test]
+fn without_a_free_key_regions_go_unguarded_and_status_says_so() {
+    match common::role().as_deref() {
+        Some("server") => return serve_keys(&PathBuf::from(common::arg("RPAL_TEST_SOCK"))),
+        Some("client") => {
+            assert_eq!(pkey::status(), PkeyStatus::Active);
+            // Take every free key before rpal asks for one (as an application
+            // using keys of its own might).
+            let mut taken = 0;
+            // SAFETY: integer-only system call; the keys are never freed (the
+            // child exits).
+            while unsafe { libc::syscall(libc::SYS_pkey_alloc, 0u32, 0u32) } >= 0 {
+                taken += 1;
+            }
+            eprintln!("took the {taken} free keys");
+            let c = common::retry(|| KeysClient::connect(common::arg("RPAL_TEST_SOCK")));
+            // Calls work, unguarded; the status says why.
+            for i in 0..100 {
+                assert_eq!(c.echo(i).unwrap(), i);
+            }
+            assert_eq!(&*c.label(3).unwrap().read(), "#3");
+            match pkey::status() {
+                PkeyStatus::Degraded(why) => {
+                    assert!(why.contains("no protection key"), "{why}");
+                    eprintln!("status: degraded: {why}");
+                }
+                other => panic!("expected Degraded, got {other:?}"),
+            }
+            return;
+        }
+        _ => {}
+    }
+    if let Some(reason) = why_not_active() {
+        eprintln!("skipped: protection keys are not active here: {reason}");
+        return;
+    }
+    let test = "without_a_free_key_regions_go_unguarded_and_status_says_so";
+    let base = common::sock_path("pk-nokey");
+    let env = [("RPAL_TEST_SOCK", base.display().to_string())];
+    let _server = common::spawn(test, "server", &env);
+    common::spawn(test, "client", &env).expect_success();
+}

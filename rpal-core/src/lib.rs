@@ -36,7 +36,7 @@ pub use error::{Error, RemoteStatus, Result};
 pub use handshake::{PROTOCOL_VERSION, PeerCred, PeerPolicy};
 pub use later::{Completion, Deferred};
 pub use pkey::PkeyStatus;
-pub use region::{PeerRegion, Region};
+pub use region::{PeerMem, PeerRegion, Region};
 pub use server::{Handler, Polled, Request, Server, ServerConn, ServerOptions, ServerStats};
 pub use space::{Space, SpaceConfig};
 pub use types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, Walk, WalkLimits};

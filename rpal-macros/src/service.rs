@@ -359,12 +359,17 @@ fn method_table(s: &Service) -> TokenStream {
         #vis struct #svc;
 
         impl #svc {
+            #(#consts)*
+        }
+
+        // A trait impl, so a method named `name` or `method_hash` (whose id
+        // constant is `NAME` or `METHOD_HASH`) cannot collide with these.
+        impl ::rpal::rpc::ServiceId for #svc {
             /// The service name both sides announce at the handshake.
-            pub const NAME: &'static ::core::primitive::str = #name_str;
+            const NAME: &'static ::core::primitive::str = #name_str;
             /// Hash of the method table; a peer built from another trait is refused.
             #[doc = #sig_doc]
-            pub const METHOD_HASH: u64 = #hash;
-            #(#consts)*
+            const METHOD_HASH: u64 = #hash;
         }
     }
 }
@@ -470,8 +475,8 @@ fn dispatcher(s: &Service) -> TokenStream {
         }
 
         impl<H: #name> ::rpal::rpc::Dispatch for #server<H> {
-            const SERVICE: &'static ::core::primitive::str = #svc::NAME;
-            const METHOD_HASH: u64 = #svc::METHOD_HASH;
+            const SERVICE: &'static ::core::primitive::str = <#svc as ::rpal::rpc::ServiceId>::NAME;
+            const METHOD_HASH: u64 = <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH;
             const HAS_ASYNC: bool = #has_async;
 
             fn dispatch(
@@ -568,7 +573,7 @@ fn client(s: &Service) -> TokenStream {
         impl #client {
             /// Connects over shared memory to the server at `path` (same host).
             pub fn connect(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
-                Self::connect_with(path, ::rpal::ClientOptions::new(#svc::NAME))
+                Self::connect_with(path, ::rpal::ClientOptions::new(<#svc as ::rpal::rpc::ServiceId>::NAME))
             }
 
             /// As [`Self::connect`], with explicit options (wait policy, default
@@ -577,8 +582,8 @@ fn client(s: &Service) -> TokenStream {
                 path: impl ::core::convert::AsRef<::std::path::Path>,
                 mut opts: ::rpal::ClientOptions,
             ) -> ::rpal::Result<Self> {
-                opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(#svc::NAME);
-                opts.method_hash = #svc::METHOD_HASH;
+                opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(<#svc as ::rpal::rpc::ServiceId>::NAME);
+                opts.method_hash = <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH;
                 let timeout = opts.call_timeout;
                 let client = ::rpal::Client::connect(path, opts)?;
                 let channel = ::rpal::rpc::Channel::Shm(::rpal::rpc::ShmChannel::new(client));
@@ -587,13 +592,13 @@ fn client(s: &Service) -> TokenStream {
 
             /// Connects over TCP (any host): arguments are copied into frames.
             pub fn connect_tcp(addr: impl ::std::net::ToSocketAddrs) -> ::rpal::Result<Self> {
-                let c = ::rpal::rpc::StreamChannel::connect_tcp(addr, #svc::NAME, #svc::METHOD_HASH)?;
+                let c = ::rpal::rpc::StreamChannel::connect_tcp(addr, <#svc as ::rpal::rpc::ServiceId>::NAME, <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH)?;
                 ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
             }
 
             /// Connects to a server's Unix stream socket: like TCP, without the network stack.
             pub fn connect_unix_stream(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
-                let c = ::rpal::rpc::StreamChannel::connect_unix(path, #svc::NAME, #svc::METHOD_HASH)?;
+                let c = ::rpal::rpc::StreamChannel::connect_unix(path, <#svc as ::rpal::rpc::ServiceId>::NAME, <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH)?;
                 ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
             }
 

@@ -59,6 +59,17 @@ impl ReplyCtx<'_> {
     }
 }
 
+/// The name and method-table hash a service announces at the handshake,
+/// implemented by the `{Trait}Service` type that `#[rpal::service]`
+/// generates (a trait, so that they cannot collide with the method id
+/// constants beside them, such as `NAME` for a method `name`).
+pub trait ServiceId {
+    /// The service name.
+    const NAME: &'static str;
+    /// Hash of the method table.
+    const METHOD_HASH: u64;
+}
+
 /// A server-side service: what `#[rpal::service]` generates around a
 /// handler. Transports call [`Dispatch::dispatch`] for each request.
 pub trait Dispatch: Send + Sync + 'static {

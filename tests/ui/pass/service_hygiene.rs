@@ -25,6 +25,10 @@ pub trait Everything {
     async fn later(&self, xs: ::rpal::ShmSlice<u64>, s: ::rpal::ShmString) -> ::rpal::ShmBox<Pair>;
     /// An async handler with nothing back.
     async fn tick(&self);
+    /// Method names whose id constants are `NAME` and `METHOD_HASH`.
+    fn name(&self, id: u64) -> ::rpal::ShmString;
+    /// See `name`.
+    fn method_hash(&self) -> u64;
 }
 
 // Names that shadow what careless generated code might use.
@@ -61,10 +65,17 @@ impl Everything for Impl {
         ::rpal::ShmBox::new(Pair { a, b: s.len() as u64 }).unwrap()
     }
     async fn tick(&self) {}
+    fn name(&self, id: u64) -> ::rpal::ShmString {
+        ::rpal::ShmString::copy_from(if id == 0 { "zero" } else { "many" }).unwrap()
+    }
+    fn method_hash(&self) -> u64 {
+        0
+    }
 }
 
 fn main() {
     let _server = EverythingServer::new(Impl);
-    let _ids = [EverythingService::ADD, EverythingService::PUT, EverythingService::JOIN];
+    let _ids = [EverythingService::ADD, EverythingService::PUT, EverythingService::JOIN, EverythingService::NAME];
+    let _name: &str = <EverythingService as ::rpal::rpc::ServiceId>::NAME;
     let _f: fn(&EverythingClient, u64, u32) -> ::rpal::Result<u64> = EverythingClient::add;
 }
