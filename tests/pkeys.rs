@@ -89,6 +89,8 @@ fn assert_pkey_fault(st: std::process::ExitStatus, stderr: &str, owner: i32) {
         "the report names the peer {owner}:\n{stderr}"
     );
     assert!(!stderr.contains("UNEXPECTED"), "{stderr}");
+    let report = stderr.lines().find(|l| l.contains("SEGV_PKUERR")).unwrap_or_default();
+    eprintln!("the child's fault report: {report}");
 }
 
 /// A Keys server on `base` (a host with one poller), until killed.
