@@ -54,7 +54,7 @@ async fn connect(path: &std::path::Path) -> Option<AsyncClient> {
         match AsyncClient::connect(path, ClientOptions::new("async")).await {
             Ok(c) => return Some(c),
             Err(e) if e.to_string().contains("FUTEX_WAIT") || e.to_string().contains("io_uring") => {
-                eprintln!("skipped: {e}");
+                common::skip(&e.to_string());
                 return None;
             }
             Err(_) if t0.elapsed() < Duration::from_secs(20) => tokio::time::sleep(Duration::from_millis(10)).await,

@@ -6,7 +6,12 @@
 #[test]
 fn macro_messages_and_hygiene() {
     if std::env::var_os("RPAL_SKIP_TRYBUILD").is_some() {
-        eprintln!("skipped: RPAL_SKIP_TRYBUILD is set");
+        // Straight to stderr, past the harness's capture (as tests/common's `skip`).
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: macro_messages_and_hygiene: RPAL_SKIP_TRYBUILD is set"
+        );
         return;
     }
     let t = trybuild::TestCases::new();

@@ -290,30 +290,72 @@ fn server_death_fails_the_call_in_flight() {
 
 #[test]
 fn client_death_ends_its_connection_only() {
-    if common::role().is_some() {
-        let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("svc")).unwrap();
-        c.call(1, b"x").unwrap();
-        // SAFETY: _exit ends the process at once, without the client's goodbye.
-        unsafe { libc::_exit(0) };
+    const TEST: &str = "client_death_ends_its_connection_only";
+    match common::role().as_deref() {
+        Some("dying") => {
+            let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("svc")).unwrap();
+            c.call(1, b"x").unwrap();
+            // SAFETY: _exit ends the process at once, without the client's goodbye.
+            unsafe { libc::_exit(0) };
+        }
+        Some("survivor") => {
+            // Calls before and after the other client's death, on the same server.
+            let mut c = Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("svc")).unwrap();
+            let call = |c: &mut Client, i: u64| assert_eq!(c.call(1, &i.to_le_bytes()).unwrap(), i.to_le_bytes());
+            (0..100).for_each(|i| call(&mut c, i));
+            let mark = std::path::PathBuf::from(common::arg("RPAL_TEST_MARK"));
+            let t0 = std::time::Instant::now();
+            while !mark.exists() {
+                assert!(t0.elapsed() < Duration::from_secs(60), "the other client never died");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (100..200).for_each(|i| call(&mut c, i));
+            return; // the goodbye ends its connection cleanly
+        }
+        _ => {}
     }
+    let echo = |req: &Request<'_>, reply: &mut [u8]| {
+        reply[..req.payload.len()].copy_from_slice(req.payload);
+        Ok(req.payload.len())
+    };
     let path = common::sock_path("svc");
+    let mark = path.with_extension("died");
     let server = Server::bind(&path, ServerOptions::new("svc")).unwrap();
-    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
-    let mut dying = common::spawn("client_death_ends_its_connection_only", "client", &env);
+    let env = [
+        ("RPAL_TEST_SOCK", path.display().to_string()),
+        ("RPAL_TEST_MARK", mark.display().to_string()),
+    ];
+    let mut survivor = common::spawn(TEST, "survivor", &env);
+    let survivor_conn = server.accept().unwrap();
+    assert_eq!(survivor_conn.peer().cred.pid, survivor.pid());
+    let serving = std::thread::spawn(move || survivor_conn.run(echo));
+
+    let mut dying = common::spawn(TEST, "dying", &env);
     let conn = server.accept().unwrap();
     let pid = conn.peer().cred.pid;
-    let e = conn.run(|_: &Request<'_>, _: &mut [u8]| Ok(0)).unwrap_err();
+    assert_eq!(pid, dying.pid());
+    let e = conn.run(echo).unwrap_err();
     assert!(
         matches!(e, Error::PeerDied { pid: p } | Error::Closed { pid: p } if p == pid),
         "{e}"
     );
-    dying.wait_timeout(Duration::from_secs(10));
+    assert!(
+        dying.wait_timeout(Duration::from_secs(10)).success(),
+        "the dying client made its call"
+    );
+    std::fs::write(&mark, b"died").unwrap();
+    // The survivor's connection served all its calls and ended with its goodbye.
+    serving.join().unwrap().expect("the survivor's connection ends cleanly");
+    survivor.expect_success();
+    let _ = std::fs::remove_file(&mark);
+
     // The server goes on accepting.
-    let mut next = common::spawn("client_death_ends_its_connection_only", "client", &env);
+    let mut next = common::spawn(TEST, "dying", &env);
     let conn = server.accept().unwrap();
     assert_eq!(conn.peer().cred.pid, next.pid());
-    let _ = conn.run(|_: &Request<'_>, _: &mut [u8]| Ok(0));
-    next.wait_timeout(Duration::from_secs(10));
+    let e = conn.run(echo).unwrap_err();
+    assert!(matches!(e, Error::PeerDied { .. } | Error::Closed { .. }), "{e}");
+    assert!(next.wait_timeout(Duration::from_secs(10)).success());
 }
 
 fn connect_retry(path: &std::path::Path, opts: ClientOptions) -> Client {

@@ -46,13 +46,15 @@ impl Keys for KeysImpl {
     }
 }
 
-/// Why the fault tests cannot run here, if they cannot.
-fn why_not_active() -> Option<String> {
-    match pkey::status() {
-        PkeyStatus::Active => None,
-        PkeyStatus::Disabled => Some("turned off by RPAL_PKEYS".to_string()),
-        PkeyStatus::Unsupported(reason) | PkeyStatus::Degraded(reason) => Some(reason),
-    }
+/// True (after saying why) if the fault tests cannot run here.
+fn skipped_without_keys() -> bool {
+    let why = match pkey::status() {
+        PkeyStatus::Active => return false,
+        PkeyStatus::Disabled => "turned off by RPAL_PKEYS".to_string(),
+        PkeyStatus::Unsupported(reason) | PkeyStatus::Degraded(reason) => reason,
+    };
+    common::skip(&format!("protection keys are not active here: {why}"));
+    true
 }
 
 /// No core file for a crash the test expects.
@@ -139,8 +141,7 @@ fn touching_a_peer_region_outside_the_guard_faults() {
         eprintln!("UNEXPECTED: read {v:#x} without a fault");
         std::process::exit(0);
     }
-    if let Some(reason) = why_not_active() {
-        eprintln!("skipped: protection keys are not active here: {reason}");
+    if skipped_without_keys() {
         return;
     }
     let path = common::sock_path("pk");
@@ -187,8 +188,7 @@ fn a_returned_value_is_read_through_its_guard_and_a_smuggled_view_faults() {
         }
         _ => {}
     }
-    if let Some(reason) = why_not_active() {
-        eprintln!("skipped: protection keys are not active here: {reason}");
+    if skipped_without_keys() {
         return;
     }
     let test = "a_returned_value_is_read_through_its_guard_and_a_smuggled_view_faults";
@@ -254,8 +254,7 @@ fn a_handler_cannot_read_another_clients_memory() {
         }
         None => {}
     }
-    if let Some(reason) = why_not_active() {
-        eprintln!("skipped: protection keys are not active here: {reason}");
+    if skipped_without_keys() {
         return;
     }
     let test = "a_handler_cannot_read_another_clients_memory";
@@ -290,8 +289,7 @@ fn pkru_writes_per_call() {
     if common::role().is_some() {
         return serve_keys(&PathBuf::from(common::arg("RPAL_TEST_SOCK")));
     }
-    if let Some(reason) = why_not_active() {
-        eprintln!("skipped: protection keys are not active here: {reason}");
+    if skipped_without_keys() {
         return;
     }
     let base = common::sock_path("pk-writes");
@@ -351,8 +349,7 @@ fn without_a_free_key_regions_go_unguarded_and_status_says_so() {
         }
         _ => {}
     }
-    if let Some(reason) = why_not_active() {
-        eprintln!("skipped: protection keys are not active here: {reason}");
+    if skipped_without_keys() {
         return;
     }
     let test = "without_a_free_key_regions_go_unguarded_and_status_says_so";

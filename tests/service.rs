@@ -20,6 +20,14 @@ pub struct Point {
     y: u64,
 }
 
+/// The server's arena, as `Arena::stats` reports it.
+#[derive(ShmSafe, Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct ArenaUse {
+    in_use: u64,
+    lent: u64,
+}
+
 /// The service under test.
 #[rpal::service]
 pub trait Kv {
@@ -35,6 +43,8 @@ pub trait Kv {
     fn sleep_ms(&self, ms: u64) -> u64;
     /// Panics.
     fn boom(&self);
+    /// The server's arena use: bytes in use, blocks lent.
+    fn arena(&self) -> ArenaUse;
 }
 
 mod other {
@@ -67,6 +77,13 @@ impl Kv for KvImpl {
     }
     fn boom(&self) {
         panic!("the handler panicked on purpose");
+    }
+    fn arena(&self) -> ArenaUse {
+        let s = Arena::global().expect("arena").stats();
+        ArenaUse {
+            in_use: s.in_use,
+            lent: s.lent as u64,
+        }
     }
 }
 
@@ -170,9 +187,26 @@ fn typed_calls_over_every_transport() {
         };
         assert!(matches!(e, Error::ServiceMismatch { .. }), "{t:?}: {e}");
     }
-    // Lent results went back: the server's arena is not leaking greetings.
     assert_ne!(KvService::METHOD_HASH, other::KvService::METHOD_HASH);
     assert_ne!(KvService::ADD, other::KvService::ADD);
+
+    // Lent results went back: the server's arena is not leaking greetings.
+    // A dropped result's release goes out with the next call, and the server
+    // frees the block after that call's batch: so look twice.
+    let kv = server.connect(Transport::Shm);
+    let settled = |kv: &KvClient| {
+        kv.arena().unwrap();
+        kv.arena().unwrap()
+    };
+    (0..50).for_each(|_| drop(kv.greet(&name).unwrap())); // warm the server's caches
+    let before = settled(&kv);
+    for _ in 0..500 {
+        assert_eq!(&*kv.greet(&name).unwrap().read(), "hello, rpal");
+    }
+    let after = settled(&kv);
+    eprintln!("server arena before {before:?}, after 500 lent greetings {after:?}");
+    assert_eq!(after.lent, before.lent, "lent greetings were not released");
+    assert_eq!(after.in_use, before.in_use, "the server's arena grew");
 }
 
 #[test]

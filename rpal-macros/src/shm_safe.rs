@@ -111,7 +111,7 @@ fn problem_with(ty: &Type) -> Option<String> {
         ),
         Type::Ptr(_) => Some(
             "is a raw pointer: a peer's pointer must be checked before use; \
-             use ShmBox<T> or ShmSlice<T>, whose get(&peer) validates it"
+             use ShmBox<T> or ShmSlice<T>, whose get(mem) validates it"
                 .into(),
         ),
         Type::Tuple(t) if !t.elems.is_empty() => {

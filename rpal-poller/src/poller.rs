@@ -141,7 +141,11 @@ impl<H: Handler> Poller<H> {
             Some(Error::PeerDied { .. }) => add(&self.stats.died, 1),
             Some(Error::Closed { .. }) => add(&self.stats.closed, 1),
             Some(e) => {
-                add(&self.stats.protocol_errors, 1);
+                let counter = match e {
+                    Error::Protocol { .. } => &self.stats.protocol_errors,
+                    _ => &self.stats.other_errors,
+                };
+                add(counter, 1);
                 tracing::warn!(pid, %e, "dropping a connection");
             }
         }

@@ -32,6 +32,7 @@ pub struct PollerStats {
     pub(crate) closed: AtomicU64,
     pub(crate) died: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
+    pub(crate) other_errors: AtomicU64,
 }
 
 pub(crate) fn add(c: &AtomicU64, n: u64) {
@@ -70,6 +71,7 @@ impl PollerStats {
             closed: g(&self.closed),
             died: g(&self.died),
             protocol_errors: g(&self.protocol_errors),
+            other_errors: g(&self.other_errors),
         }
     }
 }
@@ -103,6 +105,9 @@ pub struct PollerSnapshot {
     pub closed: u64,
     /// Connections whose client died (pidfd).
     pub died: u64,
-    /// Connections dropped for breaking the protocol.
+    /// Connections dropped for breaking the protocol (`Error::Protocol`).
     pub protocol_errors: u64,
+    /// Connections dropped for any other error (an invalid pointer in the
+    /// queue, an I/O failure, ...).
+    pub other_errors: u64,
 }

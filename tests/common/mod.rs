@@ -86,6 +86,17 @@ pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool)
     }
 }
 
+/// Says that the calling test skips, and why, where a run's output shows it
+/// even when the harness captures the test's output: one line
+/// `skipped: TEST: REASON` written straight to the process's stderr
+/// (`eprintln!` would be captured). `.ci/run` counts these lines.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let name = std::thread::current().name().unwrap_or("?").to_string();
+    // A newline first: the harness may have left "test NAME ... " unfinished.
+    let _ = writeln!(std::io::stderr().lock(), "\nskipped: {name}: {reason}");
+}
+
 /// How much slower than native this machine runs the tests: 1, or
 /// `RPAL_TEST_TIME_SCALE` (the pku-vm CI step sets it: emulation is 5-20x
 /// slower). For the few tests whose setup needs wall time to pass, never for

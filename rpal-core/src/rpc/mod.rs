@@ -284,11 +284,21 @@ mod tests {
 
     #[test]
     fn method_ids_are_stable_and_avoid_reserved_values() {
-        // Fixed values: changing the hash breaks every deployed client.
-        assert_eq!(method_id("add(u64,u64)->u64"), method_id("add(u64,u64)->u64"));
-        assert_ne!(method_id("add(u64,u64)->u64"), method_id("add(u32,u64)->u64"));
+        // Fixed values (FNV-1a, computed independently): changing the hash
+        // breaks every deployed client.
+        assert_eq!(method_id("add(u64,u64)->u64"), 0xba86_1b15);
+        assert_eq!(method_id("add(u32,u64)->u64"), 0xe2c0_f812);
         assert_eq!(method_id(""), 0x811c_9dc5);
-        assert_eq!(service_hash("Calc", &["a", "b"]), service_hash("Calc", &["b", "a"]));
+        // Signatures whose raw hash is 0 and u32::MAX (found by search): the
+        // reserved values are remapped, and still fixed.
+        assert_eq!(method_id("m20955f4(u64)->u641"), 0x5bd1_e995);
+        assert_eq!(method_id("me283a5(u64)->u64-"), 0xa42e_166a);
+        assert_eq!(service_hash("Calc", &["a", "b"]), 0x986e_6c5c_f337_0262);
+        assert_eq!(
+            service_hash("Calc", &["b", "a"]),
+            0x986e_6c5c_f337_0262,
+            "order does not matter"
+        );
         assert_ne!(service_hash("Calc", &["a"]), service_hash("Calc2", &["a"]));
     }
 }
