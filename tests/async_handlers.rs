@@ -188,9 +188,11 @@ fn async_handlers_run_concurrently_beside_sync_ones() {
         assert_eq!(jobs.sum_later(&xs, 20).unwrap(), 5050, "{t:?}");
         rt.block_on(async {
             let many: Vec<_> = (0..50).map(|i| jobs.sum_later_async(&xs, i % 5)).collect();
-            for r in futures_join(many).await {
+            let (results, peak) = join_all(many, || jobs.channel().in_flight()).await;
+            for r in results {
                 assert_eq!(r.unwrap(), 5050, "{t:?}");
             }
+            assert!(peak >= 25, "{t:?}: only {peak} of the 50 calls were in flight at once");
         });
         let hello = jobs.greet_later(&name).unwrap();
         assert_eq!(&*hello.read(), "later, rpal", "{t:?}");
@@ -212,13 +214,35 @@ fn async_handlers_run_concurrently_beside_sync_ones() {
     }
 }
 
-/// Awaits every future (a tiny `join_all`, to keep dependencies out).
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::with_capacity(fs.len());
-    for f in fs {
-        out.push(f.await);
-    }
-    out
+/// Polls every future together until all are done (a small `join_all`,
+/// to keep dependencies out), and returns their outputs with the largest
+/// value `probe` gave after a round of polls (calls in flight, say).
+async fn join_all<F: std::future::Future>(fs: Vec<F>, probe: impl Fn() -> usize) -> (Vec<F::Output>, usize) {
+    let mut fs: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = fs.iter().map(|_| None).collect();
+    let mut peak = 0;
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in fs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        peak = peak.max(probe());
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    (
+        out.into_iter().map(|o| o.expect("every future completed")).collect(),
+        peak,
+    )
 }
 
 #[test]

@@ -142,8 +142,12 @@ fn records_from_1_byte_to_1_mib_arrive_intact_and_in_order() {
     const RECORDS: u64 = 3000;
     if common::role().is_some() {
         let mut c = connect();
-        let mut x = 0x2545_F491_4F6C_DD1Du64 ^ std::process::id() as u64;
+        // The test's seed, varied per child: a failure reruns with RPAL_TEST_SEED.
+        let seed: u64 = common::arg("RPAL_TEST_SEED").parse().unwrap();
+        let child: u64 = common::arg("RPAL_TEST_CHILD").parse().unwrap();
+        let mut x = (seed ^ child.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         let mut payload = Vec::new();
+        let mut big = 0;
         for seq in 0..RECORDS {
             x ^= x << 13;
             x ^= x >> 7;
@@ -154,6 +158,7 @@ fn records_from_1_byte_to_1_mib_arrive_intact_and_in_order() {
                 1..=5 => 1 + (x >> 12) as usize % 65536,
                 _ => 1 + (x >> 12) as usize % 300,
             };
+            big += usize::from(len > 65536);
             payload.clear();
             payload.extend((0..len).map(|i| (x >> (i % 56)) as u8));
             let sum = fnv(&payload);
@@ -175,12 +180,32 @@ fn records_from_1_byte_to_1_mib_arrive_intact_and_in_order() {
             (RECORDS, 0),
             "none lost, duplicated, reordered or corrupted"
         );
+        assert!(
+            big >= 10,
+            "only {big} records over 64 KiB: the test did not test large records"
+        );
         return;
     }
+    let seed = std::env::var("RPAL_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (rerun with RPAL_TEST_SEED={seed})");
     let (path, serving) = start("stress", PollerConfig::default());
-    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
-    let mut kids: Vec<_> = (0..2)
-        .map(|_| common::spawn("records_from_1_byte_to_1_mib_arrive_intact_and_in_order", "c", &env))
+    let mut kids: Vec<_> = (0..2u64)
+        .map(|child| {
+            let env = [
+                ("RPAL_TEST_SOCK", path.display().to_string()),
+                ("RPAL_TEST_SEED", seed.to_string()),
+                ("RPAL_TEST_CHILD", child.to_string()),
+            ];
+            common::spawn("records_from_1_byte_to_1_mib_arrive_intact_and_in_order", "c", &env)
+        })
         .collect();
     for k in &mut kids {
         k.expect_success();

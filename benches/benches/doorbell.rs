@@ -10,11 +10,18 @@ use rpal_bench::{RawPingPong, RoundTrip, RpalRoundTrip, TcpRoundTrip, pin};
 fn bench_rt(c: &mut Criterion, name: &str, mut rt: Box<dyn RoundTrip>) {
     c.bench_function(name, |b| {
         b.iter_custom(|iters| {
+            // Every reply is checked, as `rpal-bench` does: the callee must
+            // have read the payload and answered its complement. A count of
+            // wrong replies, asserted after the clock stops.
+            let mut wrong = 0u64;
             let t0 = Instant::now();
             for i in 0..iters {
-                std::hint::black_box(rt.round_trip(i));
+                let v = i + 1;
+                wrong += u64::from(std::hint::black_box(rt.round_trip(v)) != !v);
             }
-            t0.elapsed()
+            let took = t0.elapsed();
+            assert_eq!(wrong, 0, "{name}: {wrong} of {iters} replies were wrong");
+            took
         })
     });
 }

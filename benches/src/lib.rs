@@ -188,6 +188,20 @@ pub fn pin(cpu: usize) {
     }
 }
 
+/// The server side of every busy row (`rpal busy`, `rpal-stub busy`), so
+/// that their ratio compares the code and not two configurations: the
+/// poller spins a fixed 200 us before parking, longer than the caller's own
+/// work between calls (a 1 MiB write takes 20-60 us here), so no call pays
+/// for a wake-up. (The default adaptive budget, 2-50 us, would park between
+/// 1 MiB calls.)
+pub fn busy_poller() -> rpal::PollerConfig {
+    rpal::PollerConfig {
+        spin_min: Duration::from_micros(200),
+        spin_max: Duration::from_micros(200),
+        ..rpal::PollerConfig::default()
+    }
+}
+
 /// Runs a child role; called by the binary's `main` for `--child`.
 pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
     pin(1);
@@ -201,12 +215,12 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             page.echo_loop(role == "raw-futex");
             Ok(())
         }
-        "rpal-busy" | "rpal-parked" => {
+        "rpal-busy" | "rpal-parked" | "rpal-default" => {
             let server = rpal::Server::bind(arg(0), rpal::ServerOptions::new("bench"))?;
-            let cfg = if role == "rpal-parked" {
-                rpal::PollerConfig::parked()
-            } else {
-                rpal::PollerConfig::default()
+            let cfg = match role {
+                "rpal-parked" => rpal::PollerConfig::parked(),
+                "rpal-busy" => busy_poller(),
+                _ => rpal::PollerConfig::default(),
             };
             let serving = rpal::serve(server, echo_handler, cfg)?;
             println!("ready");
@@ -510,7 +524,7 @@ fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
 
 /// Records per second through one queue between two processes: a child
 /// produces `count` records of `payload` bytes, this process consumes them
-/// in place (reading each record's first 8 bytes).
+/// in place (reading every byte of each, and checking its sequence number).
 pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64> {
     use rpal::queue::Consumer;
     let path = std::env::temp_dir().join(format!("rpal-bench-q-{}-{payload}.sock", std::process::id()));
@@ -536,9 +550,18 @@ pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64
         match rx.next(mem)? {
             Some(rec) => {
                 start.get_or_insert_with(Instant::now);
-                if payload >= 8 {
-                    check ^= u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+                // Read the whole record, as a consumer of the data would (so
+                // records/s x payload is a real bandwidth), and check that it
+                // is the next one.
+                if payload >= 8 && rec[..8] != got.to_le_bytes() {
+                    return Err(rpal::Error::io(
+                        format!("queue record {got}"),
+                        std::io::Error::other("out of order or corrupted"),
+                    ));
                 }
+                check = rec.chunks_exact(8).fold(check, |h, w| {
+                    h.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")))
+                });
                 got += 1;
             }
             None => {
@@ -554,34 +577,48 @@ pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64
     Ok(if secs > 0.0 { count as f64 / secs } else { 0.0 })
 }
 
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+/// User + system CPU ticks of process `pid`. An error, never 0, if its
+/// `/proc` entry cannot be read: a dead server must not read as idle.
+fn proc_cpu_ticks(pid: u32) -> rpal::Result<u64> {
+    let bad = |why: String| rpal::Error::io(format!("read /proc/{pid}/stat"), std::io::Error::other(why));
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| rpal::Error::io(format!("read /proc/{pid}/stat (did the server die?)"), e))?;
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| bad("no ')'".into()))?;
     let f: Vec<&str> = rest.split_ascii_whitespace().collect();
     // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    let field = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| bad(format!("field {} missing or not a number", i + 3)))
+    };
+    Ok(field(11)? + field(12)?)
 }
 
-fn proc_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+/// Resident KiB of process `pid` (an error if its `/proc` entry is gone).
+fn proc_rss_kib(pid: u32) -> rpal::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| rpal::Error::io(format!("read /proc/{pid}/status (did the server die?)"), e))?;
     status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_ascii_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .ok_or_else(|| rpal::Error::io(format!("VmRSS of {pid}"), std::io::Error::other("missing")))
 }
 
 /// Idle cost of a server: `conns` connected clients (each made one call and
 /// went silent); returns (CPU % over `window`, resident KiB per connection).
 pub fn measure_idle(exe: &Path, conns: usize, window: Duration) -> rpal::Result<(f64, f64)> {
     let path = std::env::temp_dir().join(format!("rpal-bench-idle-{}.sock", std::process::id()));
-    let (child, _) = ChildGuard::start(exe, "rpal-busy", &[path.display().to_string()])
+    // The default configuration: what an idle server costs as deployed.
+    let (child, _) = ChildGuard::start(exe, "rpal-default", &[path.display().to_string()])
         .map_err(|e| rpal::Error::io("start the idle server child", e))?;
     let pid = child.child.id();
     std::thread::sleep(Duration::from_millis(300));
-    let rss0 = proc_rss_kib(pid);
+    let rss0 = proc_rss_kib(pid)?;
     let mut clients = Vec::with_capacity(conns);
     for _ in 0..conns {
         let mut c = rpal::Client::connect(&path, rpal::ClientOptions::new("bench"))?;
@@ -589,10 +626,10 @@ pub fn measure_idle(exe: &Path, conns: usize, window: Duration) -> rpal::Result<
         clients.push(c);
     }
     std::thread::sleep(Duration::from_millis(300));
-    let rss1 = proc_rss_kib(pid);
-    let cpu0 = proc_cpu_ticks(pid);
+    let rss1 = proc_rss_kib(pid)?;
+    let cpu0 = proc_cpu_ticks(pid)?;
     std::thread::sleep(window);
-    let cpu1 = proc_cpu_ticks(pid);
+    let cpu1 = proc_cpu_ticks(pid)?;
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let cpu_pct = (cpu1 - cpu0) as f64 / hz / window.as_secs_f64() * 100.0;

@@ -52,15 +52,7 @@ pub fn run_stub_server(path: &str, parked: bool) -> rpal::Result<()> {
     let cfg = if parked {
         rpal::PollerConfig::parked()
     } else {
-        // Busy: the poller spins a fixed 200 us before parking, longer than
-        // the caller's own work between calls (a 1 MiB write takes 20-60 us
-        // here), so no call pays for a wake-up. The default adaptive budget
-        // (2-50 us) would park between 1 MiB calls.
-        rpal::PollerConfig {
-            spin_min: Duration::from_micros(200),
-            spin_max: Duration::from_micros(200),
-            ..rpal::PollerConfig::default()
-        }
+        crate::busy_poller()
     };
     let host = BenchServer::new(Callee)
         .host()

@@ -149,7 +149,7 @@ impl Arena {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// In-use figures are process-wide: tests that compare them run one at a time.

@@ -47,7 +47,14 @@ pub trait Links {
 }
 
 fn bump(head: u64, block: u32) -> u64 {
-    ((head >> 32).wrapping_add(1) << 32) | block as u64
+    // `--cfg rpal_loom_no_aba_tag` drops the tag, only to show that the loom
+    // model `loom_aba_pop_against_two_pops_and_a_push` then fails.
+    let tag = if cfg!(rpal_loom_no_aba_tag) {
+        0
+    } else {
+        (head >> 32).wrapping_add(1)
+    };
+    (tag << 32) | block as u64
 }
 
 /// Pushes the chain `first -> ... -> last` (already linked) in one CAS.
@@ -186,6 +193,42 @@ mod loom_models {
                 seen.push(b);
             }
             assert_eq!(seen.len(), 3);
+        });
+    }
+
+    /// The ABA case: thread A reads the head (block 1) and its link (2),
+    /// then thread B pops 1, pops 2 and pushes 1 back (now linked to 3). The
+    /// head is block 1 again; only the tag tells A's CAS that its link is
+    /// stale. Without it A would install block 2, which B holds.
+    #[test]
+    fn loom_aba_pop_against_two_pops_and_a_push() {
+        loom::model(|| {
+            let links = Arc::new(VecLinks((0..4).map(|_| AtomicU64::new(0)).collect()));
+            let head = Arc::new(AtomicU64::new(0));
+            for b in [3, 2, 1] {
+                push(&*head, &*links, b);
+            }
+            let (h, l) = (head.clone(), links.clone());
+            let b_thread = loom::thread::spawn(move || {
+                let x = pop(&*h, &*l);
+                let y = pop(&*h, &*l);
+                if let Some(x) = x {
+                    push(&*h, &*l, x);
+                }
+                y // kept by B
+            });
+            let a = pop(&*head, &*links);
+            if let Some(a) = a {
+                push(&*head, &*links, a);
+            }
+            let kept = b_thread.join().unwrap();
+            let mut seen: Vec<u32> = kept.into_iter().collect();
+            while let Some(b) = pop(&*head, &*links) {
+                assert!(!seen.contains(&b), "block {b} is both held and free");
+                seen.push(b);
+            }
+            seen.sort();
+            assert_eq!(seen, vec![1, 2, 3]);
         });
     }
 
