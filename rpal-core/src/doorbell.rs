@@ -142,6 +142,35 @@ pub fn announce_park<W: Word32>(parked: &W, seq: &W, seen: u32) -> bool {
     seq.load(Ordering::Acquire) == seen
 }
 
+/// Consumer half for many queues at once (a poller): every `parked` flag
+/// first, one fence, then the caller re-reads every queue's word and sleeps
+/// only if none moved. The same Dekker pair as [`announce_park`], spread
+/// over the connections.
+pub fn announce_park_all<'a, W: Word32 + 'a>(parked: impl IntoIterator<Item = &'a W>) {
+    for p in parked {
+        p.store(1, Ordering::Relaxed);
+    }
+    // SeqCst fence: orders the `parked` stores before the caller's re-reads
+    // of the queue words (store-load), the partner of the fence in `must_wake`.
+    fence(Ordering::SeqCst);
+}
+
+/// Consumer half for a `parked` word shared by several sleepers (a
+/// channel's callers): each adds one, so the producer wakes while any
+/// sleeps. The caller then re-reads what it waits for, sleeps only if
+/// nothing moved, and calls [`unannounce_counted`] when it wakes.
+pub fn announce_park_counted<W: Word32>(parked: &W) {
+    // SeqCst RMW and fence: the store-load order of `announce_park`,
+    // partner of the fence in `must_wake`.
+    parked.fetch_add(1, Ordering::SeqCst);
+    fence(Ordering::SeqCst);
+}
+
+/// Ends one sleeper's [`announce_park_counted`].
+pub fn unannounce_counted<W: Word32>(parked: &W) {
+    parked.fetch_sub(1, Ordering::SeqCst);
+}
+
 /// Producer half, after publishing: whether the consumer may be asleep and
 /// must be woken.
 pub fn must_wake<W: Word32>(parked: &W) -> bool {
@@ -238,7 +267,7 @@ pub fn wait(
 #[cfg(all(test, rpal_loom))]
 mod loom_models {
     //! `RUSTFLAGS="--cfg rpal_loom" cargo test -p rpal-core --release loom`
-    use super::{announce_park, must_wake};
+    use super::{announce_park, announce_park_all, announce_park_counted, must_wake};
     use loom::sync::atomic::AtomicU32;
     use loom::sync::{Arc, Condvar, Mutex};
     use std::sync::atomic::Ordering;
@@ -289,6 +318,64 @@ mod loom_models {
                 parked.store(0, Ordering::Relaxed);
             }
             producer.join().unwrap();
+        });
+    }
+
+    /// A poller's park over two queues: flags first, one fence, then both
+    /// words. Whatever the interleaving, each producer either sees its
+    /// consumer's flag (and wakes it) or the consumer sees its record.
+    #[test]
+    fn loom_park_over_many_queues_misses_no_producer() {
+        loom::model(|| {
+            let words = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+            let parked = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+            let producers: Vec<_> = (0..2)
+                .map(|i| {
+                    let (words, parked) = (words.clone(), parked.clone());
+                    loom::thread::spawn(move || {
+                        words[i].store(1, Ordering::Release);
+                        must_wake(&parked[i])
+                    })
+                })
+                .collect();
+            announce_park_all(parked.iter());
+            let saw: Vec<bool> = words.iter().map(|w| w.load(Ordering::Acquire) != 0).collect();
+            for (i, p) in producers.into_iter().enumerate() {
+                let woke = p.join().unwrap();
+                assert!(woke || saw[i], "queue {i}: record unseen and no wake-up");
+            }
+        });
+    }
+
+    /// Two callers sleeping on one counted `parked` word (a channel's) and
+    /// one producer: each caller either sees the reply word move or is
+    /// counted in `parked` when the producer looks.
+    #[test]
+    fn loom_counted_park_misses_no_sleeper() {
+        loom::model(|| {
+            let word = Arc::new(AtomicU32::new(0));
+            let parked = Arc::new(AtomicU32::new(0));
+            let producer = {
+                let (word, parked) = (word.clone(), parked.clone());
+                loom::thread::spawn(move || {
+                    word.store(1, Ordering::Release);
+                    must_wake(&*parked)
+                })
+            };
+            let callers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (word, parked) = (word.clone(), parked.clone());
+                    loom::thread::spawn(move || {
+                        announce_park_counted(&*parked);
+                        word.load(Ordering::Acquire) != 0
+                    })
+                })
+                .collect();
+            let woke = producer.join().unwrap();
+            for c in callers {
+                let saw = c.join().unwrap();
+                assert!(woke || saw, "a sleeper neither saw the reply nor was woken");
+            }
         });
     }
 }

@@ -17,6 +17,10 @@ pub trait Word32: Sync {
     fn load(&self, order: Ordering) -> u32;
     /// Atomic store.
     fn store(&self, value: u32, order: Ordering);
+    /// Atomic add; returns the previous value.
+    fn fetch_add(&self, value: u32, order: Ordering) -> u32;
+    /// Atomic subtract; returns the previous value.
+    fn fetch_sub(&self, value: u32, order: Ordering) -> u32;
 }
 
 macro_rules! impl_word32 {
@@ -27,6 +31,12 @@ macro_rules! impl_word32 {
             }
             fn store(&self, value: u32, order: Ordering) {
                 <$t>::store(self, value, order)
+            }
+            fn fetch_add(&self, value: u32, order: Ordering) -> u32 {
+                <$t>::fetch_add(self, value, order)
+            }
+            fn fetch_sub(&self, value: u32, order: Ordering) -> u32 {
+                <$t>::fetch_sub(self, value, order)
             }
         }
     };

@@ -1,7 +1,7 @@
 //! One poller thread: sweep its connections, spin an adaptive budget, park.
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -273,14 +273,9 @@ impl<H: Handler> Poller<H> {
         // Announce the sleep on every connection, then look once more
         // (the consumer half of the doorbell handshake; clients read
         // `parked` after a SeqCst fence before deciding to wake us).
-        // This is `doorbell::announce_park` spread over many connections:
-        // every flag first, one fence, then every word.
-        for c in &self.conns {
-            c.parked_flag().store(1, Ordering::Relaxed);
-        }
-        // SeqCst fence: orders the `parked` stores before the re-reads of the
-        // queue words below; pairs with the fence in `doorbell::must_wake`.
-        fence(Ordering::SeqCst);
+        // Every flag first, one fence, then every word (the loom-modelled
+        // `announce_park_all`).
+        rpal_core::doorbell::announce_park_all(self.conns.iter().map(|c| c.parked_flag()));
         // Acquire: pairs with the Release in `Inbox::ring`.
         let bell = self.inbox.bell.load(Ordering::Acquire);
         let woken = {

@@ -12,7 +12,7 @@
 
 use std::future::poll_fn;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use super::wire::{Reader, ReleaseSink, Writer};
 use super::{ReplyCtx, Sink};
 use crate::client::Client;
 use crate::conn::INLINE_CAPACITY;
-use crate::doorbell::WaitConfig;
+use crate::doorbell::{self, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::region::{PeerMem, PeerRegion};
 use crate::sys;
@@ -400,10 +400,9 @@ impl ShmChannel {
             }
             slice = slice.min(left);
         }
-        // SeqCst RMW and fence: the Dekker pair of the server's `must_wake`
-        // (it publishes, fences, then reads `parked`).
-        parked.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
+        // The Dekker pair of the server's `must_wake` (it publishes, fences,
+        // then reads `parked`), counted: the loom-modelled helper.
+        doorbell::announce_park_counted(parked);
         let r = if changed() {
             Ok(0)
         } else {
@@ -416,7 +415,7 @@ impl ShmChannel {
                 r => r,
             }
         };
-        parked.fetch_sub(1, Ordering::SeqCst);
+        doorbell::unannounce_counted(parked);
         if let Err(e) = r {
             if e.raw_os_error() == Some(libc::ETIMEDOUT) {
                 if let Some((at, after)) = deadline {
