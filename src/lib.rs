@@ -2,8 +2,9 @@
 //!
 //! Processes share memory mapped at the same virtual address, so a pointer
 //! means the same thing on both sides and arguments are never serialized.
-//! See `DESIGN.md` for the architecture. This crate re-exports the parts in
-//! `rpal-core`; [`prelude`] has what a typical program needs.
+//! See `docs/architecture.md` in the repository for the architecture. This
+//! crate re-exports the parts in `rpal-core`; [`prelude`] has what a typical
+//! program needs.
 //!
 //! ```no_run
 //! use rpal::prelude::*;

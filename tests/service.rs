@@ -189,6 +189,21 @@ fn typed_calls_over_every_transport() {
     }
     assert_ne!(KvService::METHOD_HASH, other::KvService::METHOD_HASH);
     assert_ne!(KvService::ADD, other::KvService::ADD);
+    // The generated ids and table hash are the runtime's hashes of the
+    // signatures as written here (a change of either side breaks this).
+    let sigs = [
+        "add(u64,u64)->u64",
+        "sum(ShmSlice<u64>)->u64",
+        "greet(ShmString)->ShmString",
+        "swap(ShmBox<Point>)->Point",
+        "sleep_ms(u64)->u64",
+        "boom()->()",
+        "arena()->ArenaUse",
+    ];
+    assert_eq!(KvService::ADD, rpal::rpc::method_id(sigs[0]));
+    assert_eq!(KvService::GREET, rpal::rpc::method_id(sigs[2]));
+    assert_eq!(KvService::BOOM, rpal::rpc::method_id(sigs[5]));
+    assert_eq!(KvService::METHOD_HASH, rpal::rpc::service_hash("Kv", &sigs));
 
     // Lent results went back: the server's arena is not leaking greetings.
     // A dropped result's release goes out with the next call, and the server

@@ -35,7 +35,6 @@ struct Method {
     ret: Option<(Type, Kind)>,
     /// `name(types)->ret`, hashed into the method id.
     sig: String,
-    id: u32,
     /// Declared `async fn`: the handler returns a future, run on tokio.
     /// (Not part of the id: how a server runs a method is its own affair.)
     is_async: bool,
@@ -66,16 +65,6 @@ fn doc_attrs(attrs: &[syn::Attribute]) -> Vec<syn::Attribute> {
 /// The type's text without spaces: the part of a signature that is hashed.
 fn type_text(ty: &Type) -> String {
     quote!(#ty).to_string().chars().filter(|c| !c.is_whitespace()).collect()
-}
-
-/// FNV-1a, as `rpal::rpc::method_id` computes it at run time.
-fn method_id(sig: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in sig.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    if h == 0 || h == u32::MAX { h ^ 0x5bd1_e995 } else { h }
 }
 
 fn parse(item: &ItemTrait) -> syn::Result<Service> {
@@ -110,11 +99,6 @@ fn parse(item: &ItemTrait) -> syn::Result<Service> {
         for b in &methods[..i] {
             if a.name == b.name {
                 errors.push(a.name.span(), "two methods with the same name");
-            } else if a.id == b.id {
-                errors.push(
-                    a.name.span(),
-                    format!("method id {:#x} collides with `{}`; rename one", a.id, b.name),
-                );
             }
         }
     }
@@ -201,7 +185,6 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
     Some(Method {
         name: sig.ident.clone(),
         docs: doc_attrs(&f.attrs),
-        id: method_id(&text),
         sig: text,
         args,
         ret,
@@ -341,18 +324,35 @@ fn method_table(s: &Service) -> TokenStream {
     let svc = service_ident(s);
     let name_str = name.to_string();
     let sigs: Vec<&str> = s.methods.iter().map(|m| m.sig.as_str()).collect();
-    let hash = service_hash(&name_str, &sigs);
+    // Ids and the table hash are computed by the runtime's `const fn`s (one
+    // implementation of the hash); the macro only sorts the signatures.
+    let mut sorted = sigs.clone();
+    sorted.sort_unstable();
     let consts = s.methods.iter().map(|m| {
         let c = const_ident(m);
-        let id = m.id;
+        let sig = &m.sig;
         let doc = format!(" Method id of `{}`: FNV-1a of `{}`.", m.name, m.sig);
         quote! {
             #[doc = #doc]
-            pub const #c: u32 = #id;
+            pub const #c: u32 = ::rpal::rpc::method_id(#sig);
         }
     });
     let doc = format!(" Names and ids of the `{name}` service, shared by its client and server.");
     let sig_doc = format!(" Every method's signature, as hashed: {}.", sigs.join(", "));
+    // Two methods whose ids collide would be one method on the wire: a
+    // compile-time error (the ids are computed in const context).
+    let svc_ref = &svc;
+    let clashes = s.methods.iter().enumerate().flat_map(|(i, a)| {
+        s.methods[..i].iter().map(move |b| {
+            let svc = svc_ref;
+            let (ca, cb) = (const_ident(a), const_ident(b));
+            let msg = format!(
+                "methods `{}` and `{}` have the same method id: rename one",
+                b.name, a.name
+            );
+            quote! { ::core::assert!(#svc::#ca != #svc::#cb, #msg); }
+        })
+    });
     quote! {
         #[doc = #doc]
         #[derive(Debug, Clone, Copy)]
@@ -362,6 +362,10 @@ fn method_table(s: &Service) -> TokenStream {
             #(#consts)*
         }
 
+        const _: () = {
+            #(#clashes)*
+        };
+
         // A trait impl, so a method named `name` or `method_hash` (whose id
         // constant is `NAME` or `METHOD_HASH`) cannot collide with these.
         impl ::rpal::rpc::ServiceId for #svc {
@@ -369,23 +373,9 @@ fn method_table(s: &Service) -> TokenStream {
             const NAME: &'static ::core::primitive::str = #name_str;
             /// Hash of the method table; a peer built from another trait is refused.
             #[doc = #sig_doc]
-            const METHOD_HASH: u64 = #hash;
+            const METHOD_HASH: u64 = ::rpal::rpc::service_hash_sorted(#name_str, &[#(#sorted),*]);
         }
     }
-}
-
-/// Same as `rpal::rpc::service_hash`.
-fn service_hash(service: &str, sigs: &[&str]) -> u64 {
-    let mut sorted = sigs.to_vec();
-    sorted.sort_unstable();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in std::iter::once(service).chain(sorted) {
-        for &b in part.as_bytes().iter().chain(b";") {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h.max(1)
 }
 
 fn dispatcher(s: &Service) -> TokenStream {

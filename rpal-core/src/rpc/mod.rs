@@ -195,14 +195,31 @@ pub const fn method_id(sig: &str) -> u32 {
 pub fn service_hash(service: &str, sigs: &[&str]) -> u64 {
     let mut sorted = sigs.to_vec();
     sorted.sort_unstable();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in std::iter::once(service).chain(sorted) {
-        for &b in part.as_bytes().iter().chain(b";") {
-            h ^= b as u64;
+    service_hash_sorted(service, &sorted)
+}
+
+/// [`service_hash`] of signatures already sorted (byte order): a `const
+/// fn`, which the code `#[rpal::service]` generates calls, so the hash has
+/// one implementation.
+pub const fn service_hash_sorted(service: &str, sorted: &[&str]) -> u64 {
+    /// FNV-1a over `part` and a `;` after it.
+    const fn fold(mut h: u64, part: &str) -> u64 {
+        let b = part.as_bytes();
+        let mut i = 0;
+        while i <= b.len() {
+            h ^= if i < b.len() { b[i] } else { b';' } as u64;
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
         }
+        h
     }
-    h.max(1)
+    let mut h = fold(0xcbf2_9ce4_8422_2325, service);
+    let mut i = 0;
+    while i < sorted.len() {
+        h = fold(h, sorted[i]);
+        i += 1;
+    }
+    if h == 0 { 1 } else { h }
 }
 
 /// A connection a generated client calls through: shared memory or a
