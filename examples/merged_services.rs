@@ -127,16 +127,13 @@ fn run_service(
         };
     }
     let host = match role {
-        "store" => StoreServer::new(StoreImpl).host(),
+        "store" => ServeStore::new(StoreImpl).host(),
         "auth" => {
-            return serve(
-                AuthServer::new(AuthImpl(downstream!(StoreClient, "store"))).host(),
-                &shm,
-            );
+            return serve(ServeAuth::new(AuthImpl(downstream!(StoreClient, "store"))).host(), &shm);
         }
         "gateway" => {
             return serve(
-                GatewayServer::new(GatewayImpl(downstream!(AuthClient, "auth"))).host(),
+                ServeGateway::new(GatewayImpl(downstream!(AuthClient, "auth"))).host(),
                 &shm,
             );
         }

@@ -19,7 +19,7 @@ use rpal::prelude::*;
 const CALLS: usize = 20_000;
 
 /// A calculator, declared once: `#[rpal::service]` makes the `Calc` handler
-/// trait, `CalcServer` (the dispatcher) and `CalcClient` (blocking and async
+/// trait, `ServeCalc` (the dispatcher) and `CalcClient` (blocking and async
 /// methods, over shared memory or TCP).
 #[rpal::service]
 pub trait Calc {
@@ -51,11 +51,7 @@ fn pin(cpu: usize) {
 fn run_server(path: &str) -> std::result::Result<(), Box<dyn std::error::Error>> {
     pin(1);
     // The same handler on shared memory and on loopback TCP.
-    let host = CalcServer::new(Calculator)
-        .host()
-        .shm(path)
-        .tcp("127.0.0.1:0")
-        .start()?;
+    let host = ServeCalc::new(Calculator).host().shm(path).tcp("127.0.0.1:0").start()?;
     println!("ready {}", host.tcp_addr().ok_or("no TCP address")?.port());
     host.join();
     Ok(())

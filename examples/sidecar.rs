@@ -95,7 +95,7 @@ fn run_sidecar(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         shipped: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
     };
-    let _host = SidecarServer::new(limiter)
+    let _host = ServeSidecar::new(limiter)
         .host()
         .shm(dir.join("sidecar.sock"))
         .start()?;
@@ -157,7 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state: &'static AppState = Box::leak(Box::new(AppState {
         served: AtomicU64::new(0),
     }));
-    let _app_host = AppServer::new(state).host().shm(dir.join("app.sock")).start()?;
+    let _app_host = ServeApp::new(state).host().shm(dir.join("app.sock")).start()?;
 
     let mut child = Command::new(std::env::current_exe()?)
         .arg("--sidecar")

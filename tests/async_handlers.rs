@@ -111,7 +111,7 @@ struct ServerChild {
 
 fn serve_child() {
     let base = PathBuf::from(common::arg("RPAL_TEST_SOCK"));
-    let host = JobsServer::new(JobsImpl::default())
+    let host = ServeJobs::new(JobsImpl::default())
         .host()
         .shm(&base)
         // One poller: `hold` then blocks every shared-memory connection.

@@ -97,7 +97,7 @@ fn assert_pkey_fault(st: std::process::ExitStatus, stderr: &str, owner: i32) {
 
 /// A Keys server on `base` (a host with one poller), until killed.
 fn serve_keys(base: &Path) {
-    let host = KeysServer::new(KeysImpl)
+    let host = ServeKeys::new(KeysImpl)
         .host()
         .shm(base)
         .start()

@@ -96,7 +96,7 @@ struct ServerChild {
 
 fn serve_child() {
     let base = PathBuf::from(common::arg("RPAL_TEST_SOCK"));
-    let host = KvServer::new(KvImpl)
+    let host = ServeKv::new(KvImpl)
         .host()
         .shm(&base)
         .poller(PollerConfig {

@@ -54,7 +54,7 @@ pub fn run_stub_server(path: &str, parked: bool) -> rpal::Result<()> {
     } else {
         crate::busy_poller()
     };
-    let host = BenchServer::new(Callee)
+    let host = ServeBench::new(Callee)
         .host()
         .shm(path)
         .poller(cfg)

@@ -17,10 +17,10 @@ use crate::conn::{
     BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, OwnEndpoint, Peer, budget_of,
     next_msg, put_header,
 };
+use crate::deferred::{Deferred, DeferredQueue};
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
-use crate::later::{Deferred, LaterQueue};
 use crate::pkey::Access;
 use crate::region::{PeerMem, PeerRegion};
 use crate::space::Space;
@@ -76,7 +76,7 @@ pub struct Request<'a> {
     /// How long the caller will wait for the reply, if it set a deadline.
     pub budget: Option<Duration>,
     releases: &'a RefCell<Vec<u64>>,
-    later: &'a Arc<LaterQueue>,
+    later: &'a Arc<DeferredQueue>,
     deferred: &'a Cell<bool>,
 }
 
@@ -301,7 +301,7 @@ pub struct ServerConn {
     /// Releases a handler asked for, published after each batch.
     releases: RefCell<Vec<u64>>,
     /// Replies of deferred calls, completed by other threads.
-    later: Arc<LaterQueue>,
+    later: Arc<DeferredQueue>,
     /// Set by [`Request::defer`] during the handler's run.
     deferred: Cell<bool>,
     /// Deferred calls not answered yet (by call id).
@@ -477,7 +477,7 @@ impl ServerConn {
     }
 
     /// How the serving thread is woken when a deferred call completes
-    /// (a poller rings its own bell).
+    /// (a poller bumps its own wake word).
     pub fn set_later_waker(&self, wake: Arc<dyn Fn() + Send + Sync>) {
         self.later.set_waker(wake);
     }

@@ -32,7 +32,7 @@ pub fn derive_shm_safe(input: TokenStream) -> TokenStream {
 ///   `ShmString` arguments arrive as `&T`, `&[T]` and `&str`);
 /// - `CalcService`: the name, the method ids (FNV-1a of each method's name
 ///   and signature) and their hash, checked at the handshake;
-/// - `CalcServer<H>`: the dispatcher, served with `.host()`;
+/// - `ServeCalc<H>`: the dispatcher, served with `.host()`;
 /// - `CalcClient`: one blocking and one `_async` method per method, over
 ///   shared memory (`connect`), TCP (`connect_tcp`) or a Unix stream.
 ///

@@ -278,7 +278,7 @@ fn const_ident(m: &Method) -> Ident {
 fn handler_trait(s: &Service) -> TokenStream {
     let Service { vis, name, docs, .. } = s;
     let client = format_ident!("{}Client", name);
-    let server = format_ident!("{}Server", name);
+    let server = format_ident!("Serve{}", name);
     let methods = s.methods.iter().map(|m| {
         let Method { name, docs, .. } = m;
         let args = m.args.iter().map(|a| {
@@ -381,7 +381,7 @@ fn method_table(s: &Service) -> TokenStream {
 fn dispatcher(s: &Service) -> TokenStream {
     let Service { vis, name, .. } = s;
     let svc = service_ident(s);
-    let server = format_ident!("{}Server", name);
+    let server = format_ident!("Serve{}", name);
     let arms = s.methods.iter().map(|m| {
         let c = const_ident(m);
         let mname = &m.name;
@@ -411,7 +411,7 @@ fn dispatcher(s: &Service) -> TokenStream {
             quote! {
                 #svc::#c => {
                     let this = <::std::sync::Arc<Self> as ::core::clone::Clone>::clone(this);
-                    ::rpal::rpc::later_call(args, move |owned| async move {
+                    ::rpal::rpc::async_dispatch(args, move |owned| async move {
                         let mut args = owned.reader();
                         let args = &mut args;
                         #(#reads)*

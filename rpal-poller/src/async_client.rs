@@ -35,7 +35,7 @@ pub struct AsyncClient {
     ring: IoUring,
     /// An eventfd the kernel signals on every completion (registered with
     /// the ring), watched by tokio's reactor.
-    bell: AsyncFd<OwnedFd>,
+    completions: AsyncFd<OwnedFd>,
     client: Client,
     timeout: Option<Duration>,
     /// Longest sleep before looking again anyway; bounds the cost of a
@@ -83,12 +83,12 @@ impl AsyncClient {
             .register_eventfd(efd.as_raw_fd())
             .map_err(|e| io_err("register the eventfd", e))?;
         // SAFETY: the OwnedFd stays open and the same for the AsyncFd's whole life.
-        let bell = unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
+        let completions = unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
             .map_err(|e| io_err("register the eventfd with tokio", e.into_parts().1))?;
         let slice = client_slice(&client);
         Ok(Self {
             ring,
-            bell,
+            completions,
             client,
             timeout,
             slice,
@@ -182,7 +182,7 @@ impl AsyncClient {
             ring.submit().map_err(|e| io_err("submit to the ring", e))
         };
         let outcome = match submitted {
-            Ok(n) => await_completion(&mut self.ring, &self.bell, self.slice)
+            Ok(n) => await_completion(&mut self.ring, &self.completions, self.slice)
                 .await
                 .map(|c| (n, c)),
             Err(e) => Err(e),
@@ -213,18 +213,18 @@ impl AsyncClient {
 /// Awaits the first completion on `ring` (and takes it): `Some(true)` if it
 /// came from the peer's pidfd or socket, `Some(false)` from the futex, `None`
 /// if `slice` passed first (the caller looks again anyway).
-async fn await_completion(ring: &mut IoUring, bell: &AsyncFd<OwnedFd>, slice: Duration) -> Result<Option<bool>> {
+async fn await_completion(ring: &mut IoUring, completions: &AsyncFd<OwnedFd>, slice: Duration) -> Result<Option<bool>> {
     let deadline = tokio::time::Instant::now() + slice;
     loop {
         if let Some(cqe) = ring.completion().next() {
             return Ok(Some(cqe.user_data() == PEER));
         }
-        let Ok(guard) = tokio::time::timeout_at(deadline, bell.readable()).await else {
+        let Ok(guard) = tokio::time::timeout_at(deadline, completions.readable()).await else {
             return Ok(None);
         };
         let mut guard = guard.map_err(|e| io_err("await the eventfd", e))?;
         // Reset the eventfd's counter, then look at the queue again.
-        rpal_core::sys::drain_eventfd(bell.get_ref().as_fd());
+        rpal_core::sys::drain_eventfd(completions.get_ref().as_fd());
         guard.clear_ready();
     }
 }

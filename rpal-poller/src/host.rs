@@ -21,7 +21,7 @@ pub struct HostBuilder<D> {
 }
 
 impl<D: Dispatch> HostBuilder<D> {
-    /// Serves `dispatch` (a generated `XServer`); add at least one endpoint.
+    /// Serves `dispatch` (a generated `ServeX`); add at least one endpoint.
     pub fn new(dispatch: D) -> Self {
         Self {
             dispatch: Arc::new(dispatch),

@@ -4,7 +4,7 @@
 //! every ready request, a batch per connection), then spins an adaptive
 //! budget waiting for more, then parks: it marks itself parked on every
 //! connection and sleeps in its [`backend`] on all the clients' next-record
-//! words at once, the peers' pidfds and sockets, its own bell, and a
+//! words at once, the peers' pidfds and sockets, its own wake word, and a
 //! timeout. An idle server therefore sleeps; a busy one never makes a system
 //! call. At most `cores - 1` pollers spin at a time ([`spin`]).
 //!

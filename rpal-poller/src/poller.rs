@@ -19,7 +19,7 @@ pub(crate) struct Inbox {
     new: Mutex<Vec<ServerConn>>,
     pending: AtomicBool,
     /// Bumped on every delivery and at shutdown; the poller sleeps on it too.
-    pub bell: AtomicU32,
+    pub wake: AtomicU32,
     pub shutdown: AtomicBool,
 }
 
@@ -32,9 +32,9 @@ impl Inbox {
 
     pub(crate) fn ring(&self) {
         // Release: the delivery (or shutdown flag) happens before the poller
-        // sees the bell move; pairs with the Acquire load in `Poller::park`.
-        self.bell.fetch_add(1, Ordering::Release);
-        rpal_core::sys::futex_wake(&self.bell, 1);
+        // sees the wake word move; pairs with the Acquire load in `Poller::park`.
+        self.wake.fetch_add(1, Ordering::Release);
+        rpal_core::sys::futex_wake(&self.wake, 1);
     }
 
     fn take(&self) -> Vec<ServerConn> {
@@ -117,7 +117,7 @@ impl<H: Handler> Poller<H> {
             let new = self.inbox.take();
             add(&self.stats.connections, new.len() as u64);
             for conn in new {
-                // A deferred call completing on another thread rings our bell.
+                // A deferred call completing on another thread bumps our wake word.
                 let inbox = Arc::downgrade(&self.inbox);
                 conn.set_later_waker(Arc::new(move || {
                     if let Some(i) = inbox.upgrade() {
@@ -136,9 +136,15 @@ impl<H: Handler> Poller<H> {
         let conn = self.conns.swap_remove(i);
         self.keys.swap_remove(i);
         let pid = conn.peer().cred.pid;
+        // A dead peer's slot may be taken over by a new process, whose region
+        // then replaces the dead one's mapping here: what its connection reads
+        // afterwards is someone else's memory, and the error that follows is
+        // the death's, not a violation (nonblocking look at the pidfd).
+        let dead = || rpal_core::sys::poll_ready(&[conn.peer().pidfd()]).unwrap_or(false);
         match why {
             None => add(&self.stats.closed, 1),
             Some(Error::PeerDied { .. }) => add(&self.stats.died, 1),
+            Some(Error::Protocol { .. }) if dead() => add(&self.stats.died, 1),
             Some(Error::Closed { .. }) => add(&self.stats.closed, 1),
             Some(e) => {
                 let counter = match e {
@@ -277,10 +283,10 @@ impl<H: Handler> Poller<H> {
         // `announce_park_all`).
         rpal_core::doorbell::announce_park_all(self.conns.iter().map(|c| c.parked_flag()));
         // Acquire: pairs with the Release in `Inbox::ring`.
-        let bell = self.inbox.bell.load(Ordering::Acquire);
+        let wake = self.inbox.wake.load(Ordering::Acquire);
         let woken = {
             let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(self.conns.len() + 1);
-            words.push((&self.inbox.bell, bell));
+            words.push((&self.inbox.wake, wake));
             let mut ready = self.inbox.pending.load(Ordering::Acquire) || self.inbox.shutdown.load(Ordering::Acquire);
             // A client that does not read its replies is not served, so its
             // pending requests are not work: look at it again in 1 ms.
@@ -290,7 +296,7 @@ impl<H: Handler> Poller<H> {
                 ready |= slice.is_zero();
             }
             for c in &self.conns {
-                // After the bell's load: a completion after this look rings it.
+                // After the wake word's load: a completion after this look rings it.
                 ready |= c.later_pending();
                 if c.backpressured() {
                     slice = slice.min(Duration::from_millis(1));
@@ -321,7 +327,9 @@ impl<H: Handler> Poller<H> {
                     add(&self.stats.timeouts, 1);
                 }
                 // Descriptor i belongs to connection i / 2 (pidfd, socket).
-                let mut suspects: Vec<usize> = w.ready_fds.iter().map(|i| i / 2).collect();
+                // (Bounded: a backend's index never names a connection that is not here.)
+                let n = self.conns.len();
+                let mut suspects: Vec<usize> = w.ready_fds.iter().map(|i| i / 2).filter(|&i| i < n).collect();
                 suspects.sort_unstable();
                 suspects.dedup();
                 for i in suspects.into_iter().rev() {

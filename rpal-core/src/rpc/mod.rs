@@ -7,7 +7,7 @@
 //! - [`StreamChannel`]: the same calls over TCP or a Unix stream, copied into frames;
 //! - [`Channel`]: either, behind one type, which generated clients hold.
 
-mod deferred;
+mod async_handler;
 mod shm;
 mod stream;
 mod table;
@@ -17,7 +17,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use deferred::{Dispatched, Later, OwnedArgs, Reply, later_call};
+pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispatch};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
@@ -27,7 +27,7 @@ pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
 use crate::error::{RemoteStatus, Result};
 use crate::region::{PeerMem, PeerRegion};
 use crate::server::{Handler, Request};
-use deferred::Guarded;
+use async_handler::Guarded;
 
 /// What a reply reader may need besides the body: the server's region (to
 /// validate result pointers) and a way to hand lent results back.
@@ -82,7 +82,7 @@ pub trait Dispatch: Send + Sync + 'static {
     const HAS_ASYNC: bool = false;
     /// Handles one call: reads the arguments from `args`, then either runs
     /// a sync handler and writes its result to `reply` ([`Dispatched::Done`])
-    /// or returns an async handler's future ([`Dispatched::Later`]), which
+    /// or returns an async handler's future ([`Dispatched::Async`]), which
     /// owns its arguments and resolves to the reply. `peer_pid` is who lent
     /// results go to.
     fn dispatch(
@@ -127,7 +127,7 @@ impl<D: Dispatch> Handler for ShmHandler<D> {
         let pid = req.peer.pid();
         match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {
             Dispatched::Done => out.finish().ok_or(RemoteStatus::BadReply),
-            Dispatched::Later(fut) => self.spawn(req, fut, pid),
+            Dispatched::Async(fut) => self.spawn(req, fut, pid),
         }
     }
 }
@@ -136,7 +136,7 @@ impl<D: Dispatch> ShmHandler<D> {
     /// Runs an async handler's future on tokio and answers through the
     /// poller when it resolves.
     #[cold]
-    fn spawn(&self, req: &Request<'_>, fut: Later, pid: i32) -> std::result::Result<usize, RemoteStatus> {
+    fn spawn(&self, req: &Request<'_>, fut: HandlerFuture, pid: i32) -> std::result::Result<usize, RemoteStatus> {
         let Some(rt) = &self.rt else {
             tracing::error!(
                 method = req.method,

@@ -6,7 +6,7 @@
 //! and reads whatever replies have arrived: its own in place (no copy),
 //! others' copied into their table slots, whose waiters it wakes. Then it
 //! unlocks and waits on the reply queue's sequence word (spin, then futex)
-//! together with its own bell word, so it wakes for either a new reply or
+//! together with its own wake word, so it wakes for either a new reply or
 //! for another thread having read its reply. Async tasks are woken by a
 //! pump thread, started on the first async call, that does the same reads.
 
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::table::{Dead, Table, Waiter, thread_bell};
+use super::table::{Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, ReleaseSink, Writer};
 use super::{ReplyCtx, Sink};
@@ -78,7 +78,7 @@ pub struct ShmChannel {
     /// lets go as soon as this is non-zero.
     contenders: AtomicU32,
     pump_started: AtomicBool,
-    pump_bell: Arc<AtomicU32>,
+    pump_wake: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for ShmChannel {
@@ -107,7 +107,7 @@ impl ShmChannel {
             has_releases: AtomicBool::new(false),
             contenders: AtomicU32::new(0),
             pump_started: AtomicBool::new(false),
-            pump_bell: Arc::new(AtomicU32::new(0)),
+            pump_wake: Arc::new(AtomicU32::new(0)),
         })
     }
 
@@ -315,8 +315,8 @@ impl ShmChannel {
         // The deadline counts from here: reading the clock costs as much as
         // the whole fast path, and the spin above is bounded anyway.
         let deadline = timeout.map(|d| (Instant::now() + d, d));
-        let bell = thread_bell();
-        inner.table.insert(id, method, Waiter::Thread(bell));
+        let wake = thread_wake();
+        inner.table.insert(id, method, Waiter::Thread(wake));
         // Replies were just read (fast path), or the request just went out
         // (no spin): the first look would find nothing, so wait first.
         let mut just_looked = true;
@@ -339,7 +339,7 @@ impl ShmChannel {
                 .map(|(w, v)| (WordRef::new(w), v));
             drop(inner);
             let waited = match target {
-                Some((word, seen)) => self.wait(word, seen, bell.word(), deadline, !std::mem::take(&mut spun)),
+                Some((word, seen)) => self.wait(word, seen, wake.word(), deadline, !std::mem::take(&mut spun)),
                 None => Ok(()),
             };
             inner = self.lock();
@@ -359,13 +359,13 @@ impl ShmChannel {
         }
     }
 
-    /// Waits until `word` leaves `seen` or `bell` rings, the deadline
+    /// Waits until `word` leaves `seen` or `wake` moves, the deadline
     /// passes, or the server dies.
     fn wait(
         &self,
         word: WordRef,
         seen: u32,
-        bell: &AtomicU32,
+        wake: &AtomicU32,
         deadline: Option<(Instant, Duration)>,
         spin: bool,
     ) -> Result<()> {
@@ -373,8 +373,8 @@ impl ShmChannel {
         let (word, parked) = unsafe { (word.get(), self.parked.get()) };
         let changed = || {
             // Acquire: pairs with the server's Release publication of the
-            // reply (and with the Release store of a bell in `Table`).
-            word.load(Ordering::Acquire) != seen || bell.load(Ordering::Acquire) != 0
+            // reply (and with the Release store of a wake word in `Table`).
+            word.load(Ordering::Acquire) != seen || wake.load(Ordering::Acquire) != 0
         };
         if spin && !self.wait.spin.is_zero() {
             // The clock is read only after the first 1024 spins, so a reply
@@ -406,7 +406,7 @@ impl ShmChannel {
         let r = if changed() {
             Ok(0)
         } else {
-            match sys::futex_waitv(&[(word, seen), (bell, 0)], Some(slice)) {
+            match sys::futex_waitv(&[(word, seen), (wake, 0)], Some(slice)) {
                 Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                     // No futex_waitv (Linux < 5.16): sleep on the reply word in short slices.
                     sys::futex_wait(word, seen, Some(slice.min(Duration::from_millis(1))));
@@ -482,25 +482,25 @@ impl ShmChannel {
         // reaches the channel through the Arc, not through this flag.
         if !self.pump_started.swap(true, Ordering::AcqRel) {
             let weak = Arc::downgrade(self);
-            let bell = self.pump_bell.clone();
+            let wake = self.pump_wake.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("rpal-pump-{}", self.pid))
-                .spawn(move || pump(weak, bell));
+                .spawn(move || pump(weak, wake));
             if let Err(e) = spawned {
                 tracing::error!(%e, "could not start the reply pump; async calls will time out");
             }
         }
         // Release: pairs with the Acquire of the pump's futex check.
-        self.pump_bell.store(1, Ordering::Release);
-        sys::futex_wake(&self.pump_bell, 1);
+        self.pump_wake.store(1, Ordering::Release);
+        sys::futex_wake(&self.pump_wake, 1);
     }
 }
 
 /// The pump: reads replies for async tasks and wakes them. It holds the
 /// channel only while it works, so dropping the last handle ends it.
-fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
+fn pump(weak: Weak<ShmChannel>, wake: Arc<AtomicU32>) {
     loop {
-        bell.store(0, Ordering::Relaxed);
+        wake.store(0, Ordering::Relaxed);
         let Some(chan) = weak.upgrade() else { return };
         // The pump reads and waits on the server's memory for this round.
         let access = chan.region.access();
@@ -513,8 +513,8 @@ fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
             drop(inner);
             drop(access);
             drop(chan);
-            // Idle: sleep until an async call kicks us (bell = 1).
-            sys::futex_wait(&bell, 0, Some(Duration::from_secs(1)));
+            // Idle: sleep until an async call kicks us (wake = 1).
+            sys::futex_wait(&wake, 0, Some(Duration::from_secs(1)));
             continue;
         }
         let target = inner
@@ -523,7 +523,7 @@ fn pump(weak: Weak<ShmChannel>, bell: Arc<AtomicU32>) {
             .map(|(w, v)| (WordRef::new(w), v));
         drop(inner);
         if let Some((word, seen)) = target {
-            if let Err(e) = chan.wait(word, seen, &bell, None, true) {
+            if let Err(e) = chan.wait(word, seen, &wake, None, true) {
                 chan.lock().table.kill(Dead::of(&e));
                 return;
             }

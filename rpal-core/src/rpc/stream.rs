@@ -28,10 +28,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::table::{Body, Dead, Table, Waiter, thread_bell};
+use super::table::{Body, Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, Writer};
-use super::{Dispatch, Dispatched, Later, ReplyCtx};
+use super::{Dispatch, Dispatched, HandlerFuture, ReplyCtx};
 use crate::conn::budget_of;
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
@@ -255,9 +255,9 @@ impl StreamChannel {
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
         let deadline = timeout.map(|d| (Instant::now() + d, d));
-        let bell = thread_bell();
-        let id = self.send(method, Waiter::Thread(bell), timeout, write)?;
-        let bell = bell.word();
+        let wake = thread_wake();
+        let id = self.send(method, Waiter::Thread(wake), timeout, write)?;
+        let wake = wake.word();
         loop {
             if let Some(done) = lock(&self.table).take(id) {
                 return done.and_then(|b| read(&mut Reader::stream(b.bytes()), &ReplyCtx::stream()));
@@ -275,9 +275,9 @@ impl StreamChannel {
                 }
                 slice = slice.min(left);
             }
-            // Acquire pairs with the Release store of the bell in `Table`.
-            if bell.load(Ordering::Acquire) == 0 {
-                sys::futex_wait(bell, 0, Some(slice));
+            // Acquire pairs with the Release store of a wake word in `Table`.
+            if wake.load(Ordering::Acquire) == 0 {
+                sys::futex_wait(wake, 0, Some(slice));
             }
         }
     }
@@ -508,7 +508,7 @@ where
         };
         let status = match r {
             Ok(Ok(Dispatched::Done)) => 0,
-            Ok(Ok(Dispatched::Later(fut))) => {
+            Ok(Ok(Dispatched::Async(fut))) => {
                 later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone()));
                 continue;
             }
@@ -535,8 +535,13 @@ impl<T> Drop for AbortOnDrop<T> {
 /// a task of its own, so its panic comes back as a `JoinError` here; past
 /// the caller's `budget` it is aborted and the call fails with
 /// `DeadlineExceeded` (tokio's timer wheel holds the deadline).
-async fn answer_later<W>(fut: Later, budget: Option<Duration>, id: u64, method: u32, wr: Arc<tokio::sync::Mutex<W>>)
-where
+async fn answer_later<W>(
+    fut: HandlerFuture,
+    budget: Option<Duration>,
+    id: u64,
+    method: u32,
+    wr: Arc<tokio::sync::Mutex<W>>,
+) where
     W: tokio::io::AsyncWrite + Unpin,
 {
     let mut task = AbortOnDrop(tokio::spawn(fut));

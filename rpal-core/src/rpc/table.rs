@@ -46,26 +46,26 @@ impl Body {
     }
 }
 
-/// A blocked thread's bell: a thread-local word. The thread stays inside
-/// the call (and so alive) while its slot holds the bell.
+/// A blocked thread's wake word: a thread-local word. The thread stays inside
+/// the call (and so alive) while its slot holds the word.
 #[derive(Clone, Copy)]
-pub(crate) struct Bell(std::ptr::NonNull<AtomicU32>);
+pub(crate) struct ThreadWake(std::ptr::NonNull<AtomicU32>);
 
 // SAFETY: points to an atomic that outlives every use (see the type's doc).
-unsafe impl Send for Bell {}
+unsafe impl Send for ThreadWake {}
 
-impl Bell {
+impl ThreadWake {
     pub(crate) fn word(&self) -> &AtomicU32 {
         // SAFETY: the owning thread is blocked in the call that holds this
-        // bell; its thread-local outlives the call.
+        // wake; its thread-local outlives the call.
         unsafe { self.0.as_ref() }
     }
 }
 
 /// Who waits for a call.
 pub(crate) enum Waiter {
-    /// A blocked thread sleeping on its bell word.
-    Thread(Bell),
+    /// A blocked thread sleeping on its wake word.
+    Thread(ThreadWake),
     /// An async task.
     Task(Option<Waker>),
 }
@@ -73,12 +73,12 @@ pub(crate) enum Waiter {
 impl Waiter {
     fn wake(&mut self) {
         match self {
-            Waiter::Thread(bell) => {
-                let bell = bell.word();
+            Waiter::Thread(wake) => {
+                let wake = wake.word();
                 // Release: pairs with the Acquire load in the waiter's loop;
                 // the slot's state was written (under the table lock) before.
-                bell.store(1, Ordering::Release);
-                sys::futex_wake(bell, 1);
+                wake.store(1, Ordering::Release);
+                sys::futex_wake(wake, 1);
             }
             Waiter::Task(w) => {
                 if let Some(w) = w.take() {
@@ -304,12 +304,12 @@ thread_local! {
     static BELL: AtomicU32 = const { AtomicU32::new(0) };
 }
 
-/// This thread's bell: the word it sleeps on while another thread reads
+/// This thread's wake word: the word it sleeps on while another thread reads
 /// replies for it. Cleared, ready for a new call.
-pub(crate) fn thread_bell() -> Bell {
+pub(crate) fn thread_wake() -> ThreadWake {
     BELL.with(|b| {
         b.store(0, Ordering::Relaxed);
-        Bell(std::ptr::NonNull::from(b))
+        ThreadWake(std::ptr::NonNull::from(b))
     })
 }
 

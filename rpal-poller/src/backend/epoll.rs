@@ -3,7 +3,6 @@
 //! a sleep lasts at most 1 ms and the poller sweeps its queues after each.
 //! Correct everywhere, but an idle server wakes 1000 times a second.
 
-use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -12,10 +11,9 @@ use super::Woken;
 
 const SLEEP: Duration = Duration::from_millis(1);
 
-/// An epoll instance and the descriptors registered in it.
+/// An epoll instance, and the generation of the descriptor set registered in it.
 pub struct Epoll {
     fd: OwnedFd,
-    registered: HashSet<RawFd>,
     generation: u64,
 }
 
@@ -31,30 +29,33 @@ impl Epoll {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Self {
             fd,
-            registered: HashSet::new(),
             generation: u64::MAX,
         })
     }
 
-    fn ctl(&self, op: i32, fd: RawFd, index: usize) {
+    fn add(&self, fd: RawFd, index: usize) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: index as u64,
         };
         // SAFETY: `ev` is a live epoll_event; the descriptors are borrowed from live connections.
-        unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) };
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub(super) fn wait(&mut self, fds: &[BorrowedFd<'_>], generation: u64, timeout: Duration) -> io::Result<Woken> {
         if generation != self.generation {
-            // The set changed: re-register everything (indices moved too).
-            for &fd in &self.registered {
-                self.ctl(libc::EPOLL_CTL_DEL, fd, 0);
-            }
-            self.registered.clear();
+            // The set changed (indices moved too): a fresh epoll instance.
+            // Deleting registrations one by one cannot work: a dropped
+            // connection's descriptors are closed already, and an epoll
+            // registration outlives its descriptor while the file is open
+            // elsewhere, reporting its old index (found as an out-of-range
+            // index in the poller test).
+            *self = Self::new()?;
             for (i, fd) in fds.iter().enumerate() {
-                self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), i);
-                self.registered.insert(fd.as_raw_fd());
+                self.add(fd.as_raw_fd(), i)?;
             }
             self.generation = generation;
         }
@@ -70,7 +71,11 @@ impl Epoll {
                 Err(e)
             };
         }
-        let ready_fds = events[..n as usize].iter().map(|e| e.u64 as usize).collect();
+        let ready_fds = events[..n as usize]
+            .iter()
+            .map(|e| e.u64 as usize)
+            .filter(|&i| i < fds.len())
+            .collect();
         Ok(Woken {
             ready_fds,
             timed_out: n == 0,

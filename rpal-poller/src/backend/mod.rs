@@ -1,7 +1,7 @@
 //! How a parked poller sleeps: io_uring, `futex_waitv(2)`, or epoll.
 //!
 //! Every backend waits for the first of: a change of any watched futex word
-//! (the next-record words of the clients' queues, and the poller's own bell),
+//! (the next-record words of the clients' queues, and the poller's own wake word),
 //! readiness of any watched descriptor (peers' pidfds and sockets), or a
 //! timeout. They differ in how much of that the kernel can watch at once:
 //!

@@ -41,7 +41,7 @@ impl Waitv {
         let (window, timeout) = if words.len() <= WAITV_MAX {
             (words.to_vec(), timeout)
         } else {
-            // Always keep the first word (the poller's bell); rotate the rest.
+            // Always keep the first word (the poller's wake word); rotate the rest.
             let rest = &words[1..];
             self.rotate = (self.rotate + WAITV_MAX - 1) % rest.len();
             let mut w = vec![words[0]];

@@ -31,14 +31,14 @@ impl Reply {
 }
 
 /// The future of an async handler: resolves to its reply.
-pub type Later = Pin<Box<dyn Future<Output = Result<Reply, RemoteStatus>> + Send>>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Reply, RemoteStatus>> + Send>>;
 
 /// What dispatching one call did.
 pub enum Dispatched {
     /// The reply is written.
     Done,
     /// An async handler: run the future (on tokio); its output is the reply.
-    Later(Later),
+    Async(HandlerFuture),
 }
 
 /// A call's arguments, owned: the request record is reused as soon as the
@@ -71,7 +71,7 @@ impl OwnedArgs {
     /// thread access to the client's region).
     pub fn reader(&self) -> Reader<'_> {
         match &self.region {
-            // SAFETY: `OwnedArgs` are made only by `later_call`, whose future
+            // SAFETY: `OwnedArgs` are made only by `async_dispatch`, whose future
             // the shared-memory handler runs inside `Guarded`: every read
             // through the views happens during a poll, with access granted.
             Some(region) => Reader::shm_shared(self.body.bytes(), unsafe { PeerMem::assume(region) }, region),
@@ -89,13 +89,13 @@ impl OwnedArgs {
 /// makes the handler's future from them. Never inlined, so an async method
 /// does not make the dispatcher (on every sync call's path) bigger.
 #[inline(never)]
-pub fn later_call<F, Fut>(args: &Reader<'_>, make: F) -> Result<Dispatched, RemoteStatus>
+pub fn async_dispatch<F, Fut>(args: &Reader<'_>, make: F) -> Result<Dispatched, RemoteStatus>
 where
     F: FnOnce(OwnedArgs) -> Fut,
     Fut: Future<Output = Result<Reply, RemoteStatus>> + Send + 'static,
 {
     let owned = OwnedArgs::take(args)?;
-    Ok(Dispatched::Later(Box::pin(make(owned))))
+    Ok(Dispatched::Async(Box::pin(make(owned))))
 }
 
 /// Grants the polling thread access to a peer's region, and to no other

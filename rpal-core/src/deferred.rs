@@ -21,16 +21,16 @@ pub(crate) type Done = (u64, u32, std::result::Result<Completion, RemoteStatus>)
 
 /// Completions waiting for the connection's serving thread.
 #[derive(Default)]
-pub(crate) struct LaterQueue {
-    state: Mutex<LaterState>,
+pub(crate) struct DeferredQueue {
+    state: Mutex<DeferredState>,
     /// Set with each completion; the serving thread swaps it off.
     pending: AtomicBool,
-    /// Wakes the serving thread (a poller rings its bell).
+    /// Wakes the serving thread (a poller bumps its wake word).
     wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 #[derive(Default)]
-struct LaterState {
+struct DeferredState {
     done: Vec<Done>,
     /// How to stop each deferred call's work (abort its task), by call id.
     cancels: HashMap<u64, Cancel>,
@@ -38,8 +38,8 @@ struct LaterState {
     closed: bool,
 }
 
-impl LaterQueue {
-    fn state(&self) -> MutexGuard<'_, LaterState> {
+impl DeferredQueue {
+    fn state(&self) -> MutexGuard<'_, DeferredState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -47,7 +47,7 @@ impl LaterQueue {
         *self.wake.lock().unwrap_or_else(|p| p.into_inner()) = Some(wake);
     }
 
-    /// Whether completions are waiting (a hint; [`LaterQueue::take`] decides).
+    /// Whether completions are waiting (a hint; [`DeferredQueue::take`] decides).
     #[inline]
     pub(crate) fn pending(&self) -> bool {
         self.pending.load(Ordering::Acquire)
@@ -122,12 +122,12 @@ impl LaterQueue {
 pub struct Deferred {
     call_id: u64,
     method: u32,
-    queue: Arc<LaterQueue>,
+    queue: Arc<DeferredQueue>,
     answered: bool,
 }
 
 impl Deferred {
-    pub(crate) fn new(call_id: u64, method: u32, queue: Arc<LaterQueue>) -> Self {
+    pub(crate) fn new(call_id: u64, method: u32, queue: Arc<DeferredQueue>) -> Self {
         Self {
             call_id,
             method,
