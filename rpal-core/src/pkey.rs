@@ -359,7 +359,6 @@ const EMPTY: FaultEntry = FaultEntry {
     key: AtomicI32::new(0),
 };
 static FAULT_TABLE: [FaultEntry; FAULT_SLOTS] = [EMPTY; FAULT_SLOTS];
-static PREV_ACTION: OnceLock<libc::sigaction> = OnceLock::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Records a guarded peer region so a fault in it can be explained.
@@ -394,19 +393,7 @@ fn install_fault_reporter() -> io::Result<()> {
     if INSTALLED.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
-    // SAFETY: sigaction is plain data; zeroed is a valid empty action.
-    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = on_segv as *const () as usize;
-    act.sa_flags = libc::SA_SIGINFO;
-    // SAFETY: sigaction is plain data.
-    let mut prev: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: both structs are live; the handler is async-signal-safe (atomics and write(2) only).
-    if unsafe { libc::sigaction(libc::SIGSEGV, &act, &mut prev) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Ignored on purpose: INSTALLED makes this the only call that sets it.
-    let _ = PREV_ACTION.set(prev);
-    Ok(())
+    crate::sys::segv::install(report_fault)
 }
 
 fn put_hex(buf: &mut [u8], at: &mut usize, v: u64) {
@@ -443,48 +430,31 @@ fn put_str(buf: &mut [u8], at: &mut usize, s: &[u8]) {
     *at += s.len();
 }
 
-extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
-    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
-    if code == SEGV_PKUERR {
-        let mut buf = [0u8; 200];
-        let mut at = 0;
-        put_str(&mut buf, &mut at, b"rpal: SEGV_PKUERR at ");
-        put_hex(&mut buf, &mut at, addr);
-        for e in &FAULT_TABLE {
-            let start = e.start.load(Ordering::Acquire);
-            let len = e.len.load(Ordering::Acquire);
-            if start != 0 && addr >= start && addr - start < len {
-                put_str(&mut buf, &mut at, b": peer region ");
-                put_hex(&mut buf, &mut at, start);
-                put_str(&mut buf, &mut at, b" of pid ");
-                put_dec(&mut buf, &mut at, e.pid.load(Ordering::Acquire) as u32 as u64);
-                put_str(&mut buf, &mut at, b" touched outside an access guard");
-                break;
-            }
-        }
-        put_str(&mut buf, &mut at, b"\n");
-        // SAFETY: write(2) is async-signal-safe; `buf[..at]` is initialised.
-        unsafe { libc::write(2, buf.as_ptr().cast(), at) };
+/// Explains a SIGSEGV (called by `sys::segv`'s handler, which then
+/// restores the previous disposition): for a protection-key fault, which
+/// region and peer were touched. Async-signal-safe: atomics and one write.
+fn report_fault(code: i32, addr: u64) {
+    if code != SEGV_PKUERR {
+        return;
     }
-    // Restore the previous disposition; returning re-runs the faulting
-    // instruction, which then faults under it (by default: killed by SIGSEGV).
-    let prev = PREV_ACTION
-        .get()
-        .map_or(std::ptr::null(), |p| p as *const libc::sigaction);
-    let dfl = {
-        // SAFETY: sigaction is plain data.
-        let mut d: libc::sigaction = unsafe { std::mem::zeroed() };
-        d.sa_sigaction = libc::SIG_DFL;
-        d
-    };
-    let act = if prev.is_null() {
-        &dfl as *const libc::sigaction
-    } else {
-        prev
-    };
-    // SAFETY: sigaction is async-signal-safe and `act` points to a live struct.
-    unsafe { libc::sigaction(libc::SIGSEGV, act, std::ptr::null_mut()) };
+    let mut buf = [0u8; 200];
+    let mut at = 0;
+    put_str(&mut buf, &mut at, b"rpal: SEGV_PKUERR at ");
+    put_hex(&mut buf, &mut at, addr);
+    for e in &FAULT_TABLE {
+        let start = e.start.load(Ordering::Acquire);
+        let len = e.len.load(Ordering::Acquire);
+        if start != 0 && addr >= start && addr - start < len {
+            put_str(&mut buf, &mut at, b": peer region ");
+            put_hex(&mut buf, &mut at, start);
+            put_str(&mut buf, &mut at, b" of pid ");
+            put_dec(&mut buf, &mut at, e.pid.load(Ordering::Acquire) as u32 as u64);
+            put_str(&mut buf, &mut at, b" touched outside an access guard");
+            break;
+        }
+    }
+    put_str(&mut buf, &mut at, b"\n");
+    crate::sys::segv::write_stderr(&buf[..at]);
 }
 
 #[cfg(test)]

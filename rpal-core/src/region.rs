@@ -225,7 +225,10 @@ impl PeerRegion {
             if let Some(old_len) = longer_old {
                 // A dead peer's longer region was here: keep its tail readable
                 // (zeros) for whoever still holds views into it.
-                let _ = sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize);
+                // SAFETY: the tail held only the dead peer's read-only mapping.
+                // Ignored on purpose: if this fails the old mapping stays,
+                // which is as readable (and as wrong) as zeros.
+                let _ = unsafe { sys::map_zero_readonly((addr + len) as usize, (old_len - len) as usize) };
             }
             Ok(())
         })?;
@@ -446,7 +449,10 @@ impl Drop for PeerRegion {
             // whose range was taken over (and since released) may still be
             // read by its poller until the death is noticed; it then reads
             // zeros, which fail validation, instead of faulting.
-            let _ = sys::map_zero_readonly(addr as usize, len as usize);
+            // SAFETY: the range held only this peer's read-only mapping,
+            // released with its last handle. Ignored on purpose: if this
+            // fails the peer's mapping stays, still readable.
+            let _ = unsafe { sys::map_zero_readonly(addr as usize, len as usize) };
         });
     }
 }

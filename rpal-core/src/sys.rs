@@ -100,10 +100,15 @@ pub unsafe fn unmap_to_reserved(addr: usize, len: usize) -> io::Result<()> {
 
 /// Maps readable zero pages at `[addr, addr+len)`, replacing what is there:
 /// a released or taken-over peer range, which stale readers may still touch.
-pub fn map_zero_readonly(addr: usize, len: usize) -> io::Result<()> {
-    // SAFETY: the range is inside our window and held a peer's read-only
-    // mapping; every address that was readable stays readable, and readers
-    // of peer memory already expect its contents to change under them.
+///
+/// # Safety
+/// The range must be page-aligned, inside the rpal window, and hold only a
+/// peer's read-only mapping (or the reservation): nothing of ours that Rust
+/// code writes to or expects to keep its contents.
+pub unsafe fn map_zero_readonly(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: per the caller's obligations every address that was readable
+    // stays readable, and readers of peer memory already expect its contents
+    // to change under them.
     unsafe { map_anon(addr, len, libc::PROT_READ, true) }
 }
 
@@ -128,11 +133,18 @@ pub fn map_file(fd: BorrowedFd<'_>, len: usize) -> io::Result<*mut u8> {
 }
 
 /// Gives the pages of `[addr, addr+len)` of a shared memfd mapping back to
-/// the kernel (`MADV_REMOVE`); they read as zeros afterwards. Best effort.
-pub fn discard(addr: usize, len: usize) {
-    // SAFETY: callers pass page-aligned ranges of free arena blocks, which no
-    // live reference points into; the mapping itself stays valid.
-    unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) };
+/// the kernel (`MADV_REMOVE`); they read as zeros afterwards.
+///
+/// # Safety
+/// The range must be page-aligned pages of a shared mapping whose contents
+/// nothing needs: no live reference points into it, and no peer is owed its
+/// bytes (free arena blocks).
+pub unsafe fn discard(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: forwarded to the caller; the mapping itself stays valid.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_REMOVE) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Result of a futex wait.
@@ -384,6 +396,66 @@ pub fn cpus_online() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     if n > 0 { n as usize } else { 1 }
+}
+
+pub mod segv {
+    //! A SIGSEGV hook that explains a fault, then lets it kill as before.
+
+    use std::io;
+    use std::sync::OnceLock;
+
+    static PREV: OnceLock<libc::sigaction> = OnceLock::new();
+    static REPORT: OnceLock<fn(i32, u64)> = OnceLock::new();
+
+    /// Installs a SIGSEGV handler that calls `report(si_code, si_addr)`,
+    /// then restores the previous disposition, so the faulting instruction
+    /// re-runs under it (by default: the process dies of SIGSEGV). `report`
+    /// runs in a signal handler: it must be async-signal-safe. Once per process.
+    pub fn install(report: fn(i32, u64)) -> io::Result<()> {
+        if REPORT.set(report).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a SIGSEGV reporter is installed already",
+            ));
+        }
+        // SAFETY: sigaction is plain data; zeroed is a valid empty action.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_segv as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: sigaction is plain data.
+        let mut prev: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both structs are live; the handler is async-signal-safe
+        // (atomics, `report`, write(2) and sigaction only).
+        if unsafe { libc::sigaction(libc::SIGSEGV, &act, &mut prev) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Ignored on purpose: REPORT's `set` above made this the only call.
+        let _ = PREV.set(prev);
+        Ok(())
+    }
+
+    /// Writes `bytes` to stderr with one write(2): async-signal-safe.
+    pub fn write_stderr(bytes: &[u8]) {
+        // SAFETY: `bytes` is a live buffer of its length.
+        // Ignored on purpose: nothing can be done about a failed report.
+        let _ = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+    }
+
+    extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
+        if let Some(report) = REPORT.get() {
+            report(code, addr);
+        }
+        // SAFETY: sigaction is plain data.
+        let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+        dfl.sa_sigaction = libc::SIG_DFL;
+        let act: *const libc::sigaction = PREV.get().map_or(&dfl, |p| p);
+        // SAFETY: sigaction is async-signal-safe and `act` points to a live
+        // struct. Ignored on purpose: if it fails the fault repeats into this
+        // handler, which is no worse than the fault itself.
+        let _ = unsafe { libc::sigaction(libc::SIGSEGV, act, std::ptr::null_mut()) };
+    }
 }
 
 pub mod pkey {

@@ -6,7 +6,7 @@
 //! - Each class has a lock-free free list ([`freelist`]) whose head lives in
 //!   the arena header; empty lists are refilled by carving 64 KiB chunks (or
 //!   one big block) off a bump pointer.
-//! - Each thread keeps a small cache of freed blocks per class ([`cache`]),
+//! - Each thread keeps a small cache of freed blocks per class (`cache`),
 //!   so the common alloc/free pair touches no shared cache line.
 //! - Blocks handed to a peer are *lent*: recorded here, and freed only when
 //!   that peer publishes that it is done with them (or dies). A release that
@@ -262,7 +262,11 @@ impl Slab {
             let from = (start + page).next_multiple_of(page);
             let to = (start + cs as u64) / page * page;
             if to > from {
-                sys::discard(from as usize, (to - from) as usize);
+                // SAFETY: whole pages inside a block being freed: nothing
+                // refers to them, and no peer is owed them.
+                // Ignored on purpose: the pages are free either way; a
+                // refusal only means they stay resident.
+                let _ = unsafe { sys::discard(from as usize, (to - from) as usize) };
             }
         }
         cache::give(self, class, ((start - self.base) / 16) as u32);

@@ -67,7 +67,7 @@ impl OwnedArgs {
 
     /// A reader over the arguments (validating pointers as the first did).
     /// Its views of the client's memory are read inside the handler's
-    /// future, which runs only under [`Guarded`] (every poll re-grants this
+    /// future, which runs only under `Guarded` (every poll re-grants this
     /// thread access to the client's region).
     pub fn reader(&self) -> Reader<'_> {
         match &self.region {

@@ -3,7 +3,7 @@
 //! The owner builds values with [`ShmBox`], [`ShmVec`], [`ShmSlice`] and
 //! [`ShmString`] in its arena and uses them through `Deref`/`DerefMut` like
 //! their heap cousins. A peer that receives one reads it through the
-//! `get(mem)` methods (with the [`PeerMem`](crate::region::PeerMem) of the peer, see [`crate::pkey`]), which check region bounds, alignment and length
+//! `get(mem)` methods (with the [`PeerMem`] of the peer, see [`crate::pkey`]), which check region bounds, alignment and length
 //! overflow (and UTF-8, for strings) before handing out a borrowed view, or
 //! validates a whole structure at once with [`Walk`], whose limits bound any
 //! walk over a cycle a hostile peer may have built.
