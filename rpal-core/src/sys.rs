@@ -398,6 +398,57 @@ pub fn cpus_online() -> usize {
     if n > 0 { n as usize } else { 1 }
 }
 
+pub mod epoll {
+    //! epoll(7), for the poller's fallback backend.
+
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    /// A new close-on-exec epoll instance.
+    pub fn create() -> io::Result<OwnedFd> {
+        // SAFETY: plain system call.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Watches `fd` for readability, reporting `data` when it is.
+    pub fn add(ep: BorrowedFd<'_>, fd: BorrowedFd<'_>, data: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: data,
+        };
+        // SAFETY: `ev` is a live epoll_event; both descriptors are borrowed, so open.
+        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (whole milliseconds, at least 1) and returns
+    /// the `data` of up to `max` ready descriptors; empty on timeout or a
+    /// signal.
+    pub fn wait(ep: BorrowedFd<'_>, max: usize, timeout: Duration) -> io::Result<Vec<u64>> {
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; max.max(1)];
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `events` is a live buffer of `len` entries.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EINTR) {
+                Ok(Vec::new())
+            } else {
+                Err(e)
+            };
+        }
+        Ok(events[..n as usize].iter().map(|e| e.u64).collect())
+    }
+}
+
 pub mod segv {
     //! A SIGSEGV hook that explains a fault, then lets it kill as before.
 
