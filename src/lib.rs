@@ -16,23 +16,29 @@
 //! ```
 
 pub use rpal_core::*;
+
+mod async_client;
+mod host;
+pub mod rpc;
+
+pub use async_client::AsyncClient;
+pub use host::{Host, HostBuilder};
 /// Derives [`ShmSafe`] after checking the type may be shared (see the trait's rules).
 pub use rpal_macros::ShmSafe;
 /// Turns a trait into a service: handler trait, method table, dispatcher, client.
 pub use rpal_macros::service;
 /// The poller crate: backends, spin slots, stats.
 pub use rpal_poller as poller;
-pub use rpal_poller::{
-    AsyncClient, BackendChoice, Host, HostBuilder, PollerConfig, PollerSnapshot, PollerState, Serving, serve,
-};
+pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving, serve};
 
 /// The types most programs use.
 pub mod prelude {
-    pub use rpal_core::rpc::{Returned, ServiceId};
+    pub use crate::rpc::{Returned, ServiceId};
+    pub use crate::{AsyncClient, Host};
     pub use rpal_core::{
         Arena, Client, ClientOptions, Error, Handler, PeerMem, PeerPolicy, PeerRegion, RemoteStatus, Request, Result,
         Server, ServerOptions, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
     };
     pub use rpal_macros::{ShmSafe, service};
-    pub use rpal_poller::{AsyncClient, Host, PollerConfig, Serving, serve};
+    pub use rpal_poller::{PollerConfig, Serving, serve};
 }

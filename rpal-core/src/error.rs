@@ -26,7 +26,8 @@ pub enum RemoteStatus {
 }
 
 impl RemoteStatus {
-    pub(crate) fn code(self) -> u32 {
+    /// The status as it travels in a reply's header.
+    pub fn code(self) -> u32 {
         match self {
             Self::UnknownMethod => 1,
             Self::BadRequest => 2,
@@ -37,7 +38,8 @@ impl RemoteStatus {
         }
     }
 
-    pub(crate) fn from_code(code: u32) -> Self {
+    /// The status a reply's header carries.
+    pub fn from_code(code: u32) -> Self {
         match code {
             1 => Self::UnknownMethod,
             2 => Self::BadRequest,

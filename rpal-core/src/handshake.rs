@@ -381,7 +381,7 @@ pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
 }
 
 /// Checks the fixed fields of a peer's hello against ours.
-pub(crate) fn check_compatible(theirs: &Hello, ours: &Hello) -> Result<()> {
+pub fn check_compatible(theirs: &Hello, ours: &Hello) -> Result<()> {
     if theirs.version != ours.version {
         return Err(Error::VersionMismatch {
             ours: ours.version,

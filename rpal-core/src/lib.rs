@@ -1,4 +1,5 @@
-//! rpal-core: the parts of rpal that live in every process.
+//! rpal-core: shared memory and the transport under it, in every rpal
+//! process (no async runtime: the RPC layer above lives in `rpal`).
 //!
 //! - [`space`]: the shared address window and the host-wide slot registry;
 //! - [`region`]: sealed memfd regions at the same address everywhere;
@@ -6,9 +7,7 @@
 //! - [`pkey`]: protection keys that catch stray accesses to peer memory;
 //! - [`doorbell`]: spin-then-park waiting with no syscall while both sides are awake;
 //! - [`handshake`]: the Unix-socket control plane;
-//! - [`client`] and [`server`]: the call path, one queue each way per connection;
-//! - [`rpc`]: many calls in flight per connection, deadlines, and the TCP and
-//!   Unix-stream transport that `#[rpal::service]` clients and servers use.
+//! - [`client`] and [`server`]: the raw endpoints, one queue each way per connection.
 
 pub mod alloc;
 pub mod arena;
@@ -21,7 +20,6 @@ pub mod handshake;
 pub mod pkey;
 pub mod queue;
 pub mod region;
-pub mod rpc;
 pub mod server;
 pub mod space;
 pub mod sync;

@@ -28,7 +28,7 @@
 //! | a sync handler and the reads around it | [`PeerRegion::access_only`](crate::region::PeerRegion::access_only): its caller's key alone | 2 per batch, 0 if the process has one peer key |
 //! | an async handler's future | its caller's key, for each poll | 2 per poll |
 //! | an async call (stub or `AsyncClient`), on the polling thread | the server's key, for each poll, never across an `.await` | 2 per poll |
-//! | user code holding a `Returned` | nothing until [`Returned::read`](crate::rpc::Returned::read), whose guard grants the key for its scope | 2 per read |
+//! | user code holding a `Returned` | nothing until `Returned::read` (in `rpal::rpc`), whose guard grants the key for its scope | 2 per read |
 //!
 //! Why guards around protocol steps rather than untagged control pages: a
 //! queue's records and their sequence words live in blocks from the same
@@ -268,9 +268,10 @@ pub struct Access {
 }
 
 impl Access {
-    /// A guard that changes nothing (keys off, or an unguarded region).
+    /// A guard that changes nothing (keys off, an unguarded region, or data
+    /// that is not in peer memory).
     #[inline]
-    pub(crate) fn none() -> Access {
+    pub fn none() -> Access {
         Access {
             restore: None,
             _thread: PhantomData,

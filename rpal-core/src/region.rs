@@ -374,7 +374,8 @@ impl<'a> PeerMem<'a> {
     /// happen on a thread that holds access to the region at that moment,
     /// for example inside a future whose every poll is wrapped in a grant.
     /// (A read without one faults where keys are active.)
-    pub(crate) unsafe fn assume(region: &'a PeerRegion) -> Self {
+    #[doc(hidden)]
+    pub unsafe fn assume(region: &'a PeerRegion) -> Self {
         Self { region }
     }
 

@@ -8,24 +8,21 @@
 //! timeout. An idle server therefore sleeps; a busy one never makes a system
 //! call. At most `cores - 1` pollers spin at a time ([`spin`]).
 //!
-//! On the calling side, [`AsyncClient`] makes calls `async` for tokio: a
-//! waiting task sleeps on a small io_uring ring registered with tokio's
-//! reactor, and the server's doorbell wakes it; no task ever spins.
+//! [`TimerWheel`] keeps deadlines for a thread that already makes one timed
+//! wait (a poller's park).
 //!
 //! New connections are accepted and handshaken on a separate acceptor
 //! thread (the handshake is a blocking exchange with a deadline), which
 //! hands them to the poller with the fewest connections.
 
-mod async_client;
 pub mod backend;
-mod host;
 mod poller;
 mod pool;
 pub mod spin;
 mod stats;
+mod wheel;
 
-pub use async_client::AsyncClient;
 pub use backend::{Backend, BackendChoice};
-pub use host::{Host, HostBuilder};
 pub use pool::{PollerConfig, Serving, serve};
 pub use stats::{PollerSnapshot, PollerState, PollerStats};
+pub use wheel::{Armed, TimerWheel};

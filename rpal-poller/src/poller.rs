@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rpal_core::pkey::Access;
-use rpal_core::rpc::TimerWheel;
+
 use rpal_core::{Error, Handler, ServerConn};
 
 use crate::backend::Backend;
 use crate::stats::{PollerState, PollerStats, add, sub};
+use crate::wheel::TimerWheel;
 use crate::{PollerConfig, spin};
 
 /// Where the acceptor hands new connections to a poller.

@@ -32,7 +32,7 @@ use super::table::{Body, Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, Writer};
 use super::{Dispatch, Dispatched, HandlerFuture, ReplyCtx};
-use crate::conn::budget_of;
+use crate::budget_of;
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
 use crate::sys;
@@ -236,7 +236,7 @@ impl StreamChannel {
             t.insert(id, method, waiter);
             id
         };
-        encode_header(&mut frame, len, id, method, crate::conn::budget_bits(budget));
+        encode_header(&mut frame, len, id, method, crate::budget_bits(budget));
         if let Err(e) = sock.write_all(&frame) {
             let dead = Dead::Lost(format!("{}: {e}", self.endpoint));
             lock(&self.table).kill(dead.clone());

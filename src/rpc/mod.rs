@@ -18,10 +18,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispatch};
+pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
-pub use wheel::{Armed, TimerWheel};
 pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
 
 use crate::error::{RemoteStatus, Result};

@@ -5,10 +5,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rpal_core::rpc::{Dispatch, ShmHandler, StreamServer, serve_stream};
+use crate::rpc::{Dispatch, ShmHandler, StreamServer, serve_stream};
 use rpal_core::{Error, Result, Server, ServerOptions};
 
-use crate::pool::{PollerConfig, Serving, serve};
+use rpal_poller::{PollerConfig, Serving, serve};
 
 /// Where and how to serve a service; [`HostBuilder::start`] starts it.
 pub struct HostBuilder<D> {
