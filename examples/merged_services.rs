@@ -142,7 +142,7 @@ fn run_service(
     serve(host, &shm)
 }
 
-fn serve<D: rpal::rpc::Dispatch>(b: rpal::HostBuilder<D>, shm: &Path) -> Result<(), Box<dyn std::error::Error>> {
+fn serve<D: rpal::Dispatch>(b: rpal::HostBuilder<D>, shm: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let host = b.shm(shm).tcp("127.0.0.1:0").start()?;
     println!("ready {}", host.tcp_addr().map_or(0, |a| a.port()));
     host.join();
@@ -245,7 +245,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  speed-up of the chain (TCP p50 / shared-memory p50): {:.1}x",
         results[1].1.0 / results[0].1.0
     );
-    let cpus = rpal::sys::cpus_online();
+    let cpus = rpal::cpus_online();
     if cpus < 4 {
         println!(
             "  note: {cpus} CPUs for 4 processes that each spin while they wait: spinners take turns at the \

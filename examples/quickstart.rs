@@ -42,9 +42,9 @@ impl Calc for Calculator {
 }
 
 fn pin(cpu: usize) {
-    let n = rpal::sys::cpus_online();
+    let n = rpal::cpus_online();
     if n > 1 {
-        let _ = rpal::sys::pin_to_cpu(cpu % n);
+        let _ = rpal::pin_to_cpu(cpu % n);
     }
 }
 
@@ -110,7 +110,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .parse()?;
 
     let calc = CalcClient::connect(&path)?;
-    let rpal::rpc::Channel::Shm(shm) = calc.channel() else {
+    let rpal::Channel::Shm(shm) = calc.channel() else {
         unreachable!("connect is shared memory")
     };
     println!(

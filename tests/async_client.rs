@@ -6,6 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 const ECHO: u32 = 1;
 const SLOW: u32 = 2;
@@ -27,7 +29,7 @@ fn serve_child() {
         DIE => unsafe { libc::_exit(0) },
         _ => Err(RemoteStatus::UnknownMethod),
     };
-    rpal::serve(
+    rpal::raw::serve(
         server,
         handler,
         PollerConfig {

@@ -341,7 +341,7 @@ fn a_full_queue_waits_and_nothing_is_dropped() {
         holder.join().unwrap().unwrap();
         assert_eq!(sums, 6000, "{t:?}");
         assert_eq!(jobs.channel().in_flight(), 0, "{t:?}");
-        if let rpal::rpc::Channel::Shm(c) = jobs.channel() {
+        if let rpal::Channel::Shm(c) = jobs.channel() {
             let waits = c.with_client(|c| c.stats().full_waits);
             assert!(waits > 0, "the queue never filled: the test did not test backpressure");
         }

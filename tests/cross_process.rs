@@ -5,6 +5,8 @@ mod common;
 use std::time::Duration;
 
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 /// A node of both a linked list (`next`) and a binary search tree
 /// (`left`/`right`), with its name in a separate string: real pointers
@@ -279,7 +281,7 @@ fn server_death_fails_the_call_in_flight() {
     );
     let mut c = connect_retry(&path, ClientOptions::new("dying"));
     c.call(1, b"").unwrap();
-    let space = rpal::Space::global().unwrap();
+    let space = rpal::raw::Space::global().unwrap();
     let region = c.peer().region.addr();
     let e = c.call(2, b"").unwrap_err();
     assert!(matches!(e, Error::PeerDied { pid } if pid == child.pid()), "{e}");

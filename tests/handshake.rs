@@ -8,8 +8,10 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
-use rpal::handshake::{self, Hello, Kind, RejectCode};
 use rpal::prelude::*;
+use rpal::raw::handshake::{self, Hello, Kind, RejectCode};
+use rpal::raw::*;
+use rpal::*;
 
 fn memfd(len: u64, sealed: bool) -> OwnedFd {
     let m = memfd::MemfdOptions::default()
@@ -35,7 +37,7 @@ fn crafted(service: &str, addr: u64, len: u64) -> Hello {
 }
 
 /// Runs `client` against one `server.accept()` and returns the server's result.
-fn accept_while(server: &Server, client: impl FnOnce() + Send) -> rpal::Result<rpal::ServerConn> {
+fn accept_while(server: &Server, client: impl FnOnce() + Send) -> rpal::Result<rpal::raw::ServerConn> {
     std::thread::scope(|s| {
         let t = s.spawn(client);
         let r = server.accept();
@@ -64,7 +66,7 @@ fn server_survives_bad_handshakes() {
     let mut opts = ServerOptions::new("guarded");
     opts.handshake_timeout = Duration::from_millis(500);
     let server = Server::bind(&path, opts).unwrap();
-    let space = rpal::Space::global().unwrap();
+    let space = rpal::raw::Space::global().unwrap();
     let window_end = space.config().base + space.config().window_len();
     let own = Arena::global().unwrap().region().addr();
     let free_slot = space.slot_addr(space.config().slots as usize - 1);
@@ -223,7 +225,8 @@ fn server_survives_bad_handshakes() {
 #[test]
 fn policy_refuses_a_uid() {
     let path = common::sock_path("policy");
-    let me = rpal::sys::getuid();
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
     let mut opts = ServerOptions::new("policy");
     opts.policy = PeerPolicy::AllowUids(vec![me.wrapping_add(1)]);
     let server = Server::bind(&path, opts).unwrap();

@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use rpal::pkey::{self, PkeyStatus};
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 /// The service the fault tests call.
 #[rpal::service]

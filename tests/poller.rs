@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 use rpal::{BackendChoice, PollerState};
 
 const ECHO: u32 = 1;
@@ -72,7 +74,7 @@ fn handler(streams: Arc<Mutex<HashMap<i32, Stream>>>) -> impl Handler + Clone + 
 fn start(name: &str, cfg: PollerConfig) -> (std::path::PathBuf, Serving) {
     let path = common::sock_path(name);
     let server = Server::bind(&path, ServerOptions::new("poll")).unwrap();
-    let serving = rpal::serve(server, handler(Arc::default()), cfg).unwrap();
+    let serving = rpal::raw::serve(server, handler(Arc::default()), cfg).unwrap();
     (path, serving)
 }
 
@@ -357,7 +359,7 @@ fn one_process_holds_several_connections_to_a_server() {
         // connection leaves it mapped for the others.
         let region = clients[0].peer().region.addr();
         drop(clients.remove(0));
-        let space = rpal::Space::global().unwrap();
+        let space = rpal::raw::Space::global().unwrap();
         assert!(space.occupant(region).is_some());
         for c in &mut clients {
             assert_eq!(c.call(ECHO, b"still").unwrap(), b"still");

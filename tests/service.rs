@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 /// A point, passed by value or in a `ShmBox`.
 #[derive(ShmSafe, Clone, Copy, Debug, PartialEq)]
@@ -200,10 +202,10 @@ fn typed_calls_over_every_transport() {
         "boom()->()",
         "arena()->ArenaUse",
     ];
-    assert_eq!(KvService::ADD, rpal::rpc::method_id(sigs[0]));
-    assert_eq!(KvService::GREET, rpal::rpc::method_id(sigs[2]));
-    assert_eq!(KvService::BOOM, rpal::rpc::method_id(sigs[5]));
-    assert_eq!(KvService::METHOD_HASH, rpal::rpc::service_hash("Kv", &sigs));
+    assert_eq!(KvService::ADD, rpal::raw::method_id(sigs[0]));
+    assert_eq!(KvService::GREET, rpal::raw::method_id(sigs[2]));
+    assert_eq!(KvService::BOOM, rpal::raw::method_id(sigs[5]));
+    assert_eq!(KvService::METHOD_HASH, rpal::raw::service_hash("Kv", &sigs));
 
     // Lent results went back: the server's arena is not leaking greetings.
     // A dropped result's release goes out with the next call, and the server
@@ -359,7 +361,9 @@ fn liar_child() {
         }
         _ => Err(RemoteStatus::UnknownMethod),
     };
-    rpal::serve(server, handler, PollerConfig::default()).unwrap().join();
+    rpal::raw::serve(server, handler, PollerConfig::default())
+        .unwrap()
+        .join();
 }
 
 #[test]

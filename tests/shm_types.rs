@@ -8,6 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 /// In-use figures are process-wide: tests that compare them run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use proptest::prelude::*;
 use rpal::prelude::*;
+use rpal::raw::*;
+use rpal::*;
 
 /// A node whose children may point anywhere, including back at itself.
 #[repr(C)]

@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rpal::sys;
+use rpal_core::sys;
 
 pub mod stub;
 
@@ -216,13 +216,13 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             Ok(())
         }
         "rpal-busy" | "rpal-parked" | "rpal-default" => {
-            let server = rpal::Server::bind(arg(0), rpal::ServerOptions::new("bench"))?;
+            let server = rpal::raw::Server::bind(arg(0), rpal::ServerOptions::new("bench"))?;
             let cfg = match role {
                 "rpal-parked" => rpal::PollerConfig::parked(),
                 "rpal-busy" => busy_poller(),
                 _ => rpal::PollerConfig::default(),
             };
-            let serving = rpal::serve(server, echo_handler, cfg)?;
+            let serving = rpal::raw::serve(server, echo_handler, cfg)?;
             println!("ready");
             serving.join();
             Ok(())
@@ -256,7 +256,7 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
 }
 
 /// The callee of the rpal rows: reads the 8-byte payload, answers its complement.
-pub fn echo_handler(req: &rpal::Request<'_>, reply: &mut [u8]) -> Result<usize, rpal::RemoteStatus> {
+pub fn echo_handler(req: &rpal::raw::Request<'_>, reply: &mut [u8]) -> Result<usize, rpal::RemoteStatus> {
     let v = u64::from_le_bytes(
         req.payload
             .get(..8)
@@ -396,7 +396,7 @@ impl Drop for RawPingPong {
 
 /// rpal calls to a child server.
 pub struct RpalRoundTrip {
-    client: rpal::Client,
+    client: rpal::raw::Client,
     _child: ChildGuard,
     _path: PathBuf,
 }
@@ -413,7 +413,7 @@ impl RpalRoundTrip {
             opts.wait = rpal::WaitConfig::parked();
         }
         opts.call_timeout = Some(Duration::from_secs(10));
-        let client = rpal::Client::connect(&path, opts)?;
+        let client = rpal::raw::Client::connect(&path, opts)?;
         Ok(Self {
             client,
             _child: child,
@@ -474,14 +474,14 @@ impl RoundTrip for TcpRoundTrip {
 const QUEUE_SETUP: u32 = 7;
 
 /// Child side of the queue bench: streams `count` records of `payload`
-/// bytes through a bare [`rpal::queue::Producer`] to the connected parent.
+/// bytes through a bare [`rpal::raw::queue::Producer`] to the connected parent.
 fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
-    use rpal::queue::Producer;
-    let server = rpal::Server::bind(path, rpal::ServerOptions::new("queue-bench"))?;
+    use rpal::raw::queue::Producer;
+    let server = rpal::raw::Server::bind(path, rpal::ServerOptions::new("queue-bench"))?;
     println!("ready");
     let mut conn = server.accept()?;
     let slot: std::cell::RefCell<Option<(Producer, u64)>> = std::cell::RefCell::new(None);
-    let mut setup = |req: &rpal::Request<'_>, reply: &mut [u8]| {
+    let mut setup = |req: &rpal::raw::Request<'_>, reply: &mut [u8]| {
         let cursor = u64::from_le_bytes(
             req.payload
                 .get(..8)
@@ -518,7 +518,7 @@ fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
         p.commit(payload);
     }
     // Keep the blocks alive until the parent hangs up.
-    while conn.serve_one(&mut |_: &rpal::Request<'_>, _: &mut [u8]| Ok(0))? {}
+    while conn.serve_one(&mut |_: &rpal::raw::Request<'_>, _: &mut [u8]| Ok(0))? {}
     Ok(())
 }
 
@@ -526,7 +526,7 @@ fn queue_producer(path: &str, payload: usize, count: u64) -> rpal::Result<()> {
 /// produces `count` records of `payload` bytes, this process consumes them
 /// in place (reading every byte of each, and checking its sequence number).
 pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64> {
-    use rpal::queue::Consumer;
+    use rpal::raw::queue::Consumer;
     let path = std::env::temp_dir().join(format!("rpal-bench-q-{}-{payload}.sock", std::process::id()));
     let (_child, _) = ChildGuard::start(
         exe,
@@ -534,7 +534,7 @@ pub fn measure_queue(exe: &Path, payload: usize, count: u64) -> rpal::Result<f64
         &[path.display().to_string(), payload.to_string(), count.to_string()],
     )
     .map_err(|e| rpal::Error::io("start the producer child", e))?;
-    let mut client = rpal::Client::connect(&path, rpal::ClientOptions::new("queue-bench"))?;
+    let mut client = rpal::raw::Client::connect(&path, rpal::ClientOptions::new("queue-bench"))?;
     let cursor_box = rpal::ShmBox::new(AtomicU64::new(0))?;
     let head = client.call(QUEUE_SETUP, &cursor_box.addr().to_le_bytes())?;
     let cursor: &AtomicU64 = &cursor_box;
@@ -621,7 +621,7 @@ pub fn measure_idle(exe: &Path, conns: usize, window: Duration) -> rpal::Result<
     let rss0 = proc_rss_kib(pid)?;
     let mut clients = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let mut c = rpal::Client::connect(&path, rpal::ClientOptions::new("bench"))?;
+        let mut c = rpal::raw::Client::connect(&path, rpal::ClientOptions::new("bench"))?;
         c.call(1, &7u64.to_le_bytes())?;
         clients.push(c);
     }

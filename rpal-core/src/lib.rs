@@ -23,6 +23,9 @@ pub mod region;
 pub mod server;
 pub mod space;
 pub mod sync;
+// Raw system calls: public to the sibling crates only (not re-exported by
+// `rpal`, not documented).
+#[doc(hidden)]
 pub mod sys;
 pub mod types;
 

@@ -334,7 +334,7 @@ fn method_table(s: &Service) -> TokenStream {
         let doc = format!(" Method id of `{}`: FNV-1a of `{}`.", m.name, m.sig);
         quote! {
             #[doc = #doc]
-            pub const #c: u32 = ::rpal::rpc::method_id(#sig);
+            pub const #c: u32 = ::rpal::__private::method_id(#sig);
         }
     });
     let doc = format!(" Names and ids of the `{name}` service, shared by its client and server.");
@@ -368,12 +368,12 @@ fn method_table(s: &Service) -> TokenStream {
 
         // A trait impl, so a method named `name` or `method_hash` (whose id
         // constant is `NAME` or `METHOD_HASH`) cannot collide with these.
-        impl ::rpal::rpc::ServiceId for #svc {
+        impl ::rpal::__private::ServiceId for #svc {
             /// The service name both sides announce at the handshake.
             const NAME: &'static ::core::primitive::str = #name_str;
             /// Hash of the method table; a peer built from another trait is refused.
             #[doc = #sig_doc]
-            const METHOD_HASH: u64 = ::rpal::rpc::service_hash_sorted(#name_str, &[#(#sorted),*]);
+            const METHOD_HASH: u64 = ::rpal::__private::service_hash_sorted(#name_str, &[#(#sorted),*]);
         }
     }
 }
@@ -411,13 +411,13 @@ fn dispatcher(s: &Service) -> TokenStream {
             quote! {
                 #svc::#c => {
                     let this = <::std::sync::Arc<Self> as ::core::clone::Clone>::clone(this);
-                    ::rpal::rpc::async_dispatch(args, move |owned| async move {
+                    ::rpal::__private::async_dispatch(args, move |owned| async move {
                         let mut args = owned.reader();
                         let args = &mut args;
                         #(#reads)*
-                        ::rpal::rpc::args_done(args)?;
+                        ::rpal::__private::args_done(args)?;
                         let out = #name::#mname(&this.handler, #(#names),*).await;
-                        ::core::result::Result::Ok(::rpal::rpc::Reply::new(move |reply, peer_pid| {
+                        ::core::result::Result::Ok(::rpal::__private::Reply::new(move |reply, peer_pid| {
                             let _ = (&reply, peer_pid);
                             #write
                             ::core::result::Result::Ok(())
@@ -429,10 +429,10 @@ fn dispatcher(s: &Service) -> TokenStream {
             quote! {
                 #svc::#c => {
                     #(#reads)*
-                    ::rpal::rpc::args_done(args)?;
+                    ::rpal::__private::args_done(args)?;
                     let out = #name::#mname(&this.handler, #(#names),*);
                     #write
-                    ::core::result::Result::Ok(::rpal::rpc::Dispatched::Done)
+                    ::core::result::Result::Ok(::rpal::__private::Dispatched::Done)
                 }
             }
         }
@@ -464,18 +464,18 @@ fn dispatcher(s: &Service) -> TokenStream {
             }
         }
 
-        impl<H: #name> ::rpal::rpc::Dispatch for #server<H> {
-            const SERVICE: &'static ::core::primitive::str = <#svc as ::rpal::rpc::ServiceId>::NAME;
-            const METHOD_HASH: u64 = <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH;
+        impl<H: #name> ::rpal::__private::Dispatch for #server<H> {
+            const SERVICE: &'static ::core::primitive::str = <#svc as ::rpal::__private::ServiceId>::NAME;
+            const METHOD_HASH: u64 = <#svc as ::rpal::__private::ServiceId>::METHOD_HASH;
             const HAS_ASYNC: bool = #has_async;
 
             fn dispatch(
                 this: &::std::sync::Arc<Self>,
                 method: u32,
-                args: &mut ::rpal::rpc::Reader<'_>,
-                reply: &mut ::rpal::rpc::Writer<'_>,
+                args: &mut ::rpal::__private::Reader<'_>,
+                reply: &mut ::rpal::__private::Writer<'_>,
                 peer_pid: i32,
-            ) -> ::core::result::Result<::rpal::rpc::Dispatched, ::rpal::RemoteStatus> {
+            ) -> ::core::result::Result<::rpal::__private::Dispatched, ::rpal::RemoteStatus> {
                 let _ = (&reply, peer_pid);
                 match method {
                     #(#arms)*
@@ -519,17 +519,20 @@ fn client(s: &Service) -> TokenStream {
         let (ret_ty, read) = match &m.ret {
             None => (quote!(()), quote!(())),
             Some((ty, Kind::Value)) => (quote!(#ty), quote!(r.value::<#ty>()?)),
-            Some((ty, _)) => (quote!(::rpal::rpc::Returned<#ty>), quote!(ctx.returned::<#ty>(r)?)),
+            Some((ty, _)) => (
+                quote!(::rpal::__private::Returned<#ty>),
+                quote!(ctx.returned::<#ty>(r)?),
+            ),
         };
         let call = quote! {
             #svc::#c,
             self.timeout,
-            |w: &mut ::rpal::rpc::Writer<'_>| {
+            |w: &mut ::rpal::__private::Writer<'_>| {
                 let _ = &w;
                 #(#writes)*
                 ::core::result::Result::Ok(())
             },
-            |r: &mut ::rpal::rpc::Reader<'_>, ctx: &::rpal::rpc::ReplyCtx<'_>| {
+            |r: &mut ::rpal::__private::Reader<'_>, ctx: &::rpal::__private::ReplyCtx<'_>| {
                 let _ = ctx;
                 let out = #read;
                 r.finish()?;
@@ -556,14 +559,14 @@ fn client(s: &Service) -> TokenStream {
         #[doc = #doc]
         #[derive(Debug, Clone)]
         #vis struct #client {
-            channel: ::rpal::rpc::Channel,
+            channel: ::rpal::__private::Channel,
             timeout: ::core::option::Option<::core::time::Duration>,
         }
 
         impl #client {
             /// Connects over shared memory to the server at `path` (same host).
             pub fn connect(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
-                Self::connect_with(path, ::rpal::ClientOptions::new(<#svc as ::rpal::rpc::ServiceId>::NAME))
+                Self::connect_with(path, ::rpal::ClientOptions::new(<#svc as ::rpal::__private::ServiceId>::NAME))
             }
 
             /// As [`Self::connect`], with explicit options (wait policy, default
@@ -572,28 +575,28 @@ fn client(s: &Service) -> TokenStream {
                 path: impl ::core::convert::AsRef<::std::path::Path>,
                 mut opts: ::rpal::ClientOptions,
             ) -> ::rpal::Result<Self> {
-                opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(<#svc as ::rpal::rpc::ServiceId>::NAME);
-                opts.method_hash = <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH;
+                opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(<#svc as ::rpal::__private::ServiceId>::NAME);
+                opts.method_hash = <#svc as ::rpal::__private::ServiceId>::METHOD_HASH;
                 let timeout = opts.call_timeout;
-                let client = ::rpal::Client::connect(path, opts)?;
-                let channel = ::rpal::rpc::Channel::Shm(::rpal::rpc::ShmChannel::new(client));
+                let client = ::rpal::__private::Client::connect(path, opts)?;
+                let channel = ::rpal::__private::Channel::Shm(::rpal::__private::ShmChannel::new(client));
                 ::core::result::Result::Ok(Self { channel, timeout })
             }
 
             /// Connects over TCP (any host): arguments are copied into frames.
             pub fn connect_tcp(addr: impl ::std::net::ToSocketAddrs) -> ::rpal::Result<Self> {
-                let c = ::rpal::rpc::StreamChannel::connect_tcp(addr, <#svc as ::rpal::rpc::ServiceId>::NAME, <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH)?;
-                ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
+                let c = ::rpal::__private::StreamChannel::connect_tcp(addr, <#svc as ::rpal::__private::ServiceId>::NAME, <#svc as ::rpal::__private::ServiceId>::METHOD_HASH)?;
+                ::core::result::Result::Ok(Self::from_channel(::rpal::__private::Channel::Stream(c)))
             }
 
             /// Connects to a server's Unix stream socket: like TCP, without the network stack.
             pub fn connect_unix_stream(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
-                let c = ::rpal::rpc::StreamChannel::connect_unix(path, <#svc as ::rpal::rpc::ServiceId>::NAME, <#svc as ::rpal::rpc::ServiceId>::METHOD_HASH)?;
-                ::core::result::Result::Ok(Self::from_channel(::rpal::rpc::Channel::Stream(c)))
+                let c = ::rpal::__private::StreamChannel::connect_unix(path, <#svc as ::rpal::__private::ServiceId>::NAME, <#svc as ::rpal::__private::ServiceId>::METHOD_HASH)?;
+                ::core::result::Result::Ok(Self::from_channel(::rpal::__private::Channel::Stream(c)))
             }
 
             /// A client over an existing channel (no deadline).
-            pub fn from_channel(channel: ::rpal::rpc::Channel) -> Self {
+            pub fn from_channel(channel: ::rpal::__private::Channel) -> Self {
                 Self { channel, timeout: ::core::option::Option::None }
             }
 
@@ -604,7 +607,7 @@ fn client(s: &Service) -> TokenStream {
             }
 
             /// The connection.
-            pub fn channel(&self) -> &::rpal::rpc::Channel {
+            pub fn channel(&self) -> &::rpal::__private::Channel {
                 &self.channel
             }
 

@@ -18,16 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispatch};
+#[doc(hidden)]
+pub use rpal_core::Client;
 pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
-pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Writer};
+pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Viewed, Writer};
 
-use crate::error::{RemoteStatus, Result};
-use crate::region::{PeerMem, PeerRegion};
-use crate::server::{Handler, Request};
 use async_handler::Guarded;
+use rpal_core::error::{RemoteStatus, Result};
+use rpal_core::region::{PeerMem, PeerRegion};
+use rpal_core::server::{Handler, Request};
 
 /// What a reply reader may need besides the body: the server's region (to
 /// validate result pointers) and a way to hand lent results back.
@@ -98,7 +100,7 @@ pub trait Dispatch: Send + Sync + 'static {
 /// arguments are read in place in the client's memory and the result is
 /// written in place in our reply queue. Sync handlers run inline on the
 /// poller; async ones are spawned on `rt` and answered through a
-/// [`crate::Deferred`], which the poller writes back (and times out).
+/// [`rpal_core::Deferred`], which the poller writes back (and times out).
 pub struct ShmHandler<D> {
     dispatch: Arc<D>,
     rt: Option<tokio::runtime::Handle>,
@@ -285,12 +287,12 @@ impl Channel {
 fn as_timeout<R>(r: Result<R>, timeout: Option<Duration>) -> Result<R> {
     match (r, timeout) {
         (
-            Err(crate::Error::Remote {
+            Err(rpal_core::Error::Remote {
                 status: RemoteStatus::DeadlineExceeded,
                 ..
             }),
             Some(d),
-        ) => Err(crate::Error::Timeout(d)),
+        ) => Err(rpal_core::Error::Timeout(d)),
         (r, _) => r,
     }
 }

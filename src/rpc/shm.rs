@@ -21,12 +21,12 @@ use super::table::{Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, ReleaseSink, Writer};
 use super::{ReplyCtx, Sink};
-use crate::INLINE_CAPACITY;
-use crate::client::Client;
-use crate::doorbell::{self, WaitConfig};
-use crate::error::{Error, RemoteStatus, Result};
-use crate::region::{PeerMem, PeerRegion};
-use crate::sys;
+use rpal_core::INLINE_CAPACITY;
+use rpal_core::client::Client;
+use rpal_core::doorbell::{self, WaitConfig};
+use rpal_core::error::{Error, RemoteStatus, Result};
+use rpal_core::region::{PeerMem, PeerRegion};
+use rpal_core::sys;
 
 /// A word in memory the channel keeps mapped (our endpoint, or the
 /// server's region), usable outside the lock.

@@ -32,10 +32,10 @@ use super::table::{Body, Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
 use super::wire::{Reader, Writer};
 use super::{Dispatch, Dispatched, HandlerFuture, ReplyCtx};
-use crate::budget_of;
-use crate::error::{Error, RemoteStatus, Result};
-use crate::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
-use crate::sys;
+use rpal_core::budget_of;
+use rpal_core::error::{Error, RemoteStatus, Result};
+use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
+use rpal_core::sys;
 
 /// Frame header: body length, call id, method, status.
 const FRAME_HEADER: usize = 20;
@@ -171,7 +171,7 @@ impl StreamChannel {
         let reply = Hello::decode(&m, &endpoint)?;
         match reply.kind {
             Kind::Reject => return Err(reply.reject_error(&hello)),
-            Kind::Welcome => crate::handshake::check_compatible(&reply, &hello)?,
+            Kind::Welcome => rpal_core::handshake::check_compatible(&reply, &hello)?,
             _ => {
                 return Err(Error::NotRpal {
                     endpoint,
@@ -184,7 +184,7 @@ impl StreamChannel {
         // pidfd on it, so that its death is told apart from a hang-up.
         // (Over TCP the peer may be on another host: a lost connection.)
         let server = match &sock {
-            Sock::Unix(u) => crate::handshake::peer_cred(u)
+            Sock::Unix(u) => rpal_core::handshake::peer_cred(u)
                 .ok()
                 .and_then(|c| sys::pidfd_open(c.pid).ok().map(|fd| (c.pid, fd))),
             Sock::Tcp(_) => None,
@@ -236,7 +236,7 @@ impl StreamChannel {
             t.insert(id, method, waiter);
             id
         };
-        encode_header(&mut frame, len, id, method, crate::budget_bits(budget));
+        encode_header(&mut frame, len, id, method, rpal_core::budget_bits(budget));
         if let Err(e) = sock.write_all(&frame) {
             let dead = Dead::Lost(format!("{}: {e}", self.endpoint));
             lock(&self.table).kill(dead.clone());
@@ -599,7 +599,7 @@ where
         text: service.to_owned(),
         ..Hello::new(Kind::Welcome)
     };
-    let answer = match crate::handshake::check_compatible(
+    let answer = match rpal_core::handshake::check_compatible(
         &theirs,
         &Hello {
             kind: Kind::Hello,

@@ -10,8 +10,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::Waker;
 
-use crate::error::{Error, RemoteStatus, Result};
-use crate::sys;
+use rpal_core::error::{Error, RemoteStatus, Result};
+use rpal_core::sys;
 
 /// A reply body copied out of the transport, 16-byte aligned.
 pub struct Body {

@@ -15,10 +15,10 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
-use crate::pkey::Access;
-use crate::region::{PeerMem, PeerRegion};
-use crate::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
+use rpal_core::error::{Error, Result};
+use rpal_core::pkey::Access;
+use rpal_core::region::{PeerMem, PeerRegion};
+use rpal_core::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
 
 /// Where a body travels: in shared memory (pointers pass as pointers) or
 /// over a byte stream (pointed-to data is copied inline).

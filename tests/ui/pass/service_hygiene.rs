@@ -76,6 +76,6 @@ impl Everything for Impl {
 fn main() {
     let _server = ServeEverything::new(Impl);
     let _ids = [EverythingService::ADD, EverythingService::PUT, EverythingService::JOIN, EverythingService::NAME];
-    let _name: &str = <EverythingService as ::rpal::rpc::ServiceId>::NAME;
+    let _name: &str = <EverythingService as ::rpal::ServiceId>::NAME;
     let _f: fn(&EverythingClient, u64, u32) -> ::rpal::Result<u64> = EverythingClient::add;
 }
