@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
+use rpal_core::PeerMem;
 use rpal_core::doorbell::announce_park;
-use rpal_core::region::PeerMem;
 use rpal_core::{Client, ClientOptions, Error, Result};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;

@@ -11,8 +11,9 @@ use crate::doorbell::{Deadline, DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::handshake::{self, Hello, Kind};
 use crate::pkey::Access;
-use crate::region::{PeerMem, PeerRegion};
+use crate::region::PeerRegion;
 use crate::space::Space;
+use crate::types::PeerMem;
 
 /// How a client connects and waits.
 #[derive(Debug, Clone)]

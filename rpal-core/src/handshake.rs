@@ -13,6 +13,7 @@
 //!
 //! Messages are fixed 256-byte little-endian records.
 
+pub use crate::cred::{PeerCred, peer_cred};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -248,28 +249,6 @@ impl PeerPolicy {
             Self::Anyone => true,
         }
     }
-}
-
-/// A peer's kernel-reported credentials.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCred {
-    /// Process id.
-    pub pid: i32,
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-}
-
-/// Reads `SO_PEERCRED` of a connected socket.
-pub fn peer_cred(sock: &UnixStream) -> Result<PeerCred> {
-    let c = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| Error::io("SO_PEERCRED", e.into()))?;
-    Ok(PeerCred {
-        pid: c.pid(),
-        uid: c.uid(),
-        gid: c.gid(),
-    })
 }
 
 /// Sends one control message, with `fd` attached if given.

@@ -13,7 +13,7 @@
 //! PKRU that ends when it drops. Every function that reads peer memory
 //! (queue words and records, sequence and parked flags, cursors, release
 //! rings, argument and result views, pointer walks) takes a
-//! [`PeerMem`](crate::region::PeerMem), which only
+//! [`PeerMem`](crate::types::PeerMem), which only
 //! [`PeerRegion::mem`](crate::region::PeerRegion::mem) makes, from a region
 //! and a live `Access`; the references it hands out cannot outlive either.
 //! That is what makes the wrong thing hard to write: code without an

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
-use crate::region::PeerMem;
+use crate::types::PeerMem;
 
 /// Size of a normal block (fits the allocator's 64 KiB class with its header).
 pub const BLOCK_SIZE: usize = (64 << 10) - 128;

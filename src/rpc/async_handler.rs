@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use super::table::Body;
 use super::wire::{Reader, Writer};
 use rpal_core::error::RemoteStatus;
-use rpal_core::region::{PeerMem, PeerRegion};
+use rpal_core::{PeerMem, PeerRegion};
 
 /// A result computed by an async handler, waiting to be written into a
 /// reply (in place in our queue over shared memory, into a frame over a

@@ -28,8 +28,8 @@ pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Viewed, Writer};
 
 use async_handler::Guarded;
 use rpal_core::error::{RemoteStatus, Result};
-use rpal_core::region::{PeerMem, PeerRegion};
 use rpal_core::server::{Handler, Request};
+use rpal_core::{PeerMem, PeerRegion};
 
 /// What a reply reader may need besides the body: the server's region (to
 /// validate result pointers) and a way to hand lent results back.

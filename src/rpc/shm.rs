@@ -25,8 +25,8 @@ use rpal_core::INLINE_CAPACITY;
 use rpal_core::client::Client;
 use rpal_core::doorbell::{self, WaitConfig};
 use rpal_core::error::{Error, RemoteStatus, Result};
-use rpal_core::region::{PeerMem, PeerRegion};
 use rpal_core::sys;
+use rpal_core::{PeerMem, PeerRegion};
 
 /// A word in memory the channel keeps mapped (our endpoint, or the
 /// server's region), usable outside the lock.

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use rpal_core::error::{Error, Result};
 use rpal_core::pkey::Access;
-use rpal_core::region::{PeerMem, PeerRegion};
 use rpal_core::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
+use rpal_core::{PeerMem, PeerRegion};
 
 /// Where a body travels: in shared memory (pointers pass as pointers) or
 /// over a byte stream (pointed-to data is copied inline).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::queue::{Consumer, Producer};
-use crate::region::PeerMem;
+use crate::types::PeerMem;
 
 /// Message header: call id, method, status.
 pub const MSG_HEADER: usize = 16;

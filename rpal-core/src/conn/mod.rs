@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
 
 use crate::arena::Arena;
+use crate::cred::PeerCred;
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
-use crate::handshake::PeerCred;
 use crate::pkey::Access;
 use crate::queue::Consumer;
-use crate::region::{PeerMem, PeerRegion};
+use crate::region::PeerRegion;
 use crate::sys;
+use crate::types::PeerMem;
 
 mod layout;
 mod message;

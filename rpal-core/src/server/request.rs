@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use crate::deferred::{Deferred, DeferredQueue};
 use crate::error::RemoteStatus;
-use crate::region::{PeerMem, PeerRegion};
+use crate::region::PeerRegion;
+use crate::types::PeerMem;
 
 /// One request, as the handler sees it. The payload and every pointer in it
 /// live in the client's memory: read them through [`Request::mem`], which

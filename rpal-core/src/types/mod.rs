@@ -8,16 +8,17 @@
 //! validates a whole structure at once with [`Walk`], whose limits bound any
 //! walk over a cycle a hostile peer may have built.
 
+mod peer_mem;
 mod shm_box;
 mod slice;
 mod vec;
 
+pub use peer_mem::PeerMem;
 pub use shm_box::ShmBox;
 pub use slice::ShmSlice;
 pub use vec::{ShmString, ShmVec};
 
 use crate::error::{Error, Result};
-use crate::region::PeerMem;
 
 /// Plain data that may live in shared memory and be read by a peer.
 ///

@@ -4,9 +4,8 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
-use super::{ShmSafe, Walk, assert_owned, own_arena, read_once};
+use super::{PeerMem, ShmSafe, Walk, assert_owned, own_arena, read_once};
 use crate::error::Result;
-use crate::region::PeerMem;
 
 /// A value of `T` in this process's arena, owned like a `Box`. Peers read it
 /// in place with [`ShmBox::get`].

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
 use crate::error::{Error, Result};
-use crate::region::PeerMem;
+use crate::types::PeerMem;
 
 /// A growable vector of `T` in this process's arena. Peers read it in place
 /// with [`ShmVec::get`]. In shared memory: address, length, capacity.
