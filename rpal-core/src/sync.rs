@@ -44,3 +44,32 @@ macro_rules! impl_word32 {
 impl_word32!(std::sync::atomic::AtomicU32);
 #[cfg(rpal_loom)]
 impl_word32!(loom::sync::atomic::AtomicU32);
+
+/// A 64-bit atomic word: std's, or loom's in models.
+pub trait Word64: Sync {
+    /// Atomic load.
+    fn load(&self, order: Ordering) -> u64;
+    /// Atomic store.
+    fn store(&self, value: u64, order: Ordering);
+    /// Weak compare-and-exchange.
+    fn cas(&self, current: u64, new: u64, success: Ordering, failure: Ordering) -> Result<u64, u64>;
+}
+
+macro_rules! impl_word64 {
+    ($t:ty) => {
+        impl Word64 for $t {
+            fn load(&self, order: Ordering) -> u64 {
+                <$t>::load(self, order)
+            }
+            fn store(&self, value: u64, order: Ordering) {
+                <$t>::store(self, value, order)
+            }
+            fn cas(&self, current: u64, new: u64, success: Ordering, failure: Ordering) -> Result<u64, u64> {
+                <$t>::compare_exchange_weak(self, current, new, success, failure)
+            }
+        }
+    };
+}
+impl_word64!(std::sync::atomic::AtomicU64);
+#[cfg(rpal_loom)]
+impl_word64!(loom::sync::atomic::AtomicU64);

@@ -9,34 +9,8 @@
 
 use std::sync::atomic::Ordering;
 
-/// A 64-bit atomic word: std's, or loom's in models.
-pub trait Word: Sync {
-    /// Atomic load.
-    fn load(&self, order: Ordering) -> u64;
-    /// Atomic store.
-    fn store(&self, value: u64, order: Ordering);
-    /// Weak compare-and-exchange.
-    fn cas(&self, current: u64, new: u64, success: Ordering, failure: Ordering) -> Result<u64, u64>;
-}
-
-macro_rules! impl_word {
-    ($t:ty) => {
-        impl Word for $t {
-            fn load(&self, order: Ordering) -> u64 {
-                <$t>::load(self, order)
-            }
-            fn store(&self, value: u64, order: Ordering) {
-                <$t>::store(self, value, order)
-            }
-            fn cas(&self, current: u64, new: u64, success: Ordering, failure: Ordering) -> Result<u64, u64> {
-                <$t>::compare_exchange_weak(self, current, new, success, failure)
-            }
-        }
-    };
-}
-impl_word!(std::sync::atomic::AtomicU64);
-#[cfg(rpal_loom)]
-impl_word!(loom::sync::atomic::AtomicU64);
+/// The link and head words: the sync shim's 64-bit atomic.
+pub use crate::sync::Word64 as Word;
 
 /// Where each block's "next" link lives.
 pub trait Links {

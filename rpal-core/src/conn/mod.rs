@@ -32,7 +32,7 @@ mod release;
 
 pub use layout::LAYOUT_HASH;
 pub(crate) use layout::OwnEndpoint;
-pub(crate) use layout::{BACKLOG_BLOCKS, Endpoint, RELEASE_SLOTS};
+pub(crate) use layout::{BACKLOG_BLOCKS, Endpoint};
 pub(crate) use message::{FLAG_ONEWAY, next_msg, put_header, write_msg};
 pub use message::{INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, budget_bits, budget_of};
 

@@ -3,10 +3,59 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Conn, RELEASE_SLOTS};
+use super::Conn;
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::pkey::Access;
+use crate::sync::Word64;
+
+/// The publishing half, on our side: writes as many of `pending` as the
+/// ring has room for into `slots` (ours) after `tail` (ours), then moves
+/// `tail`. `peer_head` is how far the peer has consumed (its memory).
+/// Returns how many were published (drained from `pending`).
+pub(crate) fn publish<W: Word64>(tail: &W, slots: &[W], peer_head: &W, pending: &mut Vec<u64>) -> usize {
+    let t = tail.load(Ordering::Relaxed);
+    // Acquire: pairs with the Release store of the head in `consume`;
+    // slots the peer consumed may be overwritten.
+    let head = peer_head.load(Ordering::Acquire);
+    let room = (slots.len() as u64).saturating_sub(t.wrapping_sub(head));
+    let n = (room as usize).min(pending.len());
+    for (i, &addr) in pending[..n].iter().enumerate() {
+        slots[(t as usize + i) % slots.len()].store(addr, Ordering::Relaxed);
+    }
+    // Release: publishes the slots written above; pairs with the Acquire in `consume`.
+    tail.store(t + n as u64, Ordering::Release);
+    pending.drain(..n);
+    n
+}
+
+/// The consuming half, on the owner's side: hands every address the peer
+/// published since `head` (ours) to `take`, then moves `head`. `peer_tail`
+/// and `peer_slots` are the peer's. A tail that jumps past the ring or goes
+/// backwards is returned as `Err((head, tail))`, and nothing is taken.
+pub(crate) fn consume<W: Word64>(
+    head: &W,
+    peer_tail: &W,
+    peer_slots: &[W],
+    mut take: impl FnMut(u64),
+) -> std::result::Result<usize, (u64, u64)> {
+    let h = head.load(Ordering::Relaxed);
+    // Acquire: pairs with the Release store of the tail in `publish`.
+    let tail = peer_tail.load(Ordering::Acquire);
+    let ahead = tail.wrapping_sub(h);
+    if ahead > peer_slots.len() as u64 {
+        return Err((h, tail));
+    }
+    for i in 0..ahead {
+        take(peer_slots[(h.wrapping_add(i)) as usize % peer_slots.len()].load(Ordering::Relaxed));
+    }
+    if ahead > 0 {
+        // Release: the peer may reuse the slots we read; pairs with the
+        // Acquire in `publish`.
+        head.store(tail, Ordering::Release);
+    }
+    Ok(ahead as usize)
+}
 
 impl Conn {
     /// Says we are done with the peer's block at `addr`; published in our
@@ -27,19 +76,11 @@ impl Conn {
         if self.pending_releases.is_empty() {
             return;
         }
+        let mut pending = std::mem::take(&mut self.pending_releases);
         let mine = self.mine.block();
-        let tail = mine.release_tail.load(Ordering::Relaxed);
-        // Acquire: pairs with the Release store of `release_head` in the
-        // peer's `reclaim`; slots it consumed may be overwritten.
-        let head = self.theirs(access).release_head.load(Ordering::Acquire);
-        let room = (RELEASE_SLOTS as u64).saturating_sub(tail.wrapping_sub(head));
-        let n = (room as usize).min(self.pending_releases.len());
-        for (i, &addr) in self.pending_releases[..n].iter().enumerate() {
-            mine.releases[(tail as usize + i) % RELEASE_SLOTS].store(addr, Ordering::Relaxed);
-        }
-        // Release: publishes the slots written above; pairs with the Acquire in `reclaim`.
-        mine.release_tail.store(tail + n as u64, Ordering::Release);
-        self.pending_releases.drain(..n);
+        let theirs = self.theirs(access);
+        publish(&*mine.release_tail, &mine.releases, &*theirs.release_head, &mut pending);
+        self.pending_releases = pending;
     }
 
     /// Frees our blocks that the peer released. A release that matches no
@@ -47,34 +88,91 @@ impl Conn {
     /// jumps or goes backwards is a protocol violation.
     pub(crate) fn reclaim(&mut self, access: &Access) -> Result<usize> {
         let pid = self.pid();
-        let head = self.mine.block().release_head.load(Ordering::Relaxed);
-        // Acquire: pairs with the Release store of `release_tail` in the peer's `flush_releases`.
-        let tail = self.theirs(access).release_tail.load(Ordering::Acquire);
-        let ahead = tail.wrapping_sub(head);
-        if ahead == 0 {
-            return Ok(0);
-        }
-        if ahead > RELEASE_SLOTS as u64 {
-            return Err(Error::Protocol {
-                pid,
-                detail: format!("release cursor moved from {head} to {tail}: ahead of its ring or backwards"),
-            });
-        }
         let arena = Arena::global()?;
-        let mut freed = 0;
-        for i in head..tail {
-            let addr = self.theirs(access).releases[i as usize % RELEASE_SLOTS].load(Ordering::Relaxed);
-            match arena.reclaim(addr, pid) {
+        let (mut freed, mut refused) = (0, 0);
+        let mine = self.mine.block();
+        let theirs = self.theirs(access);
+        let took = consume(
+            &*mine.release_head,
+            &*theirs.release_tail,
+            &theirs.releases,
+            |addr| match arena.reclaim(addr, pid) {
                 Ok(()) => freed += 1,
                 Err(e) => {
-                    self.refused_releases += 1;
+                    refused += 1;
                     tracing::warn!(pid, %e, "refused a release");
                 }
+            },
+        );
+        self.refused_releases += refused;
+        match took {
+            Ok(0) => return Ok(0),
+            Ok(_) => {}
+            Err((head, tail)) => {
+                return Err(Error::Protocol {
+                    pid,
+                    detail: format!("release cursor moved from {head} to {tail}: ahead of its ring or backwards"),
+                });
             }
         }
-        // Release: the peer may reuse the slots we read; pairs with the Acquire in `flush_releases`.
-        self.mine.block().release_head.store(tail, Ordering::Release);
         self.flush_releases(access);
         Ok(freed)
+    }
+}
+
+#[cfg(all(test, rpal_loom))]
+mod loom_models {
+    //! `RUSTFLAGS="--cfg rpal_loom" cargo test -p rpal-core --release loom_models::`
+    use super::{consume, publish};
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicU64;
+
+    /// One side's ring: its slots and tail (it publishes), its head over
+    /// the other side's ring (it consumes).
+    struct Ring {
+        slots: [AtomicU64; 2],
+        tail: AtomicU64,
+        head: AtomicU64,
+    }
+
+    fn ring() -> Ring {
+        Ring {
+            slots: [AtomicU64::new(0), AtomicU64::new(0)],
+            tail: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+        }
+    }
+
+    /// Three releases through a ring of two slots (so it fills and wraps),
+    /// published by one side while the other consumes: each arrives once,
+    /// in order, and none is overwritten before it is read.
+    #[test]
+    fn loom_release_ring_delivers_each_release_once_in_order() {
+        loom::model(|| {
+            // `a` publishes into its ring; `b` consumes it (b's head).
+            let a = Arc::new(ring());
+            let b = Arc::new(ring());
+            let publisher = {
+                let (a, b) = (a.clone(), b.clone());
+                loom::thread::spawn(move || {
+                    let mut pending = vec![11, 12, 13];
+                    while !pending.is_empty() {
+                        if publish(&a.tail, &a.slots, &b.head, &mut pending) == 0 {
+                            loom::thread::yield_now();
+                        }
+                    }
+                })
+            };
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match consume(&b.head, &a.tail, &a.slots, |addr| got.push(addr)) {
+                    Ok(0) => loom::thread::yield_now(),
+                    Ok(_) => {}
+                    Err(bad) => panic!("a well-behaved ring looked broken: {bad:?}"),
+                }
+            }
+            publisher.join().unwrap();
+            assert_eq!(got, [11, 12, 13]);
+        });
     }
 }
