@@ -47,7 +47,7 @@
 //!
 //! Where the CPU or kernel lacks keys, or `RPAL_PKEYS=off`, nothing is
 //! tagged and every grant is a no-op. If a key cannot be had for one
-//! region (all 16 in use, `pkey_mprotect` refused), that region stays
+//! region (none of the 15 free, `pkey_mprotect` refused), that region stays
 //! untagged, rpal keeps working, and [`status`] reports it as
 //! [`PkeyStatus::Degraded`].
 
