@@ -19,7 +19,9 @@ use crate::sync::{Word32, fence};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::sys::{self, FutexWait};
+use crate::sys;
+use crate::wait;
+use std::os::fd::BorrowedFd;
 
 /// How long a waiter spins before it parks, and how often a parked waiter
 /// wakes to check that its peer is still alive.
@@ -193,8 +195,11 @@ pub fn ring(seq: &AtomicU32, value: u32, peer_parked: &AtomicU32, stats: &Doorbe
 }
 
 /// Consumer side: waits until `seq` (producer's memory) differs from `seen`
-/// and returns the new value. `alive` is called between sleeps and may end
-/// the wait with an error (peer died or hung up).
+/// and returns the new value. The sleep (in the thread's caller backend,
+/// [`crate::wait`]) also ends when one of `watch` (the peer's pidfd) turns
+/// readable; `alive` is then called, and after a sleep that found nothing,
+/// and may end the wait with an error (peer died or hung up).
+#[allow(clippy::too_many_arguments)] // the doorbell's words, policy, and the peer to watch
 pub fn wait(
     seq: &AtomicU32,
     seen: u32,
@@ -202,6 +207,7 @@ pub fn wait(
     cfg: &WaitConfig,
     deadline: Option<&Deadline>,
     stats: &DoorbellStats,
+    watch: &[BorrowedFd<'_>],
     mut alive: impl FnMut() -> Result<()>,
 ) -> Result<u32> {
     // Acquire: pairs with the Release store in `ring`.
@@ -246,10 +252,12 @@ pub fn wait(
             }
             slice = slice.min(left);
         }
-        let r = sys::futex_wait(seq, seen, Some(slice));
+        let r = wait::sleep(&[(seq, seen)], watch, slice);
         parked.store(0, Ordering::Relaxed);
-        if r == FutexWait::TimedOut {
-            alive()?;
+        match r {
+            Ok(w) if w.timed_out || !w.ready_fds.is_empty() => alive()?,
+            Ok(_) => {}
+            Err(e) => return Err(Error::io("sleep on the peer's queue", e)),
         }
         // Acquire: pairs with the Release store in `ring`.
         let now = seq.load(Ordering::Acquire);
@@ -394,7 +402,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             let mut seen = 0;
             while seen != 200 {
-                seen = wait(&s2, seen, &p2, &WaitConfig::parked(), None, &st2, || Ok(())).unwrap();
+                seen = wait(&s2, seen, &p2, &WaitConfig::parked(), None, &st2, &[], || Ok(())).unwrap();
             }
             seen
         });
@@ -422,6 +430,7 @@ mod tests {
             &WaitConfig::default(),
             Some(&deadline),
             &stats,
+            &[],
             || Ok(()),
         );
         assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");

@@ -29,6 +29,7 @@ pub mod sync;
 #[doc(hidden)]
 pub mod sys;
 pub mod types;
+pub mod wait;
 
 pub use arena::Arena;
 pub use client::{Client, ClientOptions};

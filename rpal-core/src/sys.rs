@@ -217,6 +217,29 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
+/// Indices of the `fds` that are readable, hung up or in error, without
+/// blocking: one `poll` for all of them.
+pub fn poll_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a live array of `p.len()` pollfd structs.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents != 0)
+        .map(|(i, _)| i)
+        .collect())
+}
+
 /// Whether any of `fds` is readable or hung up, without blocking.
 pub fn poll_ready(fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
     let mut p: Vec<libc::pollfd> = fds

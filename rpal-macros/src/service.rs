@@ -579,7 +579,7 @@ fn client(s: &Service) -> TokenStream {
                 opts.method_hash = <#svc as ::rpal::__private::ServiceId>::METHOD_HASH;
                 let timeout = opts.call_timeout;
                 let client = ::rpal::__private::Client::connect(path, opts)?;
-                let channel = ::rpal::__private::Channel::Shm(::rpal::__private::ShmChannel::new(client));
+                let channel = ::rpal::__private::Channel::Shm(::rpal::__private::ShmChannel::new(client)?);
                 ::core::result::Result::Ok(Self { channel, timeout })
             }
 

@@ -15,7 +15,11 @@
 //! thread (the handshake is a blocking exchange with a deadline), which
 //! hands them to the poller with the fewest connections.
 
-pub mod backend;
+/// The wait backends the pollers park in: rpal's one way to sleep, defined
+/// in `rpal-core` (the raw endpoints wait too) and re-exported here.
+pub mod backend {
+    pub use rpal_core::wait::{Backend, BackendChoice, Woken, sleep, with_caller};
+}
 mod poller;
 mod pool;
 pub mod spin;

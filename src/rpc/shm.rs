@@ -9,8 +9,11 @@
 //! together with its own wake word, so it wakes for either a new reply or
 //! for another thread having read its reply. Async tasks are woken by a
 //! pump thread, started on the first async call, that does the same reads.
+//! Every sleep, a caller's and the pump's, goes through the one wait
+//! abstraction (`rpal_core::wait`), watching the server's pidfd too.
 
 use std::future::poll_fn;
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -26,6 +29,7 @@ use rpal_core::client::Client;
 use rpal_core::doorbell::{self, WaitConfig};
 use rpal_core::error::{Error, RemoteStatus, Result};
 use rpal_core::sys;
+use rpal_core::wait;
 use rpal_core::{PeerMem, PeerRegion};
 
 /// A word in memory the channel keeps mapped (our endpoint, or the
@@ -79,6 +83,9 @@ pub struct ShmChannel {
     contenders: AtomicU32,
     pump_started: AtomicBool,
     pump_wake: Arc<AtomicU32>,
+    /// The server's pidfd (our own duplicate), watched by every sleep
+    /// without the lock.
+    pidfd: OwnedFd,
 }
 
 impl std::fmt::Debug for ShmChannel {
@@ -91,13 +98,18 @@ impl std::fmt::Debug for ShmChannel {
 
 impl ShmChannel {
     /// Wraps a connected client.
-    pub fn new(client: Client) -> Arc<Self> {
+    pub fn new(client: Client) -> Result<Arc<Self>> {
         let wait = client.wait_config();
         let pid = client.peer().cred.pid;
         let parked = WordRef::new(client.parked_flag());
         let table = Table::new(client.next_call_id());
         let region = client.peer().region.clone();
-        Arc::new(Self {
+        let pidfd = client
+            .peer()
+            .pidfd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("duplicate the server's pidfd", e))?;
+        Ok(Arc::new(Self {
             inner: Mutex::new(Inner { client, table }),
             region,
             wait,
@@ -108,7 +120,8 @@ impl ShmChannel {
             contenders: AtomicU32::new(0),
             pump_started: AtomicBool::new(false),
             pump_wake: Arc::new(AtomicU32::new(0)),
-        })
+            pidfd,
+        }))
     }
 
     /// The server's pid.
@@ -172,23 +185,34 @@ impl ShmChannel {
         budget: Option<Duration>,
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
     ) -> Result<u64> {
+        self.send_capped(inner, method, INLINE_CAPACITY, waiter, budget, write)
+    }
+
+    /// As [`ShmChannel::send`], with a body of at most `cap` bytes.
+    fn send_capped(
+        &self,
+        inner: &mut Inner,
+        method: u32,
+        cap: usize,
+        waiter: Option<Waiter>,
+        budget: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+    ) -> Result<u64> {
         inner.table.check()?;
         if self.has_releases.load(Ordering::Relaxed) {
             self.flush_releases(inner);
         }
         let mut failed = None;
-        let sent = inner
-            .client
-            .send_request_within(method, INLINE_CAPACITY, budget, |buf| {
-                let mut w = Writer::fixed(buf);
-                match write(&mut w) {
-                    Ok(()) => w.finish().unwrap_or(INLINE_CAPACITY + 1),
-                    Err(e) => {
-                        failed = Some(e);
-                        0
-                    }
+        let sent = inner.client.send_request_within(method, cap, budget, |buf| {
+            let mut w = Writer::fixed(buf);
+            match write(&mut w) {
+                Ok(()) => w.finish().unwrap_or(cap + 1),
+                Err(e) => {
+                    failed = Some(e);
+                    0
                 }
-            });
+            }
+        });
         let id = match sent {
             Ok(id) => id,
             Err(e) => return Err(self.fail_conn(inner, e)),
@@ -403,30 +427,29 @@ impl ShmChannel {
         // The Dekker pair of the server's `must_wake` (it publishes, fences,
         // then reads `parked`), counted: the loom-modelled helper.
         doorbell::announce_park_counted(parked);
+        // The one way to sleep (`rpal_core::wait`): the reply word, our wake
+        // word, and the server's pidfd, so its death ends the sleep where
+        // the backend can watch descriptors.
         let r = if changed() {
-            Ok(0)
+            None
         } else {
-            match sys::futex_waitv(&[(word, seen), (wake, 0)], Some(slice)) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
-                    // No futex_waitv (Linux < 5.16): sleep on the reply word in short slices.
-                    sys::futex_wait(word, seen, Some(slice.min(Duration::from_millis(1))));
-                    Ok(0)
-                }
-                r => r,
-            }
+            Some(wait::sleep(&[(word, seen), (wake, 0)], &[self.pidfd.as_fd()], slice))
         };
         doorbell::unannounce_counted(parked);
-        if let Err(e) = r {
-            if e.raw_os_error() == Some(libc::ETIMEDOUT) {
+        match r {
+            None => Ok(()),
+            Some(Err(e)) => Err(Error::io("sleep on the reply queue", e)),
+            Some(Ok(w)) if !w.ready_fds.is_empty() => Err(Error::PeerDied { pid: self.pid }),
+            Some(Ok(w)) if w.timed_out => {
                 if let Some((at, after)) = deadline {
                     if Instant::now() >= at {
                         return Err(Error::Timeout(after));
                     }
                 }
-                self.lock().client.check_alive()?;
+                self.lock().client.check_alive()
             }
+            Some(Ok(_)) => Ok(()),
         }
-        Ok(())
     }
 
     /// The async form of [`ShmChannel::call`]: the task is woken by the
@@ -439,9 +462,23 @@ impl ShmChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
+        self.call_async_capped(method, INLINE_CAPACITY, timeout, write, read)
+            .await
+    }
+
+    /// As [`ShmChannel::call_async`], with a request body of at most `cap`
+    /// bytes (the byte-level `AsyncClient` sets it).
+    pub(crate) async fn call_async_capped<R>(
+        self: &Arc<Self>,
+        method: u32,
+        cap: usize,
+        timeout: Option<Duration>,
+        write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
+        read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
+    ) -> Result<R> {
         let id = {
             let mut inner = self.lock();
-            let id = self.send(&mut inner, method, Some(Waiter::Task(None)), timeout, write)?;
+            let id = self.send_capped(&mut inner, method, cap, Some(Waiter::Task(None)), timeout, write)?;
             inner.client.flush();
             id
         };
@@ -513,8 +550,11 @@ fn pump(weak: Weak<ShmChannel>, wake: Arc<AtomicU32>) {
             drop(inner);
             drop(access);
             drop(chan);
-            // Idle: sleep until an async call kicks us (wake = 1).
-            sys::futex_wait(&wake, 0, Some(Duration::from_secs(1)));
+            // Idle: sleep until an async call kicks us (wake = 1); with no
+            // backend at all (out of descriptors), a short plain sleep.
+            if wait::sleep(&[(&wake, 0)], &[], Duration::from_secs(1)).is_err() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             continue;
         }
         let target = inner

@@ -247,6 +247,28 @@ impl<'a> Writer<'a> {
         self.at = end;
     }
 
+    /// Bytes that `fill` writes into the next `cap` bytes of the body (it
+    /// returns how many it wrote): the byte-level `AsyncClient`'s request.
+    pub(crate) fn bytes_with(&mut self, cap: usize, fill: impl FnOnce(&mut [u8]) -> usize) {
+        let start = self.at;
+        match &mut self.out {
+            Out::Fixed(buf) => {
+                let Some(dst) = start.checked_add(cap).and_then(|end| buf.get_mut(start..end)) else {
+                    self.overflow = true;
+                    return;
+                };
+                let n = fill(dst).min(cap);
+                self.at = start + n;
+            }
+            Out::Grow(v) => {
+                v.resize(self.origin + start + cap, 0);
+                let n = fill(&mut v[self.origin + start..]).min(cap);
+                v.truncate(self.origin + start + n);
+                self.at = start + n;
+            }
+        }
+    }
+
     /// A value, by copy.
     #[inline]
     pub fn value<T: ShmSafe + Copy>(&mut self, v: &T) {
@@ -334,6 +356,12 @@ impl<'a> Reader<'a> {
     /// Whether pointers are checked against a peer's region (shared memory).
     pub fn is_shm(&self) -> bool {
         self.peer.is_some()
+    }
+
+    /// The whole body and the peer's memory it may point into (in shared
+    /// memory): what the byte-level `AsyncClient` hands its reader.
+    pub(crate) fn raw(&self) -> (&'a [u8], Option<PeerMem<'a>>) {
+        (self.body, self.peer)
     }
 
     /// The whole body and the region handle, if any.

@@ -240,7 +240,8 @@ impl Conn {
             };
             let parked = &self.mine.block().parked;
             let (peer, sock) = (&self.peer, &self.sock);
-            doorbell::wait(word, seen, parked, &self.wait, deadline, &self.stats, || {
+            let watch = [peer.pidfd.as_fd()];
+            doorbell::wait(word, seen, parked, &self.wait, deadline, &self.stats, &watch, || {
                 check_alive(peer, sock)
             })?;
         }

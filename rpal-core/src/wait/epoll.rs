@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use rpal_core::sys::epoll;
+use crate::sys::epoll;
 
 use super::Woken;
 

@@ -23,7 +23,7 @@ impl Waitv {
     /// kernel answers `EAGAIN` when it supports the call).
     pub fn new() -> io::Result<Self> {
         let w = AtomicU32::new(1);
-        match rpal_core::sys::futex_waitv(&[(&w, 0)], Some(Duration::ZERO)) {
+        match crate::sys::futex_waitv(&[(&w, 0)], Some(Duration::ZERO)) {
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "futex_waitv needs Linux 5.16",
@@ -48,7 +48,7 @@ impl Waitv {
             w.extend((0..WAITV_MAX - 1).map(|i| rest[(self.rotate + i) % rest.len()]));
             (w, timeout.min(OVERFLOW_SLEEP))
         };
-        let r = rpal_core::sys::futex_waitv(&window, Some(timeout));
+        let r = crate::sys::futex_waitv(&window, Some(timeout));
         let timed_out = matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT));
         match r {
             Ok(_) => {}

@@ -65,8 +65,12 @@ impl Uring {
         let chunks = words.len().div_ceil(WAITV_MAX);
         let ops = chunks + fds.len() + 1;
         if ops as u32 > self.entries {
-            self.entries = (ops as u32).next_power_of_two();
-            self.ring = IoUring::new(self.entries)?;
+            // The size is recorded only once the bigger ring exists: a failed
+            // resize (out of descriptors or memory) is an error for this
+            // sleep, and the old ring stays usable.
+            let entries = (ops as u32).next_power_of_two();
+            self.ring = IoUring::new(entries)?;
+            self.entries = entries;
         }
         self.futexv.clear();
         self.futexv.extend(words.iter().map(|(w, v)| {
@@ -78,14 +82,18 @@ impl Uring {
         *self.ts = types::Timespec::new()
             .sec(timeout.as_secs())
             .nsec(timeout.subsec_nanos());
+        let mut pushed = 0;
         {
             let mut sq = self.ring.submission();
             let mut push = |e: io_uring::squeue::Entry| {
                 // SAFETY: every buffer an entry points at (`futexv`, `ts`)
                 // lives in `self` and is not touched until all ops complete
                 // (we reap every completion below before returning). The ring
-                // has room: it was sized for `ops` entries and is empty.
-                unsafe { sq.push(&e).expect("ring sized for every op") };
+                // has room: it was sized for `ops` entries and is empty (if it
+                // had none, the op is left out and counted out below).
+                if unsafe { sq.push(&e) }.is_ok() {
+                    pushed += 1;
+                }
             };
             for (k, chunk) in self.futexv.chunks(WAITV_MAX).enumerate() {
                 push(
@@ -107,6 +115,10 @@ impl Uring {
                     .user_data(TAG_TIMEOUT),
             );
         }
+        // Only what was queued is waited for and reaped: a full queue (it
+        // cannot be, it was sized above) fails this sleep, never hangs it.
+        let full = pushed < ops;
+        let ops = pushed;
         self.ring.submit_and_wait(1)?;
         let mut woken = Woken::default();
         let mut done = self.reap(&mut woken);
@@ -135,6 +147,9 @@ impl Uring {
                 self.ring.submit_and_wait(1)?;
                 done += self.reap(&mut woken);
             }
+        }
+        if full {
+            return Err(io::Error::other("io_uring submission queue full"));
         }
         Ok(woken)
     }
