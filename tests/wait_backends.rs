@@ -141,7 +141,8 @@ fn make(choice: Option<BackendChoice>) -> Option<Backend> {
     match made {
         Ok(b) => Some(b),
         Err(e) => {
-            common::skip(&format!("{choice:?} is unavailable here: {e}"));
+            let name = choice.map_or("the caller backend".to_string(), |c| format!("the {c:?} backend"));
+            common::skip(&format!("{name} is unavailable here: {e}"));
             None
         }
     }
