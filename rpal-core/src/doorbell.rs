@@ -182,6 +182,34 @@ pub fn must_wake<W: Word32>(parked: &W) -> bool {
     parked.load(Ordering::Relaxed) != 0
 }
 
+/// A blocked caller's bell (the call table's hand-off): the word a thread
+/// sleeps on while another thread of its process reads replies for it.
+/// The reader hands the reply over in the caller's table slot (under the
+/// table's lock), then rings; the caller looks in its slot (under the lock)
+/// before every sleep, and sleeps only while the bell is silent. So a reply
+/// handed over between the caller's look and its sleep is never missed: the
+/// futex wait finds the bell rung and returns at once.
+///
+/// Clears the bell for a new call; before the call's slot is visible to
+/// other threads (the table lock then orders it before any ring).
+pub fn reset_bell<W: Word32>(bell: &W) {
+    bell.store(0, Ordering::Relaxed);
+}
+
+/// The reader's half: rings `bell` after handing a reply over. The caller
+/// then makes one `FUTEX_WAKE` on it.
+pub fn ring_bell<W: Word32>(bell: &W) {
+    // Release: pairs with the Acquire in `bell_rang`.
+    bell.store(1, Ordering::Release);
+}
+
+/// The caller's half: whether its bell rang since the reset (look in the
+/// slot, under the lock, then), else the caller may sleep on it (value 0).
+pub fn bell_rang<W: Word32>(bell: &W) -> bool {
+    // Acquire: pairs with the Release in `ring_bell`.
+    bell.load(Ordering::Acquire) != 0
+}
+
 /// Producer side: publish `value` in `seq` (our memory) and wake the
 /// consumer only if its `parked` flag (its memory) says it sleeps.
 pub fn ring(seq: &AtomicU32, value: u32, peer_parked: &AtomicU32, stats: &DoorbellStats) {
@@ -275,7 +303,7 @@ pub fn wait(
 #[cfg(all(test, rpal_loom))]
 mod loom_models {
     //! `RUSTFLAGS="--cfg rpal_loom" cargo test -p rpal-core --release loom`
-    use super::{announce_park, announce_park_all, announce_park_counted, must_wake};
+    use super::{announce_park, announce_park_all, announce_park_counted, bell_rang, must_wake, reset_bell, ring_bell};
     use loom::sync::atomic::AtomicU32;
     use loom::sync::{Arc, Condvar, Mutex};
     use std::sync::atomic::Ordering;
@@ -384,6 +412,44 @@ mod loom_models {
                 let saw = c.join().unwrap();
                 assert!(woke || saw, "a sleeper neither saw the reply nor was woken");
             }
+        });
+    }
+
+    /// The call table's hand-off: a caller waits for its reply, which another
+    /// thread of its process reads and leaves in the caller's slot (the table
+    /// is a one-slot table here, under a mutex as in `ShmChannel`), then
+    /// rings the caller's bell. The caller looks in its slot before every
+    /// sleep and sleeps only while the bell is silent; it must never sleep
+    /// through the hand-off (loom reports that as a deadlock) and must get
+    /// the reply that was handed over.
+    #[test]
+    fn loom_call_table_hand_off_wakes_its_caller() {
+        loom::model(|| {
+            let table = Arc::new(Mutex::new(None::<u64>));
+            let bell = Arc::new(AtomicU32::new(7)); // left over from an earlier call
+            let futex = Arc::new(Futex::default());
+            // The caller's call starts: bell cleared, then its slot is entered.
+            reset_bell(&*bell);
+            let entered = table.lock().unwrap();
+            drop(entered);
+            let reader = {
+                let (table, bell, futex) = (table.clone(), bell.clone(), futex.clone());
+                loom::thread::spawn(move || {
+                    *table.lock().unwrap() = Some(42);
+                    ring_bell(&*bell);
+                    futex.wake();
+                })
+            };
+            let got = loop {
+                if let Some(v) = table.lock().unwrap().take() {
+                    break v;
+                }
+                if !bell_rang(&*bell) {
+                    futex.wait(&bell, 0);
+                }
+            };
+            assert_eq!(got, 42);
+            reader.join().unwrap();
         });
     }
 }

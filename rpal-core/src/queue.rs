@@ -28,11 +28,11 @@
 //! broken producer.
 
 use std::collections::VecDeque;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
+use crate::sync::Word64;
 use crate::types::PeerMem;
 
 /// Size of a normal block (fits the allocator's 64 KiB class with its header).
@@ -47,18 +47,20 @@ const SKIP: u32 = u32::MAX;
 pub const MAX_BLOCK: u64 = 1 << 30;
 /// Normal blocks kept for reuse instead of going back to the allocator.
 const KEEP_FREE: usize = 4;
+/// The ordering that publishes a record. `--cfg rpal_loom_weak_publish`
+/// weakens it, only to show that the loom model then fails.
+const PUBLISH: Ordering = if cfg!(rpal_loom_weak_publish) {
+    Ordering::Relaxed
+} else {
+    Ordering::Release
+};
 
-#[repr(C)]
-struct BlockHeader {
-    next: AtomicU64,
-    size: AtomicU64,
-}
-
-#[repr(C)]
-struct RecordHeader {
-    seq: AtomicU32,
-    len: u32,
-}
+// Layout of a block (offsets from its address): the header's `next` link
+// (u64) at 0 and `size` (u64) at 8; then records, each a `seq` word (u32)
+// at +0, its `len` (u32) at +4 and the payload at +8.
+const LINK_AT: u64 = 0;
+const SIZE_AT: u64 = 8;
+const LEN_AT: u64 = 4;
 
 const fn next_seq(s: u32) -> u32 {
     if s == u32::MAX { 1 } else { s + 1 }
@@ -94,8 +96,175 @@ unsafe impl<'a> Bounds<'a> for PeerMem<'a> {
     }
 }
 
+/// The seam between the queue's protocol and its memory: where blocks come
+/// from (the producer's allocator) and how the words and bytes in them are
+/// reached. [`Shm`] is the real one (the process's arena, plain loads and
+/// stores on mapped memory); a loom model plugs in memory whose words are
+/// loom atomics, so the same producer and consumer code runs in the model.
+///
+/// # Safety
+/// Every method that takes an address is called only with addresses inside
+/// a block that `alloc` returned (on the producer's side) or that the
+/// consumer's [`Bounds`] accepted, and an implementation must make such
+/// accesses sound (mapped, aligned, atomic where the method says so).
+#[doc(hidden)]
+pub unsafe trait Blocks: Copy {
+    /// Bytes of a normal block.
+    const BLOCK_SIZE: usize;
+    /// A block of `size` bytes, 64-byte aligned; zeroed if `zeroed`.
+    fn alloc(self, size: usize, zeroed: bool) -> Result<u64>;
+    /// Gives a block back to the allocator.
+    ///
+    /// # Safety
+    /// `block` came from `alloc`, and nothing reads it any more.
+    unsafe fn free(self, block: u64);
+    /// Zeroes `len` bytes at `addr`.
+    ///
+    /// # Safety
+    /// The range lies in one of our blocks that no consumer reads.
+    unsafe fn zero(self, addr: u64, len: usize);
+    /// Atomic load of the u32 at `addr`.
+    ///
+    /// # Safety
+    /// `addr` is a 4-aligned word in a block (see the trait's contract).
+    unsafe fn load32(self, addr: u64, order: Ordering) -> u32;
+    /// Atomic store of the u32 at `addr`.
+    ///
+    /// # Safety
+    /// As [`Blocks::load32`], in a block of ours.
+    unsafe fn store32(self, addr: u64, value: u32, order: Ordering);
+    /// One snapshot of the u32 at `addr`, which the peer may be changing.
+    ///
+    /// # Safety
+    /// As [`Blocks::load32`].
+    unsafe fn read32(self, addr: u64) -> u32;
+    /// A plain write of the u32 at `addr`, published by a later Release.
+    ///
+    /// # Safety
+    /// As [`Blocks::store32`]; no consumer reads it before that Release.
+    unsafe fn write32(self, addr: u64, value: u32);
+    /// Relaxed load of the u64 at `addr` (a block header field).
+    ///
+    /// # Safety
+    /// `addr` is an 8-aligned word in a block.
+    unsafe fn load64(self, addr: u64) -> u64;
+    /// Relaxed store of the u64 at `addr` (a block header field).
+    ///
+    /// # Safety
+    /// As [`Blocks::load64`], in a block of ours.
+    unsafe fn store64(self, addr: u64, value: u64);
+    /// The `len` bytes at `addr`, to fill.
+    ///
+    /// # Safety
+    /// The range lies in a block of ours, unpublished, and no other
+    /// reference to it lives for `'a`.
+    unsafe fn bytes_mut<'a>(self, addr: u64, len: usize) -> &'a mut [u8];
+    /// The `len` bytes at `addr`, to read.
+    ///
+    /// # Safety
+    /// The range lies in a checked block that stays mapped and readable for `'a`.
+    unsafe fn bytes<'a>(self, addr: u64, len: usize) -> &'a [u8];
+}
+
+/// The real memory: blocks from the process's arena, read and written in
+/// place through our mapping of it (or the consumer's of the producer's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shm;
+
+// SAFETY: the callers' contract (addresses inside live, mapped blocks,
+// aligned as each method says) is exactly what these raw accesses need.
+unsafe impl Blocks for Shm {
+    const BLOCK_SIZE: usize = BLOCK_SIZE;
+
+    fn alloc(self, size: usize, zeroed: bool) -> Result<u64> {
+        let arena = Arena::global()?;
+        let p = if zeroed {
+            arena.alloc_zeroed(size, 64)?
+        } else {
+            arena.alloc_raw(size, 64)?
+        };
+        Ok(p.as_ptr() as u64)
+    }
+
+    unsafe fn free(self, block: u64) {
+        if let (Ok(arena), Some(p)) = (Arena::global(), std::ptr::NonNull::new(block as *mut u8)) {
+            // SAFETY: per the caller, the block is ours and unread.
+            let _ = unsafe { arena.free_raw(p) };
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn zero(self, addr: u64, len: usize) {
+        // SAFETY: per the caller, the range is in one of our unread blocks.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) }
+    }
+
+    #[inline(always)]
+    unsafe fn load32(self, addr: u64, order: Ordering) -> u32 {
+        // SAFETY: per the caller, a live aligned word; AtomicU32 has u32's layout.
+        unsafe { (*(addr as *const AtomicU32)).load(order) }
+    }
+
+    #[inline(always)]
+    unsafe fn store32(self, addr: u64, value: u32, order: Ordering) {
+        // SAFETY: as in `load32`, in our own writable block.
+        unsafe { (*(addr as *const AtomicU32)).store(value, order) }
+    }
+
+    #[inline(always)]
+    unsafe fn read32(self, addr: u64) -> u32 {
+        // SAFETY: as in `load32`; a volatile read takes one snapshot.
+        unsafe { (addr as *const u32).read_volatile() }
+    }
+
+    #[inline(always)]
+    unsafe fn write32(self, addr: u64, value: u32) {
+        // SAFETY: as in `store32`.
+        unsafe { (addr as *mut u32).write(value) }
+    }
+
+    #[inline(always)]
+    unsafe fn load64(self, addr: u64) -> u64 {
+        // SAFETY: per the caller, a live aligned word; AtomicU64 has u64's layout.
+        unsafe { (*(addr as *const std::sync::atomic::AtomicU64)).load(Ordering::Relaxed) }
+    }
+
+    #[inline(always)]
+    unsafe fn store64(self, addr: u64, value: u64) {
+        // SAFETY: as in `load64`, in our own writable block.
+        unsafe { (*(addr as *const std::sync::atomic::AtomicU64)).store(value, Ordering::Relaxed) }
+    }
+
+    #[inline(always)]
+    unsafe fn bytes_mut<'a>(self, addr: u64, len: usize) -> &'a mut [u8] {
+        // SAFETY: per the caller, unaliased bytes of our block.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
+    }
+
+    #[inline(always)]
+    unsafe fn bytes<'a>(self, addr: u64, len: usize) -> &'a [u8] {
+        // SAFETY: per the caller, mapped and readable for 'a.
+        unsafe { std::slice::from_raw_parts(addr as *const u8, len) }
+    }
+}
+
+/// The consumer's side of the cursor: says it has passed `passed` blocks.
+/// Release: everything it read in those blocks happens before the producer
+/// recycles (zeroes, rewrites) them; pairs with [`read_cursor`].
+pub(crate) fn publish_cursor(word: &impl Word64, passed: u64) {
+    word.store(passed, Ordering::Release);
+}
+
+/// The producer's side of the cursor: how many blocks the consumer says it
+/// passed (to give to [`Producer::recycle`]). Acquire: pairs with
+/// [`publish_cursor`].
+pub(crate) fn read_cursor(word: &impl Word64) -> u64 {
+    word.load(Ordering::Acquire)
+}
+
 /// The writing end, in the producer's process. Blocks are in its arena.
-pub struct Producer {
+pub struct Producer<B: Blocks = Shm> {
+    mem: B,
     /// Blocks from the oldest one the consumer may still read to the current one.
     chain: VecDeque<u64>,
     /// The current (last) block of `chain`, and its size: kept at hand for
@@ -112,70 +281,51 @@ pub struct Producer {
     passed: u64,
     /// Blocks the consumer said it passed (the last cursor value accepted).
     consumed: u64,
-    /// Header word of the first record published since the last ring: the
-    /// word a parked consumer is sleeping on.
-    wake_word: Option<NonNull<AtomicU32>>,
+    /// Address of the header word of the first record published since the
+    /// last ring (0: none): the word a parked consumer is sleeping on.
+    wake_at: u64,
 }
 
-// SAFETY: the raw pointers point into the process-wide arena, which outlives
-// every thread; a Producer is used by one thread at a time (`&mut self`).
-unsafe impl Send for Producer {}
-
-/// A clean normal block: zeroed, with its header written.
-fn alloc_block() -> Result<u64> {
-    let p = Arena::global()?.alloc_zeroed(BLOCK_SIZE, 64)?;
-    init_block(p.as_ptr() as u64, BLOCK_SIZE);
-    Ok(p.as_ptr() as u64)
-}
-
-/// A block for one record of `len` bytes: only its two header positions
-/// (the record and the skip after it) need to be clean.
-fn alloc_jumbo(len: usize) -> Result<u64> {
-    let size = BLOCK_HEADER + footprint(len) + RECORD_HEADER;
-    let b = Arena::global()?.alloc_raw(size, 64)?.as_ptr() as u64;
-    init_block(b, size);
-    for at in [BLOCK_HEADER, BLOCK_HEADER + footprint(len)] {
-        // SAFETY: both positions leave room for a header inside the block.
-        unsafe {
-            (*((b + at as u64) as *const RecordHeader))
-                .seq
-                .store(0, Ordering::Relaxed)
-        };
-    }
-    Ok(b)
-}
-
-fn init_block(b: u64, size: usize) {
-    let h = b as *const BlockHeader;
-    // SAFETY: a block of `size >= BLOCK_HEADER` bytes in our arena, ours alone.
-    unsafe {
-        (*h).next.store(0, Ordering::Relaxed);
-        (*h).size.store(size as u64, Ordering::Relaxed);
-    }
-}
-
-fn free_block(addr: u64) {
-    if let (Ok(arena), Some(p)) = (Arena::global(), NonNull::new(addr as *mut u8)) {
-        // SAFETY: the consumer has passed the block and we hold no reference into it.
-        let _ = unsafe { arena.free_raw(p) };
-    }
-}
-
-impl Producer {
-    /// A queue with one empty block.
-    pub fn new() -> Result<Self> {
-        let first = alloc_block()?;
+impl<B: Blocks> Producer<B> {
+    /// A queue with one empty block, in `mem`.
+    pub fn new_in(mem: B) -> Result<Self> {
+        let first = Self::alloc_block(mem)?;
         Ok(Self {
+            mem,
             chain: VecDeque::from([first]),
             cur: first,
-            cur_size: BLOCK_SIZE,
+            cur_size: B::BLOCK_SIZE,
             off: BLOCK_HEADER,
             seq: 0,
             free: Vec::new(),
             passed: 0,
             consumed: 0,
-            wake_word: None,
+            wake_at: 0,
         })
+    }
+
+    /// A clean normal block: zeroed, with its header written.
+    fn alloc_block(mem: B) -> Result<u64> {
+        let b = mem.alloc(B::BLOCK_SIZE, true)?;
+        // SAFETY: a block of ours, just allocated.
+        unsafe { init_block(mem, b, B::BLOCK_SIZE) };
+        Ok(b)
+    }
+
+    /// A block for one record of `len` bytes: only its two header positions
+    /// (the record and the skip after it) need to be clean.
+    fn alloc_jumbo(mem: B, len: usize) -> Result<u64> {
+        let size = BLOCK_HEADER + footprint(len) + RECORD_HEADER;
+        let b = mem.alloc(size, false)?;
+        // SAFETY: a block of `size` bytes of ours, just allocated; both header
+        // positions leave room for a header inside it.
+        unsafe {
+            init_block(mem, b, size);
+            for at in [BLOCK_HEADER, BLOCK_HEADER + footprint(len)] {
+                mem.store32(b + at as u64, 0, Ordering::Relaxed);
+            }
+        }
+        Ok(b)
     }
 
     /// Address of the first block; the consumer starts there.
@@ -183,33 +333,26 @@ impl Producer {
         *self.chain.front().expect("the chain is never empty")
     }
 
-    fn current(&self) -> u64 {
-        self.cur
-    }
-
-    fn block_size(block: u64) -> usize {
+    fn block_size(&self, block: u64) -> usize {
         // SAFETY: `block` is one of our live blocks.
-        unsafe { (*(block as *const BlockHeader)).size.load(Ordering::Relaxed) as usize }
-    }
-
-    fn header(&self, at: usize) -> *mut RecordHeader {
-        (self.current() + at as u64) as *mut RecordHeader
+        unsafe { self.mem.load64(block + SIZE_AT) as usize }
     }
 
     /// Publishes the header at offset `at` of the current block.
+    #[inline(always)]
     fn publish_header(&mut self, at: usize, len: u32) {
         self.seq = next_seq(self.seq);
-        let h = self.header(at);
+        let h = self.cur + at as u64;
         // SAFETY: `at` leaves room for a header in our current block (kept by
         // `reserve`), and the consumer does not read it before `seq` changes.
         unsafe {
-            std::ptr::addr_of_mut!((*h).len).write(len);
+            self.mem.write32(h + LEN_AT, len);
             // Release: publishes `len`, the payload and (for a skip) the next
             // link; pairs with the Acquire in `Consumer::ready_record`.
-            (*h).seq.store(self.seq, Ordering::Release);
-            if self.wake_word.is_none() {
-                self.wake_word = NonNull::new(std::ptr::addr_of_mut!((*h).seq));
-            }
+            self.mem.store32(h, self.seq, PUBLISH);
+        }
+        if self.wake_at == 0 {
+            self.wake_at = h;
         }
     }
 
@@ -217,10 +360,14 @@ impl Producer {
     /// allocated. Recycled blocks must be zeroed: new records do not line up
     /// with old ones, so an old payload could pass for a header.
     fn clean_block(&mut self) -> Result<u64> {
-        let Some(b) = self.free.pop() else { return alloc_block() };
+        let Some(b) = self.free.pop() else {
+            return Self::alloc_block(self.mem);
+        };
         // SAFETY: a recycled block of ours that the consumer has passed.
-        unsafe { std::ptr::write_bytes((b + BLOCK_HEADER as u64) as *mut u8, 0, BLOCK_SIZE - BLOCK_HEADER) };
-        init_block(b, BLOCK_SIZE);
+        unsafe {
+            self.mem.zero(b + BLOCK_HEADER as u64, B::BLOCK_SIZE - BLOCK_HEADER);
+            init_block(self.mem, b, B::BLOCK_SIZE);
+        }
         Ok(b)
     }
 
@@ -228,23 +375,19 @@ impl Producer {
     /// record behind.
     fn advance(&mut self, len: usize) -> Result<()> {
         let need = BLOCK_HEADER + footprint(len) + RECORD_HEADER;
-        let next = if need <= BLOCK_SIZE {
+        let next = if need <= B::BLOCK_SIZE {
             self.clean_block()?
         } else {
-            alloc_jumbo(len)?
+            Self::alloc_jumbo(self.mem, len)?
         };
         // SAFETY: the current block is ours; the link is published by the
         // skip record's Release store below.
-        unsafe {
-            (*(self.current() as *const BlockHeader))
-                .next
-                .store(next, Ordering::Relaxed)
-        };
+        unsafe { self.mem.store64(self.cur + LINK_AT, next) };
         let at = self.off;
         self.publish_header(at, SKIP);
         self.chain.push_back(next);
         self.cur = next;
-        self.cur_size = Self::block_size(next);
+        self.cur_size = self.block_size(next);
         self.passed += 1;
         self.off = BLOCK_HEADER;
         Ok(())
@@ -252,6 +395,7 @@ impl Producer {
 
     /// Space for a record of exactly `len` bytes, to fill before
     /// [`Producer::commit`]. Moves to a new block if this one is too full.
+    #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<&mut [u8]> {
         if len >= SKIP as usize {
             return Err(Error::TooLarge {
@@ -263,15 +407,16 @@ impl Producer {
         if self.off + footprint(len) + RECORD_HEADER > self.cur_size {
             self.advance(len)?;
         }
-        let payload = (self.current() + (self.off + RECORD_HEADER) as u64) as *mut u8;
+        let payload = self.cur + (self.off + RECORD_HEADER) as u64;
         // SAFETY: the bytes lie in our current block (checked above) and are
         // not visible to the consumer until `commit` publishes them.
-        Ok(unsafe { std::slice::from_raw_parts_mut(payload, len) })
+        Ok(unsafe { self.mem.bytes_mut(payload, len) })
     }
 
     /// Publishes the record reserved with [`Producer::reserve`], `len` bytes
     /// long (at most what was reserved). Does not wake the consumer: call
     /// [`Producer::ring`] after a batch.
+    #[inline]
     pub fn commit(&mut self, len: usize) {
         let at = self.off;
         self.off += footprint(len);
@@ -283,22 +428,6 @@ impl Producer {
         self.reserve(bytes.len())?.copy_from_slice(bytes);
         self.commit(bytes.len());
         Ok(())
-    }
-
-    /// After a batch: wakes the consumer if its `parked` flag (its memory)
-    /// is set. Returns whether a wake system call was made.
-    pub fn ring(&mut self, consumer_parked: &AtomicU32) -> bool {
-        let Some(word) = self.wake_word.take() else {
-            return false;
-        };
-        // The producer half of the doorbell handshake (see `doorbell`).
-        if !crate::doorbell::must_wake(consumer_parked) {
-            return false;
-        }
-        // SAFETY: the word is in one of our live blocks (not recycled: the
-        // consumer cannot have passed a record it has not seen).
-        crate::sys::futex_wake(unsafe { word.as_ref() }, i32::MAX);
-        true
     }
 
     /// Takes the consumer's cursor (blocks it has passed) and recycles those
@@ -325,10 +454,12 @@ impl Producer {
         }
         for _ in self.consumed..cursor {
             let b = self.chain.pop_front().expect("passed blocks are in the chain");
-            if Self::block_size(b) == BLOCK_SIZE && self.free.len() < KEEP_FREE {
+            if self.block_size(b) == B::BLOCK_SIZE && self.free.len() < KEEP_FREE {
                 self.free.push(b);
             } else {
-                free_block(b);
+                // SAFETY: the consumer has passed the block and we hold no
+                // reference into it.
+                unsafe { self.mem.free(b) };
             }
         }
         self.consumed = cursor;
@@ -345,31 +476,70 @@ impl Producer {
     /// as a buggy or hostile producer might.
     #[doc(hidden)]
     pub fn inject_header(&mut self, seq_skew: u32, len: u32) {
-        let h = self.header(self.off);
+        let h = self.cur + self.off as u64;
         let seq = next_seq(self.seq).wrapping_add(seq_skew);
         // SAFETY: the write position always has room for a header.
         unsafe {
-            std::ptr::addr_of_mut!((*h).len).write(len);
-            (*h).seq.store(seq, Ordering::Release);
-            self.wake_word = NonNull::new(std::ptr::addr_of_mut!((*h).seq));
+            self.mem.write32(h + LEN_AT, len);
+            self.mem.store32(h, seq, Ordering::Release);
         }
+        self.wake_at = h;
         // Later records go after it, so they do not overwrite the forgery.
         self.seq = seq;
         self.off += RECORD_HEADER;
     }
 }
 
-impl Drop for Producer {
+impl Producer {
+    /// A queue with one empty block, in the process's arena.
+    pub fn new() -> Result<Self> {
+        Self::new_in(Shm)
+    }
+
+    /// After a batch: wakes the consumer if its `parked` flag (its memory)
+    /// is set. Returns whether a wake system call was made.
+    pub fn ring(&mut self, consumer_parked: &AtomicU32) -> bool {
+        let word = std::mem::take(&mut self.wake_at);
+        if word == 0 {
+            return false;
+        }
+        // The producer half of the doorbell handshake (see `doorbell`).
+        if !crate::doorbell::must_wake(consumer_parked) {
+            return false;
+        }
+        // SAFETY: the word is in one of our live blocks (not recycled: the
+        // consumer cannot have passed a record it has not seen), aligned,
+        // and AtomicU32 has u32's layout.
+        crate::sys::futex_wake(unsafe { &*(word as *const AtomicU32) }, i32::MAX);
+        true
+    }
+}
+
+/// Writes a block's header: no successor yet, and its size.
+///
+/// # Safety
+/// `b` is a block of `size >= BLOCK_HEADER` bytes of ours that no consumer reads.
+unsafe fn init_block<B: Blocks>(mem: B, b: u64, size: usize) {
+    // SAFETY: per the caller.
+    unsafe {
+        mem.store64(b + LINK_AT, 0);
+        mem.store64(b + SIZE_AT, size as u64);
+    }
+}
+
+impl<B: Blocks> Drop for Producer<B> {
     fn drop(&mut self) {
         for b in self.chain.drain(..).chain(self.free.drain(..)) {
-            free_block(b);
+            // SAFETY: the queue is gone; nothing of ours reads its blocks.
+            unsafe { self.mem.free(b) };
         }
     }
 }
 
 /// The reading end, in the consumer's process. Reads the producer's blocks
 /// in place and validates everything.
-pub struct Consumer {
+pub struct Consumer<B: Blocks = Shm> {
+    mem: B,
     block: u64,
     size: u64,
     off: u64,
@@ -381,8 +551,28 @@ pub struct Consumer {
 impl Consumer {
     /// Starts reading at the producer's first block `head`.
     pub fn new<'a>(bounds: impl Bounds<'a>, head: u64, pid: i32) -> Result<Self> {
-        let size = Self::check_block(bounds, head, pid)?;
+        Self::new_in(Shm, bounds, head, pid)
+    }
+
+    /// The word the next record's header will change and its current value,
+    /// to sleep on; `None` if a record (or skip) is already there, so there
+    /// is nothing to wait for. The word is readable while `bounds` is.
+    pub fn wait_word<'a>(&'a self, bounds: impl Bounds<'a>) -> Option<(&'a AtomicU32, u32)> {
+        let _ = bounds;
+        // SAFETY: the block was checked to lie in the peer's mapping, which
+        // `bounds` keeps readable for 'a; the position leaves room for a header.
+        let w = unsafe { &*((self.block + self.off) as *const AtomicU32) };
+        let now = w.load(Ordering::Relaxed);
+        (now != self.expected).then_some((w, now))
+    }
+}
+
+impl<B: Blocks> Consumer<B> {
+    /// Starts reading at `head`, a block in `mem`.
+    pub fn new_in<'a>(mem: B, bounds: impl Bounds<'a>, head: u64, pid: i32) -> Result<Self> {
+        let size = Self::check_block(mem, bounds, head, pid)?;
         Ok(Self {
+            mem,
             block: head,
             size,
             off: BLOCK_HEADER as u64,
@@ -396,10 +586,10 @@ impl Consumer {
         Error::Protocol { pid: self.pid, detail }
     }
 
-    fn check_block<'a>(bounds: impl Bounds<'a>, addr: u64, pid: i32) -> Result<u64> {
+    fn check_block<'a>(mem: B, bounds: impl Bounds<'a>, addr: u64, pid: i32) -> Result<u64> {
         bounds.check(addr, BLOCK_HEADER as u64, 64)?;
         // SAFETY: the header lies in the peer's mapping (checked just above).
-        let size = unsafe { (*(addr as *const BlockHeader)).size.load(Ordering::Relaxed) };
+        let size = unsafe { mem.load64(addr + SIZE_AT) };
         if !(BLOCK_HEADER as u64 + RECORD_HEADER as u64..=MAX_BLOCK).contains(&size) {
             return Err(Error::Protocol {
                 pid,
@@ -410,20 +600,12 @@ impl Consumer {
         Ok(size)
     }
 
-    fn header(&self) -> &RecordHeader {
-        // SAFETY: the block was checked to lie in the peer's mapping, and every
-        // position we move to leaves room for a header (checked in `next`).
-        unsafe { &*((self.block + self.off) as *const RecordHeader) }
-    }
-
-    /// The word the next record's header will change and its current value,
-    /// to sleep on; `None` if a record (or skip) is already there, so there
-    /// is nothing to wait for. The word is readable while `bounds` is.
-    pub fn wait_word<'a>(&'a self, bounds: impl Bounds<'a>) -> Option<(&'a AtomicU32, u32)> {
-        let _ = bounds;
-        let w = &self.header().seq;
-        let now = w.load(Ordering::Relaxed);
-        (now != self.expected).then_some((w, now))
+    /// Address of the header at the read position. The block was checked to
+    /// lie in the peer's mapping, and every position we move to leaves room
+    /// for a header (checked in `next`).
+    #[inline(always)]
+    fn header(&self) -> u64 {
+        self.block + self.off
     }
 
     /// Blocks passed so far (what to publish as the cursor).
@@ -438,7 +620,8 @@ impl Consumer {
         loop {
             let h = self.header();
             // Acquire: pairs with the Release store in `Producer::publish_header`.
-            let seq = h.seq.load(Ordering::Acquire);
+            // SAFETY: see `header`.
+            let seq = unsafe { self.mem.load32(h, Ordering::Acquire) };
             if seq != self.expected {
                 // Blocks enter the queue clean (see the module docs): a header
                 // not yet rewritten holds 0 or a number behind the expected
@@ -452,15 +635,15 @@ impl Consumer {
                 }
                 return Ok(false);
             }
-            // SAFETY: as in `header`; a volatile read takes one snapshot of a
-            // value the peer could be changing, validated before use.
-            let len = unsafe { std::ptr::addr_of!(h.len).read_volatile() };
+            // SAFETY: see `header`; one snapshot of a value the peer could be
+            // changing, validated before use.
+            let len = unsafe { self.mem.read32(h + LEN_AT) };
             if len != SKIP {
                 return Ok(true);
             }
             // SAFETY: the block header was validated in `check_block`.
-            let next = unsafe { (*(self.block as *const BlockHeader)).next.load(Ordering::Relaxed) };
-            self.size = Self::check_block(bounds, next, self.pid)?;
+            let next = unsafe { self.mem.load64(self.block + LINK_AT) };
+            self.size = Self::check_block(self.mem, bounds, next, self.pid)?;
             self.expected = next_seq(self.expected);
             self.block = next;
             self.off = BLOCK_HEADER as u64;
@@ -470,15 +653,16 @@ impl Consumer {
 
     /// The next record's payload, in place in the producer's block, or `None`
     /// if it has not been published yet.
+    #[inline]
     pub fn next<'a>(&mut self, bounds: impl Bounds<'a>) -> Result<Option<&'a [u8]>> {
         let h = self.header();
         // Acquire: pairs with the Release store in `Producer::publish_header`.
         // (The fast path: a ready, ordinary record; `ready_record` handles
         // everything else, including skips and broken headers.)
-        let ready = h.seq.load(Ordering::Acquire) == self.expected;
-        // SAFETY: as in `header`; a volatile read takes one snapshot of a
-        // value the peer could be changing, validated before use.
-        let len = unsafe { std::ptr::addr_of!(h.len).read_volatile() };
+        // SAFETY: see `header`.
+        let ready = unsafe { self.mem.load32(h, Ordering::Acquire) } == self.expected;
+        // SAFETY: see `header`; one snapshot, validated before use.
+        let len = unsafe { self.mem.read32(h + LEN_AT) };
         if !ready || len == SKIP {
             if !self.ready_record(bounds)? {
                 return Ok(None);
@@ -495,11 +679,10 @@ impl Consumer {
         self.expected = next_seq(self.expected);
         let payload = self.block + self.off + RECORD_HEADER as u64;
         self.off = end;
-        // SAFETY: `[payload, payload+len)` lies inside the checked block; the
-        // producer does not reuse it before we pass the block.
-        Ok(Some(unsafe {
-            std::slice::from_raw_parts(payload as *const u8, len as usize)
-        }))
+        // SAFETY: `[payload, payload+len)` lies inside the checked block, which
+        // `bounds` keeps readable for 'a; the producer does not reuse it
+        // before we pass the block.
+        Ok(Some(unsafe { self.mem.bytes(payload, len as usize) }))
     }
 }
 
@@ -582,5 +765,249 @@ mod tests {
         assert!(p.recycle(1, 3).is_ok());
         assert!(matches!(p.recycle(0, 3), Err(Error::Protocol { .. })));
         assert!(matches!(p.recycle(99, 3), Err(Error::Protocol { .. })));
+    }
+}
+
+#[cfg(all(test, rpal_loom))]
+mod loom_models {
+    //! `RUSTFLAGS="--cfg rpal_loom" cargo test -p rpal-core --release loom_models::`
+    //!
+    //! The real `Producer` and `Consumer` run over [`Model`], a `Blocks`
+    //! whose words are loom atomics: loom then explores how the producer's
+    //! publication (header `len` written, `seq` stored with Release), its
+    //! skip links, the consumer's cursor and the producer's recycling
+    //! interleave. Each block's bytes are one loom cell, so loom also reports
+    //! a block rewritten (zeroed on recycling, refilled) without a
+    //! happens-before from the consumer's last read of it: the cursor's
+    //! Release/Acquire pair. (One cell per block is exact here because no
+    //! two records of the model share a block.)
+    use super::*;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicU32 as LoomU32, AtomicU64 as LoomU64};
+
+    /// A normal block in the model: the header and 32 bytes of records, so
+    /// an 8-byte record and the skip after it fill a block.
+    const MODEL_BLOCK: usize = BLOCK_HEADER + 32;
+    /// Room per block slot (a jumbo record of 40 bytes needs 120).
+    const SLOT: usize = 128;
+    const SLOTS: usize = 8;
+    /// Fake addresses: slot `i` is at `BASE + i * SLOT` (64-aligned).
+    const BASE: u64 = 0x1000_0000;
+
+    struct Slot {
+        link: LoomU64,
+        size: LoomU64,
+        /// Every u32 of the slot (headers live at 8-byte positions).
+        words: Vec<LoomU32>,
+        bytes: UnsafeCell<[u8; SLOT]>,
+    }
+
+    struct Model {
+        slots: Vec<Slot>,
+        /// Per slot: in use, and ever used (a fresh slot's atomics are zero
+        /// already, so allocating it zeroed needs no stores).
+        used: std::sync::Mutex<[(bool, bool); SLOTS]>,
+    }
+
+    // SAFETY: the atomics and cells are loom's, which checks every access to
+    // the cells for a missing happens-before (the property under test).
+    unsafe impl Sync for Model {}
+
+    impl Model {
+        fn new() -> &'static Model {
+            let slots = (0..SLOTS)
+                .map(|_| Slot {
+                    link: LoomU64::new(0),
+                    size: LoomU64::new(0),
+                    words: (0..SLOT / 4).map(|_| LoomU32::new(0)).collect(),
+                    bytes: UnsafeCell::new([0; SLOT]),
+                })
+                .collect();
+            // One per model execution, small: leaked so that `&'static Model` is Copy.
+            Box::leak(Box::new(Model {
+                slots,
+                used: std::sync::Mutex::new([(false, false); SLOTS]),
+            }))
+        }
+
+        fn at(&self, addr: u64) -> (&Slot, usize) {
+            let i = ((addr - BASE) / SLOT as u64) as usize;
+            (&self.slots[i], ((addr - BASE) % SLOT as u64) as usize)
+        }
+
+        fn in_use(&self, addr: u64, len: u64) -> bool {
+            if addr < BASE || addr >= BASE + (SLOTS * SLOT) as u64 {
+                return false;
+            }
+            let i = ((addr - BASE) / SLOT as u64) as usize;
+            let off = (addr - BASE) % SLOT as u64;
+            self.used.lock().unwrap()[i].0 && off + len <= SLOT as u64
+        }
+    }
+
+    // SAFETY: every access is bounds-checked by indexing, atomics are loom's.
+    unsafe impl Blocks for &'static Model {
+        const BLOCK_SIZE: usize = MODEL_BLOCK;
+
+        fn alloc(self, size: usize, zeroed: bool) -> Result<u64> {
+            assert!(size <= SLOT, "the model has no block of {size} bytes");
+            let mut used = self.used.lock().unwrap();
+            let i = used.iter().position(|u| !u.0).expect("the model ran out of blocks");
+            let dirty = used[i].1;
+            used[i] = (true, true);
+            drop(used);
+            let b = BASE + (i * SLOT) as u64;
+            if zeroed && dirty {
+                // SAFETY: the slot is ours alone (just taken).
+                unsafe { self.zero(b, SLOT) };
+            }
+            Ok(b)
+        }
+
+        unsafe fn free(self, block: u64) {
+            let i = ((block - BASE) / SLOT as u64) as usize;
+            let mut used = self.used.lock().unwrap();
+            assert!(used[i].0, "block {block:#x} freed twice");
+            used[i].0 = false;
+        }
+
+        unsafe fn zero(self, addr: u64, len: usize) {
+            let (slot, off) = self.at(addr);
+            for w in &slot.words[off / 4..(off + len) / 4] {
+                w.store(0, Ordering::Relaxed);
+            }
+            // SAFETY: loom checks that no read of the block races this write.
+            slot.bytes.with_mut(|b| unsafe { (&mut *b)[off..off + len].fill(0) });
+        }
+
+        unsafe fn load32(self, addr: u64, order: Ordering) -> u32 {
+            let (slot, off) = self.at(addr);
+            slot.words[off / 4].load(order)
+        }
+
+        unsafe fn store32(self, addr: u64, value: u32, order: Ordering) {
+            let (slot, off) = self.at(addr);
+            slot.words[off / 4].store(value, order)
+        }
+
+        unsafe fn read32(self, addr: u64) -> u32 {
+            // A plain read in the real code, published by the Release of `seq`:
+            // Relaxed here, so loom shows what an unordered read could see.
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.load32(addr, Ordering::Relaxed) }
+        }
+
+        unsafe fn write32(self, addr: u64, value: u32) {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.store32(addr, value, Ordering::Relaxed) }
+        }
+
+        unsafe fn load64(self, addr: u64) -> u64 {
+            let (slot, off) = self.at(addr);
+            match off as u64 {
+                LINK_AT => slot.link.load(Ordering::Relaxed),
+                SIZE_AT => slot.size.load(Ordering::Relaxed),
+                _ => panic!("no u64 at offset {off}"),
+            }
+        }
+
+        unsafe fn store64(self, addr: u64, value: u64) {
+            let (slot, off) = self.at(addr);
+            match off as u64 {
+                LINK_AT => slot.link.store(value, Ordering::Relaxed),
+                SIZE_AT => slot.size.store(value, Ordering::Relaxed),
+                _ => panic!("no u64 at offset {off}"),
+            }
+        }
+
+        unsafe fn bytes_mut<'a>(self, addr: u64, len: usize) -> &'a mut [u8] {
+            let (slot, off) = self.at(addr);
+            // SAFETY: the model lives for the execution; loom records this as
+            // a write of the block, checked against the consumer's reads.
+            slot.bytes.with_mut(|b| unsafe { &mut (&mut *b)[off..off + len] })
+        }
+
+        unsafe fn bytes<'a>(self, addr: u64, len: usize) -> &'a [u8] {
+            let (slot, off) = self.at(addr);
+            // SAFETY: as in `bytes_mut`, recorded as a read.
+            slot.bytes.with(|b| unsafe { &(&*b)[off..off + len] })
+        }
+    }
+
+    /// The consumer's bounds: a range inside a block the producer holds (a
+    /// read of a freed block is an error the model reports).
+    #[derive(Clone, Copy)]
+    struct InUse(&'static Model);
+
+    // SAFETY: the model's memory lives for the whole execution.
+    unsafe impl Bounds<'static> for InUse {
+        fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
+            if addr % align == 0 && self.0.in_use(addr, len) {
+                Ok(())
+            } else {
+                Err(Error::InvalidPointer {
+                    addr,
+                    len,
+                    reason: "not a live block of the model",
+                })
+            }
+        }
+    }
+
+    /// A record, a skip to a jumbo block (40 bytes), and a skip to a normal
+    /// block: the first one again, recycled and zeroed, if the consumer's
+    /// cursor said it passed it by then, else a fresh one.
+    const SIZES: [usize; 3] = [8, 40, 8];
+
+    /// The producer publishes, skips and recycles while the consumer reads
+    /// and publishes its cursor: every record arrives once, in order, with
+    /// its length and bytes; no read lands in a freed or reused block; and
+    /// every block the consumer passed is recycled. Fails with
+    /// `--cfg rpal_loom_weak_publish` (the record's Release made Relaxed).
+    #[test]
+    fn loom_queue_publish_skip_recycle() {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(2);
+        b.check(|| {
+            let mem = Model::new();
+            let cursor = Arc::new(LoomU64::new(0));
+            let mut p = Producer::new_in(mem).unwrap();
+            let mut c = Consumer::new_in(mem, InUse(mem), p.head(), 9).unwrap();
+            let seen = cursor.clone();
+            let consumer = loom::thread::spawn(move || {
+                // As `Conn` does: the cursor is published when it moved.
+                let mut shown = 0;
+                let mut show = |passed: u64| {
+                    if passed != shown {
+                        publish_cursor(&*seen, passed);
+                        shown = passed;
+                    }
+                };
+                for (i, &len) in SIZES.iter().enumerate() {
+                    let rec = loop {
+                        match c.next(InUse(mem)) {
+                            Ok(Some(r)) => break r,
+                            Ok(None) => loom::thread::yield_now(),
+                            Err(e) => panic!("record {i}: {e}"),
+                        }
+                    };
+                    assert_eq!(rec.len(), len, "record {i}'s length");
+                    assert!(rec.iter().all(|&b| b == i as u8 + 1), "record {i}'s bytes");
+                    // Done with the record: only now may its block be reused.
+                    show(c.passed());
+                }
+                c.passed()
+            });
+            for (i, &len) in SIZES.iter().enumerate() {
+                p.reserve(len).unwrap().fill(i as u8 + 1);
+                p.commit(len);
+                p.recycle(read_cursor(&*cursor), 9).unwrap();
+            }
+            let passed = consumer.join().unwrap();
+            p.recycle(read_cursor(&*cursor), 9).unwrap();
+            assert_eq!(p.consumed, passed);
+            assert_eq!(p.backlog_blocks(), 1, "every passed block was recycled");
+        });
     }
 }

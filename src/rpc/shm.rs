@@ -398,7 +398,7 @@ impl ShmChannel {
         let changed = || {
             // Acquire: pairs with the server's Release publication of the
             // reply (and with the Release store of a wake word in `Table`).
-            word.load(Ordering::Acquire) != seen || wake.load(Ordering::Acquire) != 0
+            word.load(Ordering::Acquire) != seen || doorbell::bell_rang(wake)
         };
         if spin && !self.wait.spin.is_zero() {
             // The clock is read only after the first 1024 spins, so a reply

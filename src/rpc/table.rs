@@ -7,11 +7,11 @@
 //! for an id never given out is a protocol violation.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::task::Waker;
 
 use rpal_core::error::{Error, RemoteStatus, Result};
-use rpal_core::sys;
+use rpal_core::{doorbell, sys};
 
 /// A reply body copied out of the transport, 16-byte aligned.
 pub struct Body {
@@ -75,9 +75,9 @@ impl Waiter {
         match self {
             Waiter::Thread(wake) => {
                 let wake = wake.word();
-                // Release: pairs with the Acquire load in the waiter's loop;
-                // the slot's state was written (under the table lock) before.
-                wake.store(1, Ordering::Release);
+                // The slot's state was written (under the table lock) before:
+                // the loom-modelled hand-off of `rpal_core::doorbell`.
+                doorbell::ring_bell(wake);
                 sys::futex_wake(wake, 1);
             }
             Waiter::Task(w) => {
@@ -308,7 +308,7 @@ thread_local! {
 /// replies for it. Cleared, ready for a new call.
 pub(crate) fn thread_wake() -> ThreadWake {
     BELL.with(|b| {
-        b.store(0, Ordering::Relaxed);
+        doorbell::reset_bell(b);
         ThreadWake(std::ptr::NonNull::from(b))
     })
 }

@@ -21,7 +21,7 @@ use crate::cred::PeerCred;
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
 use crate::pkey::Access;
-use crate::queue::Consumer;
+use crate::queue::{self, Consumer};
 use crate::region::PeerRegion;
 use crate::sys;
 use crate::types::PeerMem;
@@ -189,8 +189,7 @@ impl Conn {
         waits.store(waits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         while self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
             self.ring(access);
-            // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
-            let seen = self.theirs(access).cursor.load(Ordering::Acquire);
+            let seen = queue::read_cursor(&*self.theirs(access).cursor);
             self.mine.tx.recycle(seen, self.pid())?;
             if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
                 break;
@@ -207,8 +206,7 @@ impl Conn {
     /// Recycles our queue blocks the peer has passed, publishes pending
     /// releases, and frees our blocks the peer released.
     pub(crate) fn housekeeping(&mut self, access: &Access) -> Result<()> {
-        // Acquire: pairs with the Release store of `cursor` in `publish_cursor`.
-        let cursor = self.theirs(access).cursor.load(Ordering::Acquire);
+        let cursor = queue::read_cursor(&*self.theirs(access).cursor);
         let pid = self.pid();
         self.mine.tx.recycle(cursor, pid)?;
         self.flush_releases(access);
@@ -220,9 +218,8 @@ impl Conn {
     pub(crate) fn publish_cursor(&mut self) {
         let passed = self.rx.passed();
         if passed != self.cursor_shown && !self.forged_cursor {
-            // Release: we are done with the passed blocks; pairs with the
-            // Acquire in the peer's `housekeeping`.
-            self.mine.block().cursor.store(passed, Ordering::Release);
+            // We are done with the passed blocks (the loom-modelled pair).
+            queue::publish_cursor(&*self.mine.block().cursor, passed);
             self.cursor_shown = passed;
         }
     }

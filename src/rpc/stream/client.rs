@@ -7,7 +7,6 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -236,8 +235,8 @@ impl StreamChannel {
                 }
                 slice = slice.min(left);
             }
-            // Acquire pairs with the Release store of a wake word in `Table`.
-            if wake.load(Ordering::Acquire) == 0 {
+            // The call table's hand-off (`rpal_core::doorbell::bell_rang`).
+            if !rpal_core::doorbell::bell_rang(wake) {
                 // With no backend at all (out of descriptors), a short
                 // plain sleep: the loop looks again and the deadline holds.
                 if rpal_core::wait::sleep(&[(wake, 0)], &[], slice).is_err() {
