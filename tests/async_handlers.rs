@@ -197,7 +197,9 @@ fn async_handlers_run_concurrently_beside_sync_ones() {
         });
         let hello = jobs.greet_later(&name).unwrap();
         assert_eq!(&*hello.read(), "later, rpal", "{t:?}");
-        assert_eq!(hello.is_shared(), t == Transport::Shm);
+        // A string result is copied on receipt on every transport (its
+        // UTF-8 must hold while it is read); the server's block went back.
+        assert!(!hello.is_shared(), "{t:?}");
         // A panicking async handler fails its call only.
         let e = jobs.boom_later().unwrap_err();
         assert!(

@@ -47,6 +47,8 @@ pub trait Kv {
     fn boom(&self);
     /// The server's arena use: bytes in use, blocks lent.
     fn arena(&self) -> ArenaUse;
+    /// The first `n` squares, built in the server's memory and lent to the caller.
+    fn squares(&self, n: u64) -> ShmVec<u64>;
 }
 
 mod other {
@@ -86,6 +88,13 @@ impl Kv for KvImpl {
             in_use: s.in_use,
             lent: s.lent as u64,
         }
+    }
+    fn squares(&self, n: u64) -> ShmVec<u64> {
+        let mut v = ShmVec::new();
+        for i in 0..n {
+            v.push(i * i).expect("arena");
+        }
+        v
     }
 }
 
@@ -158,9 +167,15 @@ fn typed_calls_over_every_transport() {
         assert_eq!(kv.sum(&xs).unwrap(), 500_500, "{t:?}");
         let hello = kv.greet(&name).unwrap();
         assert_eq!(&*hello.read(), "hello, rpal", "{t:?}");
-        // Over shared memory the result stays in the server's memory.
-        assert_eq!(hello.is_shared(), t == Transport::Shm);
+        // A string result is a copy on every transport: its UTF-8 must hold
+        // while it is read, and the server could rewrite its bytes.
+        assert!(!hello.is_shared(), "{t:?}");
         drop(hello);
+        // Other pointer results stay in the server's memory over shm.
+        let sq = kv.squares(100).unwrap();
+        assert_eq!(sq.read().last(), Some(&9801), "{t:?}");
+        assert_eq!(sq.is_shared(), t == Transport::Shm);
+        drop(sq);
         assert_eq!(kv.swap(&point).unwrap(), Point { x: 2, y: 1 }, "{t:?}");
         // A panicking handler fails that call only.
         let e = kv.boom().unwrap_err();
@@ -201,13 +216,16 @@ fn typed_calls_over_every_transport() {
         "sleep_ms(u64)->u64",
         "boom()->()",
         "arena()->ArenaUse",
+        "squares(u64)->ShmVec<u64>",
     ];
     assert_eq!(KvService::ADD, rpal::raw::method_id(sigs[0]));
     assert_eq!(KvService::GREET, rpal::raw::method_id(sigs[2]));
     assert_eq!(KvService::BOOM, rpal::raw::method_id(sigs[5]));
     assert_eq!(KvService::METHOD_HASH, rpal::raw::service_hash("Kv", &sigs));
 
-    // Lent results went back: the server's arena is not leaking greetings.
+    // Lent results went back: the server's arena is not leaking greetings
+    // (copied on receipt, their blocks released at once) or squares (held
+    // by the caller, ten at a time, and released when dropped).
     // A dropped result's release goes out with the next call, and the server
     // frees the block after that call's batch: so look twice.
     let kv = server.connect(Transport::Shm);
@@ -220,9 +238,15 @@ fn typed_calls_over_every_transport() {
     for _ in 0..500 {
         assert_eq!(&*kv.greet(&name).unwrap().read(), "hello, rpal");
     }
+    for _ in 0..50 {
+        let held: Vec<_> = (0..10).map(|_| kv.squares(64).unwrap()).collect();
+        assert!(held.iter().all(|s| s.is_shared() && s.read()[63] == 3969));
+        let mid = kv.arena().unwrap();
+        assert!(mid.lent >= before.lent + 10, "held squares are lent: {mid:?}");
+    }
     let after = settled(&kv);
-    eprintln!("server arena before {before:?}, after 500 lent greetings {after:?}");
-    assert_eq!(after.lent, before.lent, "lent greetings were not released");
+    eprintln!("server arena before {before:?}, after 500 greetings and 500 lent squares {after:?}");
+    assert_eq!(after.lent, before.lent, "lent results were not released");
     assert_eq!(after.in_use, before.in_use, "the server's arena grew");
 }
 

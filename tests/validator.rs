@@ -132,8 +132,8 @@ fn validator_against_a_real_peer() {
                 prop_assert_eq!(bytes.as_ptr() as u64, addr);
                 prop_assert_eq!(bytes.len() as u64, n);
             }
-            if let Ok(s) = peer.str(addr, n) {
-                prop_assert!(std::str::from_utf8(s.as_bytes()).is_ok());
+            if let Ok(s) = peer.copy_str(addr, n) {
+                prop_assert_eq!(s.len() as u64, n);
             }
             // Any words read as shm headers: never a panic; Ok only inside the region.
             let words = [addr, n, n];
@@ -145,9 +145,13 @@ fn validator_against_a_real_peer() {
             }
             // SAFETY: as above.
             let s = unsafe { std::mem::transmute::<[u64; 3], ManuallyDrop<ShmString>>(words) };
-            if let Ok(s) = s.get(peer) {
-                prop_assert!(s.is_empty() || model(s.as_ptr() as u64, s.len() as u64, 1));
+            if let Ok(b) = s.get_bytes(peer) {
+                prop_assert!(b.is_empty() || model(b.as_ptr() as u64, b.len() as u64, 1));
             }
+            prop_assert_eq!(
+                s.get(peer).is_ok(),
+                s.get_bytes(peer).is_ok_and(|b| std::str::from_utf8(b).is_ok())
+            );
             // SAFETY: ShmBox<u64> is one u64.
             let b = unsafe { std::mem::transmute::<u64, ManuallyDrop<ShmBox<u64>>>(addr) };
             prop_assert_eq!(b.get(peer).is_ok(), model(addr, 8, 8));

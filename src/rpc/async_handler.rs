@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use super::table::Body;
-use super::wire::{Reader, Writer};
+use super::wire::{Reader, Scratch, Writer};
 use rpal_core::error::RemoteStatus;
 use rpal_core::{PeerMem, PeerRegion};
 
@@ -48,6 +48,8 @@ pub enum Dispatched {
 pub struct OwnedArgs {
     body: Body,
     region: Option<Arc<PeerRegion>>,
+    /// The copies of string arguments, kept while the future runs.
+    copies: Scratch,
 }
 
 impl OwnedArgs {
@@ -62,6 +64,7 @@ impl OwnedArgs {
         Ok(Self {
             body: Body::copy(body),
             region: region.cloned(),
+            copies: Scratch::default(),
         })
     }
 
@@ -74,7 +77,12 @@ impl OwnedArgs {
             // SAFETY: `OwnedArgs` are made only by `async_dispatch`, whose future
             // the shared-memory handler runs inside `Guarded`: every read
             // through the views happens during a poll, with access granted.
-            Some(region) => Reader::shm_shared(self.body.bytes(), unsafe { PeerMem::assume(region) }, region),
+            Some(region) => Reader::shm_shared(
+                self.body.bytes(),
+                unsafe { PeerMem::assume(region) },
+                region,
+                &self.copies,
+            ),
             None => Reader::stream(self.body.bytes()),
         }
     }

@@ -24,7 +24,7 @@ pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamServer, serve_stream};
 pub use table::Body;
-pub use wire::{Mode, Reader, ReleaseSink, Returned, ShmPtr, Viewed, Writer};
+pub use wire::{Mode, Reader, ReleaseSink, Returned, Scratch, ShmPtr, Viewed, Writer};
 
 use async_handler::Guarded;
 use rpal_core::error::{RemoteStatus, Result};
@@ -124,7 +124,8 @@ impl<D> Clone for ShmHandler<D> {
 
 impl<D: Dispatch> Handler for ShmHandler<D> {
     fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
-        let mut args = Reader::shm_shared(req.payload, req.mem(), req.peer);
+        let copies = Scratch::default();
+        let mut args = Reader::shm_shared(req.payload, req.mem(), req.peer, &copies);
         let mut out = Writer::fixed(reply);
         let pid = req.peer.pid();
         match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {

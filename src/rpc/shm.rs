@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::table::{Dead, Table, Waiter, thread_wake};
 use super::wheel::{Expire, Wheel};
-use super::wire::{Reader, ReleaseSink, Writer};
+use super::wire::{Reader, ReleaseSink, Scratch, Writer};
 use super::{ReplyCtx, Sink};
 use rpal_core::INLINE_CAPACITY;
 use rpal_core::client::Client;
@@ -291,7 +291,8 @@ impl ShmChannel {
                 status: RemoteStatus::from_code(status),
             });
         }
-        let mut r = Reader::shm(body, mem);
+        let copies = Scratch::default();
+        let mut r = Reader::shm(body, mem, &copies);
         let ctx = ReplyCtx {
             shm: Some((mem, &self.region)),
             sink: Some(self as &dyn Sink),

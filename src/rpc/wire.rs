@@ -49,6 +49,45 @@ fn bytes_of_slice<T: ShmSafe>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(v)) }
 }
 
+/// Copies of peer data that cannot be viewed in place, kept for as long as
+/// their views live (one per call's arguments, one per string result).
+///
+/// A view of a peer's memory is read while the peer may rewrite it. For
+/// `[T]` and `T` of `ShmSafe` types that is harmless: every bit pattern is
+/// a valid value, so the handler sees old or new values, never an invalid
+/// one. A `&str` is different: safe code (`chars()`, slicing) relies on it
+/// staying UTF-8, which a peer could break after the check. So strings are
+/// copied on receipt and checked in the copy: one copy of bytes the check
+/// reads anyway. Data that must be zero-copy whatever its size goes as
+/// `ShmSlice<u8>` (bytes, no invariant), validated by the handler if needed.
+#[derive(Default)]
+pub struct Scratch {
+    // A Mutex, not a RefCell: an async handler's future holds views into
+    // its arguments' copies across awaits, so this must be Sync. Never
+    // contended (one call's arguments are read by one thread at a time).
+    kept: std::sync::Mutex<Vec<Box<[u8]>>>,
+}
+
+impl Scratch {
+    /// A copy of `bytes` (read from the peer's memory at `addr`), checked
+    /// to be UTF-8; it lives as long as `self`.
+    pub fn keep_str(&self, bytes: &[u8], addr: u64) -> Result<&str> {
+        let copy: Box<[u8]> = bytes.into();
+        std::str::from_utf8(&copy).map_err(|_| Error::InvalidUtf8 { addr })?;
+        let view: *const [u8] = &*copy;
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).push(copy);
+        // SAFETY: the box's heap bytes never move and are never written or
+        // freed before `self` drops (boxes are only pushed); they were
+        // checked to be UTF-8 above, in our own memory, which no peer writes.
+        Ok(unsafe { std::str::from_utf8_unchecked(&*view) })
+    }
+
+    /// Whether anything was copied.
+    pub fn is_empty(&self) -> bool {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+}
+
 /// A pointer type that can be an argument or a result: its data passes by
 /// address in shared memory and by copy over a stream.
 pub trait ShmPtr: Sized + 'static {
@@ -63,7 +102,9 @@ pub trait ShmPtr: Sized + 'static {
     /// Gives the block to peer `pid` (it stays allocated until released).
     fn lend_to(self, pid: i32) -> Result<(u64, u64)>;
     /// A validated view of `count` elements at `addr` in a peer's memory.
-    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&Self::View>;
+    /// A view whose validity the peer could break after the check (a
+    /// string: UTF-8) is of a copy kept in `copies`, validated there.
+    fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, copies: &'p Scratch) -> Result<&'p Self::View>;
     /// A validated view of `count` elements in `bytes` (aligned for `Elem`).
     fn view_bytes(bytes: &[u8], count: u64) -> Result<&Self::View>;
 }
@@ -94,7 +135,7 @@ impl<T: ShmSafe> ShmPtr for ShmBox<T> {
     fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
         Ok((self.lend(pid)?, 1))
     }
-    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&T> {
+    fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, _: &'p Scratch) -> Result<&'p T> {
         if count != 1 {
             return Err(Error::InvalidPointer {
                 addr,
@@ -128,7 +169,7 @@ macro_rules! slice_like {
             fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
                 self.lend(pid)
             }
-            fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&[$elem]> {
+            fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, _: &'p Scratch) -> Result<&'p [$elem]> {
                 if count == 0 {
                     return Ok(&[]);
                 }
@@ -156,11 +197,13 @@ impl ShmPtr for ShmString {
     fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
         self.lend(pid)
     }
-    fn view_peer(peer: PeerMem<'_>, addr: u64, count: u64) -> Result<&str> {
+    fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, copies: &'p Scratch) -> Result<&'p str> {
         if count == 0 {
             return Ok("");
         }
-        peer.str(addr, count)
+        // Copied, then checked: the peer may rewrite its bytes at any time,
+        // and a `&str` must stay UTF-8 for as long as it is read.
+        copies.keep_str(peer.bytes(addr, count)?, addr)
     }
     fn view_bytes(bytes: &[u8], count: u64) -> Result<&str> {
         let b = elems::<u8>(bytes, count)?;
@@ -315,6 +358,8 @@ pub struct Reader<'a> {
     body: &'a [u8],
     at: usize,
     peer: Option<PeerMem<'a>>,
+    /// Where views that must be copies (strings) keep their copies.
+    copies: Option<&'a Scratch>,
     /// The same region as `peer`, as a handle work that outlives the
     /// request can keep (see `OwnedArgs`).
     shared: Option<&'a Arc<PeerRegion>>,
@@ -330,13 +375,15 @@ fn short(what: &'static str) -> Error {
 }
 
 impl<'a> Reader<'a> {
-    /// A reader of a body in shared memory; pointers are checked against `peer`.
+    /// A reader of a body in shared memory; pointers are checked against
+    /// `peer`, and strings are copied into `copies`.
     #[inline]
-    pub fn shm(body: &'a [u8], peer: PeerMem<'a>) -> Self {
+    pub fn shm(body: &'a [u8], peer: PeerMem<'a>, copies: &'a Scratch) -> Self {
         Self {
             body,
             at: 0,
             peer: Some(peer),
+            copies: Some(copies),
             shared: None,
         }
     }
@@ -344,11 +391,12 @@ impl<'a> Reader<'a> {
     /// As [`Reader::shm`], with a handle on the region that an async
     /// handler's owned arguments can keep.
     #[inline]
-    pub fn shm_shared(body: &'a [u8], peer: PeerMem<'a>, region: &'a Arc<PeerRegion>) -> Self {
+    pub fn shm_shared(body: &'a [u8], peer: PeerMem<'a>, region: &'a Arc<PeerRegion>, copies: &'a Scratch) -> Self {
         Self {
             body,
             at: 0,
             peer: Some(peer),
+            copies: Some(copies),
             shared: Some(region),
         }
     }
@@ -376,6 +424,7 @@ impl<'a> Reader<'a> {
             body,
             at: 0,
             peer: None,
+            copies: None,
             shared: None,
         }
     }
@@ -411,7 +460,8 @@ impl<'a> Reader<'a> {
             Some(peer) => {
                 let addr = self.word()?;
                 let count = self.word()?;
-                P::view_peer(peer, addr, count)
+                let copies = self.copies.expect("a shared-memory reader has a scratch");
+                P::view_peer(peer, addr, count, copies)
             }
             None => {
                 let count = self.word()?;
@@ -476,6 +526,8 @@ enum Keep {
     },
     /// A copy; the view points into it.
     Owned(#[allow(dead_code)] Box<[u128]>),
+    /// A copy made on receipt (a string); the view points into it.
+    Copied(#[allow(dead_code)] Scratch),
 }
 
 // SAFETY: the view is read-only data that outlives the handle (a peer
@@ -495,7 +547,8 @@ impl<P: ShmPtr> Returned<P> {
         count: u64,
         sink: Arc<dyn ReleaseSink>,
     ) -> Result<Self> {
-        let view = match P::view_peer(mem, addr, count) {
+        let copies = Scratch::default();
+        let view = match P::view_peer(mem, addr, count, &copies) {
             Ok(v) => NonNull::from(v),
             Err(e) => {
                 if addr != 0 {
@@ -504,6 +557,17 @@ impl<P: ShmPtr> Returned<P> {
                 return Err(e);
             }
         };
+        if !copies.is_empty() {
+            // Read from a copy (a string): the server's block goes back now.
+            if addr != 0 {
+                sink.release(addr);
+            }
+            return Ok(Self {
+                view,
+                keep: Keep::Copied(copies),
+                _p: PhantomData,
+            });
+        }
         Ok(Self {
             view,
             keep: Keep::Lent {
@@ -550,7 +614,7 @@ impl<P: ShmPtr> Returned<P> {
     pub fn read(&self) -> Viewed<'_, P::View> {
         let access = match &self.keep {
             Keep::Lent { region, .. } => region.access(),
-            Keep::Owned(_) => Access::none(),
+            Keep::Owned(_) | Keep::Copied(_) => Access::none(),
         };
         // SAFETY: `view` was validated when the handle was made and points
         // into memory `keep` holds (see the Send impl); `access` lets this

@@ -192,10 +192,21 @@ pub(crate) fn own_arena() -> &'static crate::arena::Arena {
     crate::arena::Arena::global().expect("shm values exist only once the process arena does")
 }
 
-/// Panics unless `addr` is in our own arena: owner-side access to a value
-/// that belongs to a peer is a programming error (use `get(mem)`).
-pub(crate) fn assert_owned(addr: u64, what: &str) {
-    if addr != 0 && !own_arena().region().contains(addr, 1) {
+/// Panics unless the value is ours: its header (`header`, the value itself)
+/// is not in a peer's memory, and its data (`addr`) is in our own arena.
+/// Owner-side access to a value that belongs to a peer is a programming
+/// error (use `get(mem)`, which validates). Both halves matter: a peer can
+/// lay out a header in its own memory whose address points into *our*
+/// arena, with a length of its choosing, inside a struct we view.
+pub(crate) fn assert_owned<H>(header: &H, addr: u64, what: &str) {
+    let at = header as *const H as u64;
+    let arena = own_arena();
+    let in_peer = !arena.region().contains(at, 1)
+        && crate::space::Space::global().is_ok_and(|s| s.in_window(at, size_of::<H>() as u64));
+    if in_peer {
+        panic!("a {what} in a peer's memory (at {at:#x}): read it with .get(mem), which validates it");
+    }
+    if addr != 0 && !arena.region().contains(addr, 1) {
         panic!("{what} at {addr:#x} belongs to a peer: read it with .get(mem), which validates it");
     }
 }

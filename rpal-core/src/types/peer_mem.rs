@@ -97,8 +97,10 @@ impl<'a> PeerMem<'a> {
         self.slice::<u8>(addr, len)
     }
 
-    /// A validated, UTF-8-checked string view.
-    pub fn str(&self, addr: u64, len: u64) -> Result<&'a str> {
-        std::str::from_utf8(self.bytes(addr, len)?).map_err(|_| Error::InvalidUtf8 { addr })
+    /// A copy of the string at `addr`, UTF-8-checked in the copy. (There is
+    /// no `&str` view of a peer's memory: the peer could break its UTF-8
+    /// after the check, while safe code relies on it.)
+    pub fn copy_str(&self, addr: u64, len: u64) -> Result<String> {
+        String::from_utf8(self.bytes(addr, len)?.to_vec()).map_err(|_| Error::InvalidUtf8 { addr })
     }
 }

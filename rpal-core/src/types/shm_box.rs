@@ -55,7 +55,7 @@ impl<T: ShmSafe> ShmBox<T> {
     }
 
     fn ptr(&self) -> *mut T {
-        assert_owned(self.addr, "ShmBox");
+        assert_owned(self, self.addr, "ShmBox");
         self.addr as *mut T
     }
 }

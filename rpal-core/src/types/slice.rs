@@ -72,7 +72,7 @@ impl<T: ShmSafe> ShmSlice<T> {
     }
 
     fn raw(&self) -> (*mut T, usize) {
-        assert_owned(self.addr, "ShmSlice");
+        assert_owned(self, self.addr, "ShmSlice");
         let p = if self.addr == 0 {
             NonNull::dangling().as_ptr()
         } else {

@@ -64,7 +64,7 @@ impl<T: ShmSafe> ShmVec<T> {
 
     /// Makes room for `more` values beyond the length (growth doubles).
     pub fn reserve(&mut self, more: usize) -> Result<()> {
-        assert_owned(self.addr, "ShmVec");
+        assert_owned(self, self.addr, "ShmVec");
         let overflow = || Error::InvalidPointer {
             addr: 0,
             len: u64::MAX,
@@ -102,7 +102,7 @@ impl<T: ShmSafe> ShmVec<T> {
 
     /// Removes and returns the last value.
     pub fn pop(&mut self) -> Option<T> {
-        assert_owned(self.addr, "ShmVec");
+        assert_owned(self, self.addr, "ShmVec");
         if self.len == 0 {
             return None;
         }
@@ -148,7 +148,7 @@ impl<T: ShmSafe> ShmVec<T> {
     }
 
     fn raw(&self) -> *mut T {
-        assert_owned(self.addr, "ShmVec");
+        assert_owned(self, self.addr, "ShmVec");
         if self.addr == 0 {
             NonNull::dangling().as_ptr()
         } else {
@@ -199,8 +199,9 @@ unsafe impl<T: ShmSafe> ShmSafe for ShmVec<T> {
     }
 }
 
-/// A UTF-8 string in this process's arena. Peers read it with
-/// [`ShmString::get`], which checks bounds and UTF-8 once.
+/// A UTF-8 string in this process's arena. Peers read a copy of it with
+/// [`ShmString::get`] (bounds, then UTF-8 in the copy), or its bytes in
+/// place with [`ShmString::get_bytes`].
 #[repr(C)]
 #[derive(Default)]
 pub struct ShmString {
@@ -240,12 +241,21 @@ impl ShmString {
         self.bytes.is_empty()
     }
 
-    /// A peer's view: bounds checked, then UTF-8 checked once.
-    pub fn get<'p>(&self, peer: PeerMem<'p>) -> Result<&'p str> {
+    /// A peer's string, copied: bounds checked, then UTF-8 checked in the
+    /// copy (a `&str` into the peer's memory could stop being UTF-8 while it
+    /// is read). For the bytes in place, see [`ShmString::get_bytes`].
+    pub fn get(&self, peer: PeerMem<'_>) -> Result<String> {
         let bytes = self.bytes.get(peer)?;
-        std::str::from_utf8(bytes).map_err(|_| Error::InvalidUtf8 {
+        String::from_utf8(bytes.to_vec()).map_err(|_| Error::InvalidUtf8 {
             addr: read_once(&self.bytes.addr),
         })
+    }
+
+    /// A peer's string as bytes in place, bounds checked (no UTF-8 check:
+    /// the peer may change them while they are read; bytes have no
+    /// invariant to break).
+    pub fn get_bytes<'p>(&self, peer: PeerMem<'p>) -> Result<&'p [u8]> {
+        self.bytes.get(peer)
     }
 
     /// Hands the string over to peer `pid`.
@@ -264,7 +274,9 @@ impl TryFrom<&str> for ShmString {
 impl Deref for ShmString {
     type Target = str;
     fn deref(&self) -> &str {
-        // SAFETY: only `push_str` writes the bytes, always whole `str`s.
+        assert_owned(self, self.bytes.addr, "ShmString");
+        // SAFETY: ours (checked above), and only `push_str` writes the
+        // bytes, always whole `str`s.
         unsafe { std::str::from_utf8_unchecked(&self.bytes) }
     }
 }
