@@ -188,7 +188,10 @@ fn async_handlers_run_concurrently_beside_sync_ones() {
         // pointer results of async handlers are lent as sync ones are.
         assert_eq!(jobs.sum_later(&xs, 20).unwrap(), 5050, "{t:?}");
         rt.block_on(async {
-            let many: Vec<_> = (0..50).map(|i| jobs.sum_later_async(&xs, i % 5)).collect();
+            // Each sleeps 5-9 ms (longer under emulation), so all can be sent
+            // before the first is answered.
+            let ms = |i: u64| (5 + i % 5) * common::time_scale();
+            let many: Vec<_> = (0..50).map(|i| jobs.sum_later_async(&xs, ms(i))).collect();
             let (results, peak) = join_all(many, || jobs.channel().in_flight()).await;
             for r in results {
                 assert_eq!(r.unwrap(), 5050, "{t:?}");
@@ -319,7 +322,8 @@ fn a_full_queue_waits_and_nothing_is_dropped() {
             let ms = 300 * common::time_scale();
             std::thread::spawn(move || jobs.hold(ms))
         };
-        std::thread::sleep(Duration::from_millis(20));
+        // Let the hold reach the server first (longer under emulation).
+        std::thread::sleep(Duration::from_millis(20 * common::time_scale()));
         let sums = rt.block_on(async {
             // One task per call, so that all of them are in flight at once.
             let tasks: Vec<_> = (0..6000u64)

@@ -28,8 +28,9 @@ use rpal::*;
 pub trait Keys {
     /// Echoes `x`.
     fn echo(&self, x: u64) -> u64;
-    /// A string built in the server's memory and lent to the caller.
-    fn label(&self, id: u64) -> ShmString;
+    /// A label's bytes, built in the server's memory and lent to the caller
+    /// (bytes, not a string: a string result is copied on receipt).
+    fn label(&self, id: u64) -> ShmVec<u8>;
     /// PKRU writes made so far by the thread running the handlers.
     fn writes(&self) -> u64;
 }
@@ -40,8 +41,10 @@ impl Keys for KeysImpl {
     fn echo(&self, x: u64) -> u64 {
         x
     }
-    fn label(&self, id: u64) -> ShmString {
-        ShmString::copy_from(&format!("#{id}")).expect("arena")
+    fn label(&self, id: u64) -> ShmVec<u8> {
+        let mut v = ShmVec::new();
+        v.extend_from_slice(format!("#{id}").as_bytes()).expect("arena");
+        v
     }
     fn writes(&self) -> u64 {
         pkey::pkru_writes()
@@ -176,9 +179,9 @@ fn a_returned_value_is_read_through_its_guard_and_a_smuggled_view_faults() {
             for i in 0..100 {
                 assert_eq!(c.echo(i).unwrap(), i);
             }
-            assert_eq!(&*name.read(), "#7");
-            assert_eq!(name.to_owned(), "#7");
-            eprintln!("read through the guard: {}", &*name.read());
+            assert_eq!(&*name.read(), b"#7");
+            assert_eq!(name.to_owned(), b"#7");
+            eprintln!("read through the guard: {}", String::from_utf8_lossy(&name.read()));
             // Breaking the rule: a pointer taken inside the guard, used after it.
             let smuggled = name.read().as_ptr();
             eprintln!("reading a view smuggled out of its guard");
@@ -339,7 +342,7 @@ fn without_a_free_key_regions_go_unguarded_and_status_says_so() {
             for i in 0..100 {
                 assert_eq!(c.echo(i).unwrap(), i);
             }
-            assert_eq!(&*c.label(3).unwrap().read(), "#3");
+            assert_eq!(&*c.label(3).unwrap().read(), b"#3");
             match pkey::status() {
                 PkeyStatus::Degraded(why) => {
                     assert!(why.contains("no protection key"), "{why}");

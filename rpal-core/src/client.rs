@@ -200,7 +200,10 @@ impl Client {
     ) -> Result<u64> {
         let id = self.next_id(method)?;
         let access = self.conn.peer.region.access();
-        self.conn.send(&access, method, id, budget_bits(budget), cap, write)?;
+        // Waiting for room counts against the call's own deadline.
+        let room_wait = budget.or(self.call_timeout);
+        self.conn
+            .send(&access, method, id, budget_bits(budget), cap, room_wait, write)?;
         self.conn.ring(&access);
         Ok(id)
     }
@@ -327,7 +330,8 @@ impl Client {
     pub fn send_oneway(&mut self, method: u32, len: usize, write: impl FnOnce(&mut [u8])) -> Result<()> {
         let id = self.next_id(method)?;
         let access = self.conn.peer.region.access();
-        self.conn.send(&access, method, id, FLAG_ONEWAY, len, |buf| {
+        let room_wait = self.call_timeout;
+        self.conn.send(&access, method, id, FLAG_ONEWAY, len, room_wait, |buf| {
             write(&mut buf[..len]);
             len
         })
@@ -377,9 +381,15 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         // Tell the server we are done, so it stops waiting at once. Best
-        // effort: a server that died needs no goodbye.
+        // effort: a server that died needs no goodbye, and one that stopped
+        // reading gets one park slice to make room, never a hung drop.
         let access = self.conn.peer.region.access();
-        if self.conn.send(&access, METHOD_CLOSE, 0, FLAG_ONEWAY, 0, |_| 0).is_ok() {
+        let room_wait = Some(self.conn.wait.park_slice);
+        if self
+            .conn
+            .send(&access, METHOD_CLOSE, 0, FLAG_ONEWAY, 0, room_wait, |_| 0)
+            .is_ok()
+        {
             self.conn.ring(&access);
         }
     }

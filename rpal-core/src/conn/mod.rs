@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::arena::Arena;
 use crate::cred::PeerCred;
@@ -151,8 +151,10 @@ impl Conn {
     }
 
     /// Appends a message whose body `write` fills (at most `cap` bytes; it
-    /// returns the length). Waits if the peer is `BACKLOG_BLOCKS` behind.
+    /// returns the length). Waits if the peer is `BACKLOG_BLOCKS` behind, at
+    /// most `room_wait` (then `Timeout`; `None`: while the peer lives).
     /// Does not wake the peer: call [`Conn::ring`] after a batch.
+    #[allow(clippy::too_many_arguments)] // the message header's fields, its body, and the wait bound
     pub(crate) fn send(
         &mut self,
         access: &Access,
@@ -160,11 +162,12 @@ impl Conn {
         call_id: u64,
         status: u32,
         cap: usize,
+        room_wait: Option<Duration>,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<()> {
         self.housekeeping(access)?;
         if self.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
-            self.wait_for_room(access)?;
+            self.wait_for_room(access, room_wait)?;
         }
         write_msg(&mut self.mine.tx, method, call_id, cap, |body| (write(body), status))
     }
@@ -182,8 +185,9 @@ impl Conn {
         }
     }
 
-    /// Backpressure: wait until the peer's cursor frees some of our blocks.
-    fn wait_for_room(&mut self, access: &Access) -> Result<()> {
+    /// Backpressure: wait until the peer's cursor frees some of our blocks,
+    /// at most `limit`.
+    fn wait_for_room(&mut self, access: &Access, limit: Option<Duration>) -> Result<()> {
         let start = Instant::now();
         let waits = &self.stats.full_waits;
         waits.store(waits.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
@@ -195,8 +199,12 @@ impl Conn {
                 break;
             }
             // The consumer does not wake producers: poll its cursor gently.
-            std::thread::sleep(std::time::Duration::from_micros(50));
-            if start.elapsed() > self.wait.park_slice {
+            std::thread::sleep(Duration::from_micros(50));
+            let waited = start.elapsed();
+            if let Some(limit) = limit.filter(|l| waited >= *l) {
+                return Err(Error::Timeout(limit));
+            }
+            if waited > self.wait.park_slice {
                 self.check_alive()?;
             }
         }
@@ -226,9 +234,19 @@ impl Conn {
 
     /// Waits until a message is ready (or the deadline, or the peer's death).
     pub(crate) fn wait_ready(&mut self, access: &Access, deadline: Option<&Deadline>) -> Result<()> {
+        let mut first = true;
         loop {
             if self.rx.ready_record(self.peer.region.mem(access))? {
                 return Ok(());
+            }
+            // A peer that keeps moving its word without publishing a record
+            // ends every `doorbell::wait` at once, before it looks at the
+            // deadline: so look here, from the second round on (the first
+            // costs no clock read, the hot path).
+            if !std::mem::take(&mut first) {
+                if let Some(d) = deadline.filter(|d| Instant::now() >= d.at()) {
+                    return Err(Error::Timeout(d.after));
+                }
             }
             self.publish_cursor();
             // The record may have landed since `ready_record` looked.
