@@ -5,7 +5,8 @@
 //!
 //! Classes covered so far: views a peer rewrites after the check (a string
 //! made invalid UTF-8 while the handler reads it; a nested pointer turned
-//! into the server's own arena). The other classes of the hostile-peers
+//! into the server's own arena), and a server that stops reading (the
+//! client's deadline still holds). The other classes of the hostile-peers
 //! issue (quotas, the acceptor, the poller, streams) are still to come.
 
 mod common;
@@ -256,4 +257,69 @@ fn a_nested_pointer_rewritten_to_the_servers_arena_is_refused() {
     );
     assert_eq!(c.add(1, 1).unwrap(), 2, "the attacker's own connection still serves");
     still_serving(&server, stop, honest);
+}
+
+/// A raw server whose one poller stops reading at its first message.
+fn stalled_server_child() {
+    let server = rpal::raw::Server::bind(common::arg("RPAL_TEST_SOCK"), ServerOptions::new("stall")).unwrap();
+    let handler = |_: &rpal::raw::Request<'_>, _: &mut [u8]| {
+        std::thread::sleep(Duration::from_secs(3600)); // killed by the test
+        Ok(0)
+    };
+    rpal::raw::serve(
+        server,
+        handler,
+        PollerConfig {
+            threads: 1,
+            ..PollerConfig::default()
+        },
+    )
+    .unwrap()
+    .join();
+}
+
+/// A server that stops reading (alive, its queue of our requests full)
+/// cannot hold a client past its deadline: sending into the full queue
+/// ends with `Timeout` after the call timeout, and dropping the client (its
+/// goodbye needs room too) returns after at most one park slice.
+#[test]
+fn a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline() {
+    if common::role().is_some() {
+        return stalled_server_child();
+    }
+    let test = "a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline";
+    let path = common::sock_path("chaos-stall");
+    let _server = common::spawn(test, "server", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let timeout = Duration::from_millis(300);
+    let mut opts = ClientOptions::new("stall");
+    opts.call_timeout = Some(timeout);
+    let mut c = common::retry(|| rpal::raw::Client::connect(&path, opts.clone()));
+    // 60 KB messages: the queue holds 256 blocks (16 MiB) unread, then waits.
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let err = loop {
+        match c.send_oneway(1, 60_000, |b| b.fill(7)) {
+            Ok(()) => {
+                sent += 1;
+                c.flush();
+            }
+            Err(e) => break e,
+        }
+        assert!(sent < 100_000, "the queue never filled");
+    };
+    let took = t0.elapsed();
+    assert!(matches!(err, Error::Timeout(t) if t == timeout), "{err}");
+    assert!(sent >= 256, "only {sent} messages before the wait");
+    // Far under a hang; the bound is behaviour, not speed.
+    assert!(
+        took < Duration::from_secs(60),
+        "the full queue held the sender {took:?}"
+    );
+    let t1 = Instant::now();
+    drop(c);
+    assert!(
+        t1.elapsed() < Duration::from_secs(30),
+        "dropping the client waited {:?} for room",
+        t1.elapsed()
+    );
 }
