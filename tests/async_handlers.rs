@@ -41,6 +41,8 @@ pub trait Jobs {
     fn add(&self, a: u64, b: u64) -> u64;
     /// Sync: blocks the thread serving this connection for `ms`.
     fn hold(&self, ms: u64);
+    /// How many `hold` calls have started.
+    fn holds(&self) -> u64;
     /// Sync: a checksum of a 4000-byte value.
     fn check(&self, b: Block) -> u64;
 }
@@ -49,6 +51,7 @@ pub trait Jobs {
 struct JobsImpl {
     rounds: Mutex<HashMap<u64, tokio::sync::watch::Sender<u64>>>,
     stopped: std::sync::Arc<AtomicU64>,
+    holds: AtomicU64,
 }
 
 /// Counts a stopped `stall` when the handler's future is dropped.
@@ -92,7 +95,11 @@ impl Jobs for JobsImpl {
     fn add(&self, a: u64, b: u64) -> u64 {
         a + b
     }
+    fn holds(&self) -> u64 {
+        self.holds.load(Ordering::SeqCst)
+    }
     fn hold(&self, ms: u64) {
+        self.holds.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(ms));
     }
     fn check(&self, b: Block) -> u64 {
@@ -153,7 +160,10 @@ impl ServerChild {
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "never happened: {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10 * common::time_scale()),
+            "never happened: {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -310,7 +320,8 @@ fn a_full_queue_waits_and_nothing_is_dropped() {
     }
     let server = start_server("a_full_queue_waits_and_nothing_is_dropped", "async-bp");
     let rt = runtime();
-    for t in ALL {
+    let probe = server.connect(Transport::Tcp);
+    for (held, t) in ALL.into_iter().enumerate() {
         let jobs = server.connect(t);
         // Hold the serving thread while 6000 requests of about 4 KiB each
         // (24 MiB, more than the 16 MiB a shared-memory queue may have
@@ -318,12 +329,16 @@ fn a_full_queue_waits_and_nothing_is_dropped() {
         // gets its own answer.
         let holder = {
             let jobs = jobs.clone();
-            // Longer on a slow machine (an emulator), so the queue fills.
-            let ms = 300 * common::time_scale();
+            // Long enough for 24 MiB of sends (longer under emulation; the
+            // streams assert no backpressure, so they hold briefly).
+            let ms = if t == Transport::Shm { 1500 } else { 300 } * common::time_scale();
             std::thread::spawn(move || jobs.hold(ms))
         };
-        // Let the hold reach the server first (longer under emulation).
-        std::thread::sleep(Duration::from_millis(20 * common::time_scale()));
+        // The hold must be running before the calls go out: asked over
+        // TCP, which the stream threads serve, not the held poller.
+        eventually(&format!("{t:?}: the server holds"), || {
+            probe.holds().unwrap() > held as u64
+        });
         let sums = rt.block_on(async {
             // One task per call, so that all of them are in flight at once.
             let tasks: Vec<_> = (0..6000u64)
@@ -350,7 +365,12 @@ fn a_full_queue_waits_and_nothing_is_dropped() {
         assert_eq!(jobs.channel().in_flight(), 0, "{t:?}");
         if let rpal::Channel::Shm(c) = jobs.channel() {
             let waits = c.with_client(|c| c.stats().full_waits);
-            assert!(waits > 0, "the queue never filled: the test did not test backpressure");
+            let stats = c.with_client(|c| c.stats());
+            assert!(
+                waits > 0,
+                "the queue never filled: the test did not test backpressure ({stats:?}, {} holds seen)",
+                probe.holds().unwrap()
+            );
         }
     }
 }
