@@ -282,7 +282,12 @@ pub fn wait(
         }
         let r = wait::sleep(&[(seq, seen)], watch, slice);
         parked.store(0, Ordering::Relaxed);
+        // What the peer published before it died is read first: a record
+        // (its goodbye, a last reply) beats its readable pidfd.
+        // Acquire: pairs with the Release store in `ring`.
+        let moved = seq.load(Ordering::Acquire);
         match r {
+            _ if moved != seen => return Ok(moved),
             Ok(w) if w.timed_out || !w.ready_fds.is_empty() => alive()?,
             Ok(_) => {}
             Err(e) => return Err(Error::io("sleep on the peer's queue", e)),
