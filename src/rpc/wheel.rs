@@ -122,11 +122,18 @@ mod tests {
         let r = Arc::new(Record::default());
         let weak: Weak<dyn Expire> = Arc::downgrade(&(r.clone() as Arc<dyn Expire>));
         let before = w.armed();
-        let a = w.arm(Duration::from_millis(5), 1, weak.clone());
+        // No timing assumption beyond "arm then disarm takes under 50 ms",
+        // so it holds under emulation too: wait for the armed one to fire,
+        // then past the disarmed one's deadline.
+        let a = w.arm(Duration::from_millis(50), 1, weak.clone());
         let _b = w.arm(Duration::from_millis(10), 10, weak.clone());
-        let c = w.arm(Duration::from_millis(600), 100, weak.clone()); // more than one lap
+        let c = w.arm(Duration::from_secs(120), 100, weak.clone()); // more than one lap
         w.disarm(a);
-        std::thread::sleep(Duration::from_millis(60));
+        let t0 = std::time::Instant::now();
+        while r.0.load(Ordering::SeqCst) == 0 && t0.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
         assert_eq!(r.0.load(Ordering::SeqCst), 10, "only the armed 10 ms deadline fired");
         w.disarm(c);
         assert!(w.armed() <= before, "nothing stays armed");
