@@ -242,21 +242,7 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
 
 /// Whether any of `fds` is readable or hung up, without blocking.
 pub fn poll_ready(fds: &[BorrowedFd<'_>]) -> io::Result<bool> {
-    let mut p: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `p` is a live array of `p.len()` pollfd structs.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r > 0)
-    }
+    poll_readable(fds).map(|ready| !ready.is_empty())
 }
 
 /// Waits up to `timeout` for `fd` to become readable.
