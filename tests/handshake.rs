@@ -64,7 +64,10 @@ fn server_survives_bad_handshakes() {
     }
     let path = common::sock_path("guarded");
     let mut opts = ServerOptions::new("guarded");
-    opts.handshake_timeout = Duration::from_millis(500);
+    // Scaled: under emulation the real client's own handshake (after a child
+    // start) takes longer than 500 ms.
+    let handshake_timeout = Duration::from_millis(500 * common::time_scale());
+    opts.handshake_timeout = handshake_timeout;
     let server = Server::bind(&path, opts).unwrap();
     let space = rpal::raw::Space::global().unwrap();
     let window_end = space.config().base + space.config().window_len();
@@ -97,7 +100,7 @@ fn server_survives_bad_handshakes() {
     // A peer that says nothing until the handshake deadline.
     let e = accept_while(&server, || {
         let s = UnixStream::connect(&path).unwrap();
-        std::thread::sleep(Duration::from_millis(800));
+        std::thread::sleep(handshake_timeout * 8 / 5);
         drop(s);
     })
     .err()
