@@ -1,11 +1,13 @@
 //! The process's own arena: one region, shared read-only with every peer,
 //! managed by the slab allocator in [`crate::alloc`].
 
+use std::collections::HashMap;
 use std::ptr::NonNull;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::alloc::{AllocStats, Slab, SlabHeader};
 use crate::error::{Error, Result};
+use crate::quota::LentQuota;
 use crate::region::Region;
 use crate::space::Space;
 use crate::sys;
@@ -28,6 +30,45 @@ struct ArenaHeader {
 pub struct Arena {
     region: Region,
     slab: Slab,
+    /// Live connections per peer pid, over every client and server of this
+    /// process: what a peer was lent comes back when its last one ends.
+    leases: Mutex<HashMap<i32, usize>>,
+}
+
+/// A connection's hold on its peer's lent blocks: while one lease of a pid
+/// lives, blocks lent to that pid stay lent; when its last lease is dropped
+/// (the peer disconnected or died), they are freed.
+#[derive(Debug)]
+pub struct PeerLease {
+    arena: &'static Arena,
+    pid: i32,
+}
+
+impl Drop for PeerLease {
+    fn drop(&mut self) {
+        let last = {
+            let mut l = self.arena.leases.lock().unwrap_or_else(|p| p.into_inner());
+            match l.get_mut(&self.pid) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    l.remove(&self.pid);
+                    true
+                }
+            }
+        };
+        if last {
+            // A peer still alive that holds our blocks after its last
+            // connection ended cannot release them any more: whatever it
+            // reads there from now on is reused memory (docs/architecture.md).
+            let n = self.arena.reclaim_all(self.pid);
+            if n > 0 {
+                tracing::debug!(pid = self.pid, n, "reclaimed blocks lent to a peer that left");
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Arena {
@@ -82,7 +123,11 @@ impl Arena {
                 size_of::<ArenaHeader>() as u64,
             )
         };
-        Ok(Arena { region, slab })
+        Ok(Arena {
+            region,
+            slab,
+            leases: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The region behind the arena.
@@ -140,6 +185,30 @@ impl Arena {
     /// that peer is refused with [`Error::InvalidRelease`], changing nothing.
     pub fn reclaim(&'static self, addr: u64, pid: i32) -> Result<()> {
         self.slab.reclaim(addr, pid)
+    }
+
+    /// Blocks and bytes lent to peer `pid` and not released yet.
+    pub fn lent_to(&self, pid: i32) -> (usize, u64) {
+        self.slab.lent_to(pid)
+    }
+
+    /// How much one peer may hold lent from this arena (default: an eighth
+    /// of its capacity, see [`LentQuota::for_capacity`]).
+    pub fn lent_quota(&self) -> LentQuota {
+        self.slab.lent_quota()
+    }
+
+    /// Sets [`Arena::lent_quota`] for every peer of this process. Going over
+    /// it fails the lend with `QuotaExceeded` (the call gets
+    /// `RemoteStatus::QuotaExceeded`), and the block stays ours.
+    pub fn set_lent_quota(&self, quota: LentQuota) {
+        self.slab.set_lent_quota(quota);
+    }
+
+    /// Takes a lease on peer `pid` for one connection (see [`PeerLease`]).
+    pub fn lease(&'static self, pid: i32) -> PeerLease {
+        *self.leases.lock().unwrap_or_else(|p| p.into_inner()).entry(pid).or_default() += 1;
+        PeerLease { arena: self, pid }
     }
 
     /// Frees every block lent to `pid`; returns how many.

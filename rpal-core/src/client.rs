@@ -345,10 +345,13 @@ impl Client {
     }
 
     /// Says we are done with the server's block at `addr` (one it lent us);
-    /// the server frees it once it sees the release.
+    /// the server frees it once it sees the release. A server that never
+    /// consumes our releases loses those past a bound (its own blocks).
     pub fn release(&mut self, addr: u64) {
         let access = self.conn.peer.region.access();
-        self.conn.release(&access, addr);
+        if let Err(e) = self.conn.release(&access, addr) {
+            tracing::debug!(pid = self.conn.pid(), %e, "a release was dropped");
+        }
     }
 
     /// Frees our blocks that the server released, now (this also happens on

@@ -83,6 +83,23 @@ impl DeferredQueue {
         done
     }
 
+    /// Puts back completions the serving thread could not write yet.
+    pub(crate) fn requeue(&self, mut done: Vec<Done>) {
+        if done.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.state();
+            if st.closed {
+                return;
+            }
+            done.append(&mut st.done);
+            st.done = done;
+        }
+        // Release: as in `push`. No wake: the serving thread put them back.
+        self.pending.store(true, Ordering::Release);
+    }
+
     pub(crate) fn on_cancel(&self, id: u64, cancel: Cancel) {
         let mut st = self.state();
         if st.closed {

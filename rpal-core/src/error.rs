@@ -4,6 +4,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::quota::Quota;
+
 /// Result alias for rpal-core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -21,9 +23,16 @@ pub enum RemoteStatus {
     /// The caller's deadline passed while the server still worked on the
     /// call; the server stopped that work.
     DeadlineExceeded,
+    /// The call would have taken the caller past one of its quotas on the
+    /// server (deferred calls in flight, lent memory); it was not run, or
+    /// its result was dropped.
+    QuotaExceeded(Quota),
     /// A status code this version does not know.
     Other(u32),
 }
+
+/// Status codes `QUOTA_BASE + quota code` name the quota a call hit.
+const QUOTA_BASE: u32 = 0x100;
 
 impl RemoteStatus {
     /// The status as it travels in a reply's header.
@@ -34,6 +43,7 @@ impl RemoteStatus {
             Self::HandlerPanicked => 3,
             Self::BadReply => 4,
             Self::DeadlineExceeded => 5,
+            Self::QuotaExceeded(q) => QUOTA_BASE + q.code(),
             Self::Other(c) => c,
         }
     }
@@ -46,7 +56,10 @@ impl RemoteStatus {
             3 => Self::HandlerPanicked,
             4 => Self::BadReply,
             5 => Self::DeadlineExceeded,
-            c => Self::Other(c),
+            c => match c.checked_sub(QUOTA_BASE).and_then(Quota::from_code) {
+                Some(q) => Self::QuotaExceeded(q),
+                None => Self::Other(c),
+            },
         }
     }
 }
@@ -246,6 +259,15 @@ pub enum Error {
     ConnectionLost {
         /// What the transport reported.
         detail: String,
+    },
+    /// A peer went over one of its quotas; the call or connection was
+    /// refused, and other peers were not touched.
+    #[error("quota exceeded: {quota} (limit {limit}); raise {}", quota.setting())]
+    QuotaExceeded {
+        /// Which quota.
+        quota: Quota,
+        /// Its limit.
+        limit: u64,
     },
     /// A message does not fit in the inline record.
     #[error("message of {len} bytes exceeds the inline capacity of {capacity}; pass large data by pointer")]

@@ -17,11 +17,12 @@ pub use crate::cred::{PeerCred, peer_cred};
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 use crate::error::{Error, Result};
+use crate::quota::Quota;
 
 /// Handshake magic: the first 8 bytes of every control message.
 pub const MAGIC: [u8; 8] = *b"RPAL\0HS\x01";
@@ -58,6 +59,8 @@ pub enum RejectCode {
     LayoutMismatch = 4,
     /// `text` explains.
     Other = 5,
+    /// `a` = the quota's code, `b` = its limit.
+    QuotaExceeded = 6,
 }
 
 /// One control message.
@@ -199,6 +202,12 @@ impl Hello {
                 ours: ours.layout_hash,
                 theirs: self.a,
             },
+            c if c == RejectCode::QuotaExceeded as u32 => match Quota::from_code(self.a as u32) {
+                Some(quota) => Error::QuotaExceeded { quota, limit: self.b },
+                None => Error::Rejected {
+                    reason: format!("over a quota this version does not know (code {})", self.a),
+                },
+            },
             _ => Error::Rejected {
                 reason: self.text.clone(),
             },
@@ -280,12 +289,26 @@ pub fn send(sock: &UnixStream, msg: &Hello, fd: Option<BorrowedFd<'_>>) -> Resul
     Ok(())
 }
 
-/// Receives one control message and the descriptor attached to it, if any.
-/// Extra descriptors are closed and refused.
+/// Receives one control message and the descriptor attached to it, if any,
+/// within `timeout` for the whole message. Extra descriptors are closed and
+/// refused.
 pub fn recv(
     sock: &UnixStream,
     endpoint: &str,
     stage: &'static str,
+    timeout: Duration,
+) -> Result<(Hello, Option<OwnedFd>)> {
+    recv_by(sock, endpoint, stage, Instant::now() + timeout, timeout)
+}
+
+/// As [`recv`], by `deadline` (`timeout` is what the error reports): a peer
+/// that sends a byte now and then cannot stretch the wait, because each
+/// read waits only for what is left.
+pub(crate) fn recv_by(
+    sock: &UnixStream,
+    endpoint: &str,
+    stage: &'static str,
+    deadline: Instant,
     timeout: Duration,
 ) -> Result<(Hello, Option<OwnedFd>)> {
     let mut buf = [0u8; MESSAGE_LEN];
@@ -293,6 +316,13 @@ pub fn recv(
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut truncated = false;
     while got < MESSAGE_LEN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(timeout));
+        }
+        // A zero timeout would mean "forever" to the kernel: `left` is not zero.
+        sock.set_read_timeout(Some(left))
+            .map_err(|e| Error::io(format!("configure socket {endpoint}"), e))?;
         let mut cspace = nix::cmsg_space!([RawFd; 4]);
         let mut iov = [IoSliceMut::new(&mut buf[got..])];
         let r = recvmsg::<()>(
@@ -353,6 +383,9 @@ pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
         Error::VersionMismatch { .. } => Hello::reject(RejectCode::VersionMismatch, ours.version as u64, 0, ""),
         Error::ServiceMismatch { .. } => Hello::reject(RejectCode::ServiceMismatch, 0, 0, &ours.text),
         Error::LayoutMismatch { .. } => Hello::reject(RejectCode::LayoutMismatch, ours.layout_hash, 0, ""),
+        Error::QuotaExceeded { quota, limit } => {
+            Hello::reject(RejectCode::QuotaExceeded, quota.code() as u64, *limit, "")
+        }
         other => Hello::reject(RejectCode::Other, 0, 0, &other.to_string()),
     };
     let _ = send(sock, &msg, None);

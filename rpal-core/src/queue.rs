@@ -43,6 +43,8 @@ pub const BLOCK_HEADER: usize = 64;
 const RECORD_HEADER: usize = 8;
 /// `len` of a skip record: the next record is at the start of the next block.
 const SKIP: u32 = u32::MAX;
+/// Most skip records followed in a row before the producer is called broken.
+const MAX_SKIPS: usize = 64;
 /// Largest block a consumer accepts (a jumbo record of 1 GiB).
 pub const MAX_BLOCK: u64 = 1 << 30;
 /// Normal blocks kept for reuse instead of going back to the allocator.
@@ -617,6 +619,7 @@ impl<B: Blocks> Consumer<B> {
     /// records into the next block (validating it) on the way, and reports
     /// a sequence word that jumps.
     pub fn ready_record<'a>(&mut self, bounds: impl Bounds<'a>) -> Result<bool> {
+        let mut skips = 0;
         loop {
             let h = self.header();
             // Acquire: pairs with the Release store in `Producer::publish_header`.
@@ -640,6 +643,13 @@ impl<B: Blocks> Consumer<B> {
             let len = unsafe { self.mem.read32(h + LEN_AT) };
             if len != SKIP {
                 return Ok(true);
+            }
+            // An honest producer skips at most a block or two in a row (a
+            // reservation it did not commit, then a larger one); a long or
+            // cyclic chain would hold us here.
+            skips += 1;
+            if skips > MAX_SKIPS {
+                return Err(self.violation(format!("more than {MAX_SKIPS} queue blocks in a row hold no record")));
             }
             // SAFETY: the block header was validated in `check_block`.
             let next = unsafe { self.mem.load64(self.block + LINK_AT) };

@@ -14,6 +14,11 @@ use crate::stats::{PollerState, PollerStats, add, sub};
 use crate::wheel::TimerWheel;
 use crate::{PollerConfig, spin};
 
+/// How long a client that hung up has to show its death (an exiting process
+/// closes its files before its pidfd turns readable), so that it counts as
+/// died rather than closed. Waited for across parks, never in one.
+const HANG_UP_GRACE: Duration = Duration::from_millis(200);
+
 /// Where the acceptor hands new connections to a poller.
 #[derive(Default)]
 pub(crate) struct Inbox {
@@ -48,6 +53,9 @@ pub(crate) struct Poller<H> {
     conns: Vec<ServerConn>,
     /// A key per connection (parallel to `conns`), stable while it lives.
     keys: Vec<u64>,
+    /// When each connection's client hung up (parallel to `conns`), if its
+    /// death has not shown yet: see [`HANG_UP_GRACE`].
+    hung_up: Vec<Option<Instant>>,
     next_key: u64,
     /// Deadlines of the deferred (async) calls this poller serves, as
     /// (connection key, call id). The park's one timeout (an io_uring
@@ -76,6 +84,7 @@ impl<H: Handler> Poller<H> {
         Self {
             conns: Vec::new(),
             keys: Vec::new(),
+            hung_up: Vec::new(),
             next_key: 0,
             deadlines: TimerWheel::new(),
             inbox,
@@ -127,6 +136,7 @@ impl<H: Handler> Poller<H> {
                 }));
                 self.conns.push(conn);
                 self.keys.push(self.next_key);
+                self.hung_up.push(None);
                 self.next_key += 1;
             }
             self.generation += 1;
@@ -136,6 +146,7 @@ impl<H: Handler> Poller<H> {
     fn drop_conn(&mut self, i: usize, why: Option<Error>) {
         let conn = self.conns.swap_remove(i);
         self.keys.swap_remove(i);
+        self.hung_up.swap_remove(i);
         let pid = conn.peer().cred.pid;
         // A dead peer's slot may be taken over by a new process, whose region
         // then replaces the dead one's mapping here: what its connection reads
@@ -228,9 +239,34 @@ impl<H: Handler> Poller<H> {
                 Err(e) => return self.drop_conn(i, Some(e)),
             }
         }
-        if let Err(e) = self.conns[i].check_alive() {
-            self.drop_conn(i, Some(e));
+        match self.conns[i].check_alive() {
+            Ok(()) => {}
+            // A hang-up: wait (in later parks, not here) for the pidfd to
+            // tell whether the client is dying, watching its socket no more.
+            Err(Error::Closed { .. }) if self.hung_up[i].is_none() => self.hung_up[i] = Some(Instant::now()),
+            Err(e) => self.drop_conn(i, Some(e)),
         }
+    }
+
+    /// Drops the connections that hung up more than [`HANG_UP_GRACE`] ago
+    /// without dying; returns how long until the next one is due.
+    fn bury(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        let mut next: Option<Duration> = None;
+        let mut i = self.conns.len();
+        while i > 0 {
+            i -= 1;
+            if let Some(at) = self.hung_up[i] {
+                let left = (at + HANG_UP_GRACE).saturating_duration_since(now);
+                if left.is_zero() {
+                    let pid = self.conns[i].peer().cred.pid;
+                    self.drop_conn(i, Some(Error::Closed { pid }));
+                } else {
+                    next = Some(next.map_or(left, |n| n.min(left)));
+                }
+            }
+        }
+        next
     }
 
     fn work_ready(&mut self) -> bool {
@@ -277,6 +313,8 @@ impl<H: Handler> Poller<H> {
     /// Sleeps in the backend until a client writes, a peer dies or hangs up,
     /// the acceptor delivers, or the park slice passes.
     fn park(&mut self, access: &Access) {
+        let burial = self.bury();
+        let mut owner: Vec<usize> = Vec::new();
         // Announce the sleep on every connection, then look once more
         // (the consumer half of the doorbell handshake; clients read
         // `parked` after a SeqCst fence before deciding to wake us).
@@ -292,6 +330,9 @@ impl<H: Handler> Poller<H> {
             // A client that does not read its replies is not served, so its
             // pending requests are not work: look at it again in 1 ms.
             let mut slice = self.cfg.park_slice;
+            if let Some(b) = burial {
+                slice = slice.min(b);
+            }
             if let Some(due) = self.deadlines.next_due() {
                 slice = slice.min(due.saturating_duration_since(Instant::now()));
                 ready |= slice.is_zero();
@@ -311,7 +352,18 @@ impl<H: Handler> Poller<H> {
             if ready {
                 None
             } else {
-                let fds: Vec<BorrowedFd<'_>> = self.conns.iter().flat_map(|c| [c.peer().pidfd(), c.socket()]).collect();
+                // Each connection's pidfd, and its socket until it hung up
+                // (a hung-up socket is readable for good); `owner[k]` is the
+                // connection of descriptor k.
+                let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(self.conns.len() * 2);
+                for (ci, (c, hung)) in self.conns.iter().zip(&self.hung_up).enumerate() {
+                    fds.push(c.peer().pidfd());
+                    owner.push(ci);
+                    if hung.is_none() {
+                        fds.push(c.socket());
+                        owner.push(ci);
+                    }
+                }
                 self.stats.set_state(PollerState::Parked);
                 add(&self.stats.parks, 1);
                 Some(self.backend.wait(&words, &fds, self.generation, slice))
@@ -327,10 +379,8 @@ impl<H: Handler> Poller<H> {
                 if w.timed_out {
                     add(&self.stats.timeouts, 1);
                 }
-                // Descriptor i belongs to connection i / 2 (pidfd, socket).
-                // (Bounded: a backend's index never names a connection that is not here.)
-                let n = self.conns.len();
-                let mut suspects: Vec<usize> = w.ready_fds.iter().map(|i| i / 2).filter(|&i| i < n).collect();
+                // (Bounded: a backend's index never names a descriptor that is not here.)
+                let mut suspects: Vec<usize> = w.ready_fds.iter().filter_map(|&k| owner.get(k).copied()).collect();
                 suspects.sort_unstable();
                 suspects.dedup();
                 for i in suspects.into_iter().rev() {

@@ -110,28 +110,54 @@ where
     })
 }
 
-fn accept_loop(server: &Server, inboxes: &[Arc<Inbox>], stats: &[Arc<PollerStats>]) {
+/// Accepts connections and runs each handshake on a thread of its own, at
+/// most `Quotas::handshakes` at once, each within the handshake deadline: a
+/// slow or silent peer holds only its own handshake.
+fn accept_loop(server: &Arc<Server>, inboxes: &[Arc<Inbox>], stats: &[Arc<PollerStats>]) {
+    // Accept errors (EMFILE, ENFILE, ENOBUFS) back off from 1 ms up to 1 s,
+    // so a host out of descriptors does not spin this thread.
+    let mut backoff = Duration::from_millis(1);
     loop {
-        match server.accept() {
-            Ok(conn) => {
-                // The poller with the fewest connections takes it.
-                let i = (0..inboxes.len())
-                    .min_by_key(|&i| stats[i].connections.load(Ordering::Relaxed))
-                    .unwrap_or(0);
-                inboxes[i].deliver(conn);
+        let sock = match server.accept_socket() {
+            Ok(s) => {
+                backoff = Duration::from_millis(1);
+                s
             }
             Err(e) => {
                 if inboxes.iter().any(|b| b.shutdown.load(Ordering::Acquire)) {
                     return;
                 }
-                match e {
-                    Error::Io { .. } => {
-                        tracing::error!(%e, "accept failed");
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    e => tracing::warn!(%e, "rpal handshake failed"),
+                if backoff == Duration::from_millis(1) {
+                    tracing::error!(%e, "accept failed; backing off");
                 }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
+        };
+        let admitted = match server.admit(sock) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%e, "rpal connection refused");
+                continue;
+            }
+        };
+        let (server, inboxes, stats) = (server.clone(), inboxes.to_vec(), stats.to_vec());
+        let spawned = std::thread::Builder::new()
+            .name("rpal-handshake".into())
+            .spawn(move || match server.handshake_admitted(admitted) {
+                Ok(conn) => {
+                    // The poller with the fewest connections takes it.
+                    let i = (0..inboxes.len())
+                        .min_by_key(|&i| stats[i].connections.load(Ordering::Relaxed))
+                        .unwrap_or(0);
+                    inboxes[i].deliver(conn);
+                }
+                Err(e) => tracing::warn!(%e, "rpal handshake failed"),
+            });
+        if let Err(e) = spawned {
+            // The admitted socket went down with the closure: that peer is refused.
+            tracing::error!(%e, "cannot start a handshake thread");
         }
     }
 }

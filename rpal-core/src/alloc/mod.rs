@@ -31,6 +31,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+use crate::quota::{LentQuota, Quota};
 use crate::sys;
 
 /// Block header size, and the allocation granule.
@@ -80,7 +81,22 @@ pub(crate) struct Slab {
     base: u64,
     capacity: u64,
     meta: &'static SlabHeader,
-    lent: Mutex<HashMap<u64, i32>>,
+    lent: Mutex<Lent>,
+}
+
+/// Blocks lent to peers, and each peer's totals against the quota.
+struct Lent {
+    /// Block address -> (peer pid, block size).
+    blocks: HashMap<u64, (i32, u64)>,
+    /// Peer pid -> (blocks, bytes) lent to it.
+    per_peer: HashMap<i32, (usize, u64)>,
+    quota: LentQuota,
+}
+
+impl Lent {
+    fn lock(m: &Mutex<Lent>) -> std::sync::MutexGuard<'_, Lent> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Link words of free blocks: the second word of each block's header area,
@@ -116,7 +132,11 @@ impl Slab {
             base,
             capacity,
             meta,
-            lent: Mutex::new(HashMap::new()),
+            lent: Mutex::new(Lent {
+                blocks: HashMap::new(),
+                per_peer: HashMap::new(),
+                quota: LentQuota::for_capacity(capacity),
+            }),
         }
     }
 
@@ -273,7 +293,8 @@ impl Slab {
         Ok(())
     }
 
-    /// Marks an owned block as lent to peer `pid`.
+    /// Marks an owned block as lent to peer `pid`, unless that takes the
+    /// peer past its [`LentQuota`] (`QuotaExceeded`; the block stays ours).
     pub(crate) fn lend(&'static self, ptr: *const u8, pid: i32) -> Result<()> {
         let addr = ptr as u64;
         let (class, state, back) = self.check_block(addr)?;
@@ -284,8 +305,19 @@ impl Slab {
                 reason: "is not an owned block (already lent or free)",
             });
         }
+        let size = class::size(class) as u64;
+        let mut lent = Lent::lock(&self.lent);
+        let quota = lent.quota;
+        let (blocks, bytes) = lent.per_peer.get(&pid).copied().unwrap_or_default();
+        if blocks >= quota.blocks {
+            return Err(Quota::LentBlocks.exceeded(quota.blocks as u64));
+        }
+        if bytes + size > quota.bytes {
+            return Err(Quota::LentBytes.exceeded(quota.bytes));
+        }
+        lent.per_peer.insert(pid, (blocks + 1, bytes + size));
+        lent.blocks.insert(addr, (pid, size));
         self.header(addr).store(pack(class, LENT, back), Ordering::Relaxed);
-        self.lent.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, pid);
         Ok(())
     }
 
@@ -294,12 +326,18 @@ impl Slab {
     pub(crate) fn reclaim(&'static self, addr: u64, pid: i32) -> Result<()> {
         let refuse = |reason: String| Error::InvalidRelease { addr, pid, reason };
         {
-            let mut lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
-            match lent.get(&addr) {
-                Some(&owner) if owner == pid => {
-                    lent.remove(&addr);
+            let mut lent = Lent::lock(&self.lent);
+            match lent.blocks.get(&addr) {
+                Some(&(owner, size)) if owner == pid => {
+                    lent.blocks.remove(&addr);
+                    if let Some(t) = lent.per_peer.get_mut(&pid) {
+                        *t = (t.0.saturating_sub(1), t.1.saturating_sub(size));
+                        if t.0 == 0 {
+                            lent.per_peer.remove(&pid);
+                        }
+                    }
                 }
-                Some(&owner) => return Err(refuse(format!("the block is lent to pid {owner}"))),
+                Some(&(owner, _)) => return Err(refuse(format!("the block is lent to pid {owner}"))),
                 None => return Err(refuse("no block is lent at that address".into())),
             }
         }
@@ -311,10 +349,29 @@ impl Slab {
     /// Frees every block lent to `pid` (it died or disconnected). Returns how many.
     pub(crate) fn reclaim_all(&'static self, pid: i32) -> usize {
         let addrs: Vec<u64> = {
-            let lent = self.lent.lock().unwrap_or_else(|p| p.into_inner());
-            lent.iter().filter(|&(_, &p)| p == pid).map(|(&a, _)| a).collect()
+            let lent = Lent::lock(&self.lent);
+            lent.blocks
+                .iter()
+                .filter(|&(_, &(p, _))| p == pid)
+                .map(|(&a, _)| a)
+                .collect()
         };
         addrs.into_iter().filter(|&a| self.reclaim(a, pid).is_ok()).count()
+    }
+
+    /// Blocks and bytes lent to `pid` now.
+    pub(crate) fn lent_to(&self, pid: i32) -> (usize, u64) {
+        Lent::lock(&self.lent).per_peer.get(&pid).copied().unwrap_or_default()
+    }
+
+    /// How much one peer may hold lent.
+    pub(crate) fn lent_quota(&self) -> LentQuota {
+        Lent::lock(&self.lent).quota
+    }
+
+    /// Changes [`Slab::lent_quota`]; blocks lent already stay lent.
+    pub(crate) fn set_lent_quota(&self, quota: LentQuota) {
+        Lent::lock(&self.lent).quota = quota;
     }
 
     pub(crate) fn stats(&self) -> AllocStats {
@@ -322,7 +379,7 @@ impl Slab {
             capacity: self.capacity,
             in_use: cache::in_use().max(0) as u64,
             untouched: self.capacity.saturating_sub(self.meta.bump.load(Ordering::Relaxed)),
-            lent: self.lent.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            lent: Lent::lock(&self.lent).blocks.len(),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::arena::Arena;
+use crate::arena::{Arena, PeerLease};
 use crate::cred::PeerCred;
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
@@ -35,6 +35,10 @@ pub(crate) use layout::OwnEndpoint;
 pub(crate) use layout::{BACKLOG_BLOCKS, Endpoint};
 pub(crate) use message::{FLAG_ONEWAY, next_msg, put_header, write_msg};
 pub use message::{INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, budget_bits, budget_of};
+
+/// How long a waiter of our own gives a peer that hung up to show its
+/// death (its pidfd turns readable after it closed its files).
+const DEATH_GRACE: Duration = Duration::from_millis(200);
 
 /// The peer of a connection.
 #[derive(Debug)]
@@ -70,6 +74,8 @@ pub(crate) struct Conn {
     pending_releases: Vec<u64>,
     /// Releases by the peer that matched no block lent to it (refused).
     pub refused_releases: u64,
+    /// Our blocks lent to the peer come back when its last connection ends.
+    _lease: PeerLease,
 }
 
 // SAFETY: `theirs` points into `peer.region`, which the Conn owns and keeps
@@ -119,6 +125,7 @@ impl Conn {
             stats: DoorbellStats::default(),
             pending_releases: Vec::new(),
             refused_releases: 0,
+            _lease: Arena::global()?.lease(cred.pid),
         })
     }
 
@@ -145,9 +152,15 @@ impl Conn {
         &self.mine.block().parked
     }
 
-    /// Errors if the peer died or hung up; used between sleeps.
+    /// Errors if the peer died or hung up; used between sleeps (of our own:
+    /// it may wait [`DEATH_GRACE`] to tell a death from a hang-up).
     pub(crate) fn check_alive(&self) -> Result<()> {
-        check_alive(&self.peer, &self.sock)
+        check_alive(&self.peer, &self.sock, DEATH_GRACE)
+    }
+
+    /// As [`Conn::check_alive`], without waiting at all: for a poller.
+    pub(crate) fn check_alive_now(&self) -> Result<()> {
+        check_alive(&self.peer, &self.sock, Duration::ZERO)
     }
 
     /// Appends a message whose body `write` fills (at most `cap` bytes; it
@@ -257,7 +270,7 @@ impl Conn {
             let (peer, sock) = (&self.peer, &self.sock);
             let watch = [peer.pidfd.as_fd()];
             doorbell::wait(word, seen, parked, &self.wait, deadline, &self.stats, &watch, || {
-                check_alive(peer, sock)
+                check_alive(peer, sock, DEATH_GRACE)
             })?;
         }
     }
@@ -275,46 +288,40 @@ impl Conn {
     }
 }
 
-/// Errors if the peer died (its pidfd is readable) or hung up its socket.
-pub(crate) fn check_alive(peer: &Peer, sock: &UnixStream) -> Result<()> {
+/// Errors if the peer died (its pidfd is readable), hung up its socket, or
+/// sent anything on it (nothing is sent after the handshake). An exiting
+/// process closes its files before its pidfd turns readable: a hang-up is
+/// told from a death by waiting up to `grace` for the pidfd. A poller passes
+/// zero (it never waits on a peer's behalf; a death seen as `Closed` ends
+/// the connection all the same).
+pub(crate) fn check_alive(peer: &Peer, sock: &UnixStream, grace: Duration) -> Result<()> {
     let pid = peer.cred.pid;
     if sys::poll_ready(&[peer.pidfd.as_fd()]).unwrap_or(false) {
         return Err(Error::PeerDied { pid });
     }
-    // A readable control socket means data (unexpected) or hang-up.
+    // A readable control socket means data (a violation) or hang-up.
     if sys::poll_ready(&[sock.as_fd()]).unwrap_or(false) {
         let mut b = [0u8; 1];
-        match nix::sys::socket::recv(
-            std::os::fd::AsRawFd::as_raw_fd(sock),
-            &mut b,
-            nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(0) | Err(_) => {
-                // An exiting process closes its files before its pidfd turns
-                // readable: give it a moment to tell death from a hang-up.
-                let died = sys::poll_wait(peer.pidfd.as_fd(), std::time::Duration::from_millis(200)).unwrap_or(false);
-                return Err(if died {
-                    Error::PeerDied { pid }
-                } else {
-                    Error::Closed { pid }
-                });
-            }
-            Ok(_) => {}
-        }
+        return Err(
+            match nix::sys::socket::recv(
+                std::os::fd::AsRawFd::as_raw_fd(sock),
+                &mut b,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) | Err(_) => {
+                    let died = !grace.is_zero() && sys::poll_wait(peer.pidfd.as_fd(), grace).unwrap_or(false);
+                    if died {
+                        Error::PeerDied { pid }
+                    } else {
+                        Error::Closed { pid }
+                    }
+                }
+                Ok(_) => Error::Protocol {
+                    pid,
+                    detail: "it sent data on the control socket after the handshake".into(),
+                },
+            },
+        );
     }
     Ok(())
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Blocks lent to a peer that died will never be released: take them back.
-        if sys::poll_ready(&[self.peer.pidfd.as_fd()]).unwrap_or(false) {
-            if let Ok(arena) = Arena::global() {
-                let n = arena.reclaim_all(self.peer.cred.pid);
-                if n > 0 {
-                    tracing::debug!(pid = self.peer.cred.pid, n, "reclaimed blocks lent to a dead peer");
-                }
-            }
-        }
-    }
 }

@@ -7,6 +7,7 @@ use super::Conn;
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::pkey::Access;
+use crate::quota::Quota;
 use crate::sync::Word64;
 
 /// The publishing half, on our side: writes as many of `pending` as the
@@ -57,18 +58,30 @@ pub(crate) fn consume<W: Word64>(
     Ok(ahead as usize)
 }
 
+/// Most releases we hold for a peer that does not consume its ring (8 bytes
+/// each): past this, the peer is broken or hostile and its connection ends.
+pub(crate) const MAX_PENDING_RELEASES: usize = 1 << 16;
+
 impl Conn {
     /// Says we are done with the peer's block at `addr`; published in our
     /// release ring now or, if it is full, at the next send or receive.
-    pub(crate) fn release(&mut self, access: &Access, addr: u64) {
-        self.pending_releases.push(addr);
-        self.flush_releases(access);
+    pub(crate) fn release(&mut self, access: &Access, addr: u64) -> Result<()> {
+        self.release_all(access, [addr])
     }
 
-    /// Queues releases gathered elsewhere (a handler's).
-    pub(crate) fn release_all(&mut self, access: &Access, addrs: impl IntoIterator<Item = u64>) {
+    /// Queues releases gathered elsewhere (a handler's). Fails with
+    /// `QuotaExceeded` once more than [`MAX_PENDING_RELEASES`] wait for a
+    /// peer that does not consume its ring.
+    pub(crate) fn release_all(&mut self, access: &Access, addrs: impl IntoIterator<Item = u64>) -> Result<()> {
         self.pending_releases.extend(addrs);
         self.flush_releases(access);
+        if self.pending_releases.len() > MAX_PENDING_RELEASES {
+            // The rest are dropped: blocks of the peer's own that it will
+            // not get back, since it does not read its ring.
+            self.pending_releases.truncate(MAX_PENDING_RELEASES);
+            return Err(Quota::PendingReleases.exceeded(MAX_PENDING_RELEASES as u64));
+        }
+        Ok(())
     }
 
     /// Publishes pending releases while our ring has room.
@@ -90,6 +103,7 @@ impl Conn {
         let pid = self.pid();
         let arena = Arena::global()?;
         let (mut freed, mut refused) = (0, 0);
+        let already = self.refused_releases;
         let mine = self.mine.block();
         let theirs = self.theirs(access);
         let took = consume(
@@ -99,8 +113,13 @@ impl Conn {
             |addr| match arena.reclaim(addr, pid) {
                 Ok(()) => freed += 1,
                 Err(e) => {
+                    // The first refusal and then one in 4096 are logged, so
+                    // a peer forging releases cannot flood the log; the
+                    // count is in `refused_releases`.
+                    if (already + refused) % 4096 == 0 {
+                        tracing::warn!(pid, %e, refused = already + refused + 1, "refused a release");
+                    }
                     refused += 1;
-                    tracing::warn!(pid, %e, "refused a release");
                 }
             },
         );

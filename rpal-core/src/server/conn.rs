@@ -11,12 +11,13 @@ use std::time::Duration;
 use super::ServerStats;
 use super::request::{Handler, Request};
 use crate::conn::{
-    BACKLOG_BLOCKS, Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, Peer, budget_of, next_msg, put_header,
+    Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, Peer, budget_of, next_msg, put_header,
 };
 use crate::deferred::DeferredQueue;
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::pkey::Access;
+use crate::quota::{Quota, Quotas};
 
 /// What one [`ServerConn::poll`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,6 +42,12 @@ pub struct ServerConn {
     pub(super) outstanding: HashMap<u64, u32>,
     /// Deferred calls with a budget, for the serving thread's timing wheel.
     pub(super) new_deadlines: Vec<(u64, Duration)>,
+    pub(super) quotas: Quotas,
+    /// The arena had no room for a reply block at the last look: requests
+    /// wait in the client's queue (nothing is lost) until room is made.
+    pub(super) starved: bool,
+    /// This connection's place in the server's connection quota.
+    pub(super) slot: super::Slot,
 }
 
 /// Writes a reply's header after its handler ran: the length to commit.
@@ -102,7 +109,7 @@ impl ServerConn {
     /// poller should not count its pending requests as work (it would spin).
     pub fn backpressured(&self) -> bool {
         // A hint from our own state; `poll` recycles and checks again.
-        self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS
+        self.starved || self.conn.mine.tx.backlog_blocks() > self.quotas.reply_backlog_blocks
     }
 
     /// The word the client's next request will change and its current value:
@@ -124,9 +131,10 @@ impl ServerConn {
         std::os::fd::AsFd::as_fd(&self.conn.sock)
     }
 
-    /// Errors if the client died or hung up.
+    /// Errors if the client died, hung up, or wrote on the control socket.
+    /// Never waits: a poller calls it.
     pub fn check_alive(&self) -> Result<()> {
-        self.conn.check_alive()
+        self.conn.check_alive_now()
     }
 
     /// Handles up to `max` ready requests without waiting and answers them
@@ -135,15 +143,28 @@ impl ServerConn {
         // The batch, handlers included, reads this client's memory alone.
         let access = self.conn.peer.region.access_only();
         let mut out = Polled::default();
-        if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
-            // The client is not reading its replies: stop taking requests
-            // until it catches up, rather than growing without bound.
+        let backlog = self.quotas.reply_backlog_blocks;
+        if self.starved || self.conn.mine.tx.backlog_blocks() > backlog {
+            // The client is not reading its replies (or the arena was full):
+            // stop taking requests until it catches up, rather than growing
+            // without bound.
             self.conn.housekeeping(&access)?;
-            if self.conn.mine.tx.backlog_blocks() > BACKLOG_BLOCKS {
+            if self.conn.mine.tx.backlog_blocks() > backlog {
                 return Ok(out);
             }
         }
+        self.starved = false;
         while out.served < max {
+            // Room for the reply first, so a full arena leaves the request
+            // in the client's queue: that client waits, nobody is dropped.
+            match self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY) {
+                Ok(_) => {}
+                Err(Error::RegionFull { .. }) => {
+                    self.starved = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
             let mem = self.conn.peer.region.mem(&access);
             let Some(msg) = next_msg(&mut self.conn.rx, mem)? else {
                 break;
@@ -152,6 +173,17 @@ impl ServerConn {
                 out.closed = true;
                 break;
             }
+            let (method, call_id) = (msg.method, msg.call_id);
+            let oneway = msg.status & FLAG_ONEWAY != 0;
+            let refuse = if oneway {
+                None
+            } else if self.outstanding.contains_key(&call_id) {
+                // A second call under an id still in flight would take over
+                // the first one's cancel hook and reply.
+                Some(RemoteStatus::BadRequest)
+            } else {
+                None
+            };
             let req = Request {
                 method: msg.method,
                 call_id: msg.call_id,
@@ -163,26 +195,36 @@ impl ServerConn {
                 later: &self.later,
                 deferred: &self.deferred,
             };
-            let (method, call_id) = (msg.method, msg.call_id);
             self.deferred.set(false);
-            let reply_len = if msg.status & FLAG_ONEWAY != 0 {
+            let reply_len = if oneway {
                 let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut [])));
                 if !matches!(r, Ok(Ok(_))) {
                     tracing::warn!(pid = self.conn.pid(), method, "one-way message failed in its handler");
                 }
                 None
+            } else if let Some(status) = refuse {
+                let buf = self.conn.mine.tx.reserve(MSG_HEADER)?;
+                Some(fill_reply(buf, call_id, method, Ok(Err(status))))
             } else {
                 // The reply is written in place in our queue while the request
                 // is read in place from the client's: the two never alias.
                 let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
                 let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut buf[MSG_HEADER..])));
                 if self.deferred.get() && matches!(r, Ok(Ok(_))) {
-                    // Answered later (the reservation is simply not committed).
-                    self.outstanding.insert(call_id, method);
-                    if let Some(b) = req.budget {
-                        self.new_deadlines.push((call_id, b));
+                    if self.outstanding.len() >= self.quotas.deferred_calls {
+                        // Over the quota: stop its work and say so now.
+                        self.later.cancel(call_id);
+                        self.stats.over_quota.fetch_add(1, Ordering::Relaxed);
+                        let status = RemoteStatus::QuotaExceeded(Quota::DeferredCalls);
+                        Some(fill_reply(buf, call_id, method, Ok(Err(status))))
+                    } else {
+                        // Answered later (the reservation is simply not committed).
+                        self.outstanding.insert(call_id, method);
+                        if let Some(b) = req.budget {
+                            self.new_deadlines.push((call_id, b));
+                        }
+                        None
                     }
-                    None
                 } else {
                     // A handler that deferred and then failed has answered:
                     // its Deferred's reply finds no outstanding call.
@@ -193,7 +235,7 @@ impl ServerConn {
             // reply sees them too.
             if !self.releases.borrow().is_empty() {
                 let released = std::mem::take(&mut *self.releases.borrow_mut());
-                self.conn.release_all(&access, released);
+                self.conn.release_all(&access, released)?;
             }
             if let Some(n) = reply_len {
                 self.conn.mine.tx.commit(n);
@@ -215,10 +257,11 @@ impl ServerConn {
         self.later.set_waker(wake);
     }
 
-    /// Whether deferred replies are waiting to be written.
+    /// Whether deferred replies are waiting to be written (and can be: not
+    /// while the arena has no room for them).
     #[inline]
     pub fn later_pending(&self) -> bool {
-        self.later.pending()
+        !self.starved && self.later.pending()
     }
 
     /// Deferred calls not answered yet.
@@ -234,18 +277,28 @@ impl ServerConn {
     }
 
     /// Writes the replies of deferred calls that completed. Returns how many.
+    /// With no room in the arena, the rest wait for the next look.
     pub fn flush_later(&mut self) -> Result<usize> {
-        let done = self.later.take();
-        if done.is_empty() {
+        if self.starved {
             return Ok(0);
         }
+        let mut done = self.later.take().into_iter();
         let access = self.conn.peer.region.access_only();
         let mut n = 0;
-        for (call_id, method, write) in done {
-            if self.outstanding.remove(&call_id).is_none() {
+        while let Some((call_id, method, write)) = done.next() {
+            if !self.outstanding.contains_key(&call_id) {
                 continue; // its deadline passed and it was answered already
             }
-            let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
+            let buf = match self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY) {
+                Ok(b) => b,
+                Err(Error::RegionFull { .. }) => {
+                    self.starved = true;
+                    self.later.requeue(std::iter::once((call_id, method, write)).chain(done).collect());
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            self.outstanding.remove(&call_id);
             let r = match write {
                 Ok(w) => catch_unwind(AssertUnwindSafe(|| w(&mut buf[MSG_HEADER..]))),
                 Err(s) => Ok(Err(s)),
@@ -261,18 +314,33 @@ impl ServerConn {
     }
 
     /// Deferred call `call_id`'s budget has passed: answers it with
-    /// `DeadlineExceeded` and stops its work. False if it was answered.
+    /// `DeadlineExceeded` and stops its work. False if it was answered (or,
+    /// with the arena full, will be: it is due again in 1 ms).
     pub fn expire(&mut self, call_id: u64) -> Result<bool> {
-        let Some(method) = self.outstanding.remove(&call_id) else {
+        let Some(&method) = self.outstanding.get(&call_id) else {
             return Ok(false);
         };
-        self.later.cancel(call_id);
         let access = self.conn.peer.region.access();
-        let buf = self.conn.mine.tx.reserve(MSG_HEADER)?;
+        let buf = match self.conn.mine.tx.reserve(MSG_HEADER) {
+            Ok(b) => b,
+            Err(Error::RegionFull { .. }) => {
+                self.starved = true;
+                self.new_deadlines.push((call_id, Duration::from_millis(1)));
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        self.outstanding.remove(&call_id);
+        self.later.cancel(call_id);
         let len = fill_reply(buf, call_id, method, Ok(Err(RemoteStatus::DeadlineExceeded)));
         self.conn.mine.tx.commit(len);
         self.conn.ring(&access);
         Ok(true)
+    }
+
+    /// Live connections of this connection's client process to this server.
+    pub fn peer_connections(&self) -> usize {
+        self.slot.live.of(self.slot.pid)
     }
 
     /// Waits for a request (spinning, then parking) until one is ready.

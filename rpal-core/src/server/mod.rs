@@ -18,7 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::arena::Arena;
 use crate::conn::{Conn, OwnEndpoint};
@@ -26,6 +26,7 @@ use crate::doorbell::WaitConfig;
 use crate::error::{Error, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
 use crate::region::PeerRegion;
+use crate::quota::{Counter, Quota, Quotas};
 use crate::space::Space;
 
 /// How a server accepts and waits.
@@ -43,6 +44,8 @@ pub struct ServerOptions {
     pub wait: WaitConfig,
     /// File mode of the socket.
     pub socket_mode: u32,
+    /// What one client may hold of this server (see [`Quotas`]).
+    pub quotas: Quotas,
 }
 
 impl ServerOptions {
@@ -55,6 +58,7 @@ impl ServerOptions {
             handshake_timeout: Duration::from_secs(5),
             wait: WaitConfig::default(),
             socket_mode: 0o600,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub struct ServerStats {
     pub rejected: AtomicU64,
     /// Calls answered, over all connections.
     pub calls: AtomicU64,
+    /// Connections and calls refused because a peer was over a quota.
+    pub over_quota: AtomicU64,
 }
 
 /// A listening rpal server.
@@ -76,6 +82,38 @@ pub struct Server {
     path: PathBuf,
     opts: ServerOptions,
     stats: Arc<ServerStats>,
+    /// Live connections, per client pid and in total.
+    live: Arc<Counter>,
+    /// Handshakes under way (see [`Server::admit`]).
+    handshaking: Arc<Counter>,
+}
+
+/// A live connection's place in its server's connection quota.
+struct Slot {
+    live: Arc<Counter>,
+    pid: i32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.live.give(self.pid);
+    }
+}
+
+/// A handshake's place in the server's handshake quota (from
+/// [`Server::admit`]); the handshake runs with it.
+pub struct Admitted {
+    sock: UnixStream,
+    started: Instant,
+    _slot: Handshaking,
+}
+
+struct Handshaking(Arc<Counter>, i32);
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        self.0.give(self.1);
+    }
 }
 
 impl Server {
@@ -96,6 +134,8 @@ impl Server {
             path,
             opts,
             stats: Arc::default(),
+            live: Arc::default(),
+            handshaking: Arc::default(),
         })
     }
 
@@ -116,7 +156,9 @@ impl Server {
         self.handshake(sock)
     }
 
-    fn accept_socket(&self) -> Result<UnixStream> {
+    /// Waits for the next connection, without a handshake: an acceptor that
+    /// runs handshakes concurrently takes it to [`Server::admit`].
+    pub fn accept_socket(&self) -> Result<UnixStream> {
         loop {
             match self.listener.accept() {
                 Ok((s, _)) => return Ok(s),
@@ -132,25 +174,70 @@ impl Server {
         crate::sys::shutdown_socket(std::os::fd::AsFd::as_fd(&self.listener));
     }
 
+    /// Takes a place among the handshakes under way for `sock`, or refuses
+    /// it at once (the peer gets `QuotaExceeded`) when
+    /// [`Quotas::handshakes`] are running, or [`Quotas::handshakes_per_peer`]
+    /// of its process. The handshake's deadline starts now.
+    pub fn admit(&self, sock: UnixStream) -> Result<Admitted> {
+        let q = &self.opts.quotas;
+        // The kernel's credentials cost no wait; a peer without them counts as pid 0.
+        let pid = handshake::peer_cred(&sock).map(|c| c.pid).unwrap_or(0);
+        let taken = self.handshaking.take(
+            pid,
+            (Quota::HandshakesPerPeer, q.handshakes_per_peer),
+            (Quota::Handshakes, q.handshakes),
+        );
+        if let Err(e) = taken {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.stats.over_quota.fetch_add(1, Ordering::Relaxed);
+            // Best effort, without waiting: a peer that does not read is dropped.
+            let _ = sock.set_nonblocking(true);
+            return Err(handshake::refuse(&sock, e, &Hello::new(Kind::Welcome)));
+        }
+        Ok(Admitted {
+            sock,
+            started: Instant::now(),
+            _slot: Handshaking(self.handshaking.clone(), pid),
+        })
+    }
+
     /// Runs the server side of the handshake on an accepted socket.
     pub fn handshake(&self, sock: UnixStream) -> Result<ServerConn> {
-        let r = self.handshake_inner(sock);
+        self.handshake_admitted(self.admit(sock)?)
+    }
+
+    /// Runs the handshake of an admitted socket, all of it within
+    /// [`ServerOptions::handshake_timeout`] of its admission.
+    pub fn handshake_admitted(&self, admitted: Admitted) -> Result<ServerConn> {
+        let Admitted { sock, started, _slot } = admitted;
+        let r = self.handshake_inner(sock, started + self.opts.handshake_timeout);
         let counter = if r.is_ok() {
             &self.stats.accepted
         } else {
             &self.stats.rejected
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if matches!(r, Err(Error::QuotaExceeded { .. })) {
+            self.stats.over_quota.fetch_add(1, Ordering::Relaxed);
+        }
         r
     }
 
-    fn handshake_inner(&self, sock: UnixStream) -> Result<ServerConn> {
+    /// Live connections (all clients together).
+    pub fn connections(&self) -> usize {
+        self.live.total()
+    }
+
+    fn handshake_inner(&self, sock: UnixStream, deadline: Instant) -> Result<ServerConn> {
         let space = Space::global()?;
         let arena = Arena::global()?;
+        let timeout = self.opts.handshake_timeout;
         let endpoint = format!("client on {}", self.path.display());
         let io = |e| Error::io(format!("configure socket {endpoint}"), e);
-        sock.set_read_timeout(Some(self.opts.handshake_timeout)).map_err(io)?;
-        sock.set_write_timeout(Some(self.opts.handshake_timeout)).map_err(io)?;
+        // Sends wait at most what is left of the handshake (never zero:
+        // that would mean no limit).
+        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        sock.set_write_timeout(Some(left())).map_err(io)?;
         let cred = handshake::peer_cred(&sock)?;
         let mine = OwnEndpoint::new()?;
         let ours = Hello {
@@ -171,12 +258,20 @@ impl Server {
                 &ours,
             ));
         }
-        let (hello, fd) = handshake::recv(
-            &sock,
-            &endpoint,
-            "waiting for the client's hello",
-            self.opts.handshake_timeout,
-        )?;
+        // The connection's place in the quotas, before it costs anything.
+        let q = &self.opts.quotas;
+        self.live
+            .take(
+                cred.pid,
+                (Quota::ConnectionsPerPeer, q.connections_per_peer),
+                (Quota::Connections, q.connections),
+            )
+            .map_err(|e| handshake::refuse(&sock, e, &ours))?;
+        let slot = Slot {
+            live: self.live.clone(),
+            pid: cred.pid,
+        };
+        let (hello, fd) = handshake::recv_by(&sock, &endpoint, "waiting for the client's hello", deadline, timeout)?;
         if hello.kind != Kind::Hello {
             return Err(Error::NotRpal {
                 endpoint,
@@ -191,8 +286,10 @@ impl Server {
         let region = PeerRegion::map(space, fd, hello.region_addr, hello.region_len, cred.pid)
             .map_err(|e| handshake::refuse(&sock, e, &ours))?;
         let conn = Conn::new(sock, cred, region, mine, hello.endpoint_addr, self.opts.wait)?;
+        conn.sock.set_write_timeout(Some(left())).map_err(io)?;
         handshake::send(&conn.sock, &ours, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
         conn.sock.set_read_timeout(None).map_err(io)?;
+        conn.sock.set_write_timeout(None).map_err(io)?;
         tracing::debug!(client = cred.pid, "rpal client accepted");
         Ok(ServerConn {
             conn,
@@ -202,6 +299,9 @@ impl Server {
             deferred: Cell::new(false),
             outstanding: HashMap::new(),
             new_deadlines: Vec::new(),
+            quotas: self.opts.quotas,
+            starved: false,
+            slot,
         })
     }
 }
