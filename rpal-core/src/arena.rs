@@ -207,7 +207,12 @@ impl Arena {
 
     /// Takes a lease on peer `pid` for one connection (see [`PeerLease`]).
     pub fn lease(&'static self, pid: i32) -> PeerLease {
-        *self.leases.lock().unwrap_or_else(|p| p.into_inner()).entry(pid).or_default() += 1;
+        *self
+            .leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(pid)
+            .or_default() += 1;
         PeerLease { arena: self, pid }
     }
 

@@ -150,9 +150,17 @@ pub struct PeerRegion {
     space: &'static Space,
 }
 
-/// Protection keys of mapped peer regions, by address, shared by every
-/// handle on the same mapping.
-static SHARED_KEYS: Mutex<BTreeMap<u64, Arc<Pkey>>> = Mutex::new(BTreeMap::new());
+/// The protection key of each peer range, by address (`None`: untagged),
+/// and how many [`PeerRegion`] handles there are on it, over every mapping
+/// the range has had. A range keeps its key while any handle lives: when a
+/// dead peer's range is taken over, its connections (not yet dropped) read
+/// the new mapping under the key they hold, so the new mapping must carry
+/// it, even after the new owner's own handles are gone and a third peer
+/// maps there.
+static RANGE_KEYS: Mutex<BTreeMap<u64, RangeKey>> = Mutex::new(BTreeMap::new());
+
+/// A range's key (`None`: untagged) and its handle count.
+type RangeKey = (Option<Arc<Pkey>>, usize);
 
 impl PeerRegion {
     /// Validates a peer's memfd and announced placement, then maps it
@@ -232,15 +240,19 @@ impl PeerRegion {
             Ok(())
         })?;
         let token = occupied.token();
-        let pkey = match occupied {
-            // Another connection to the same process mapped (and tagged) it already.
-            Occupied::Shared { .. } => SHARED_KEYS
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&addr)
-                .cloned(),
-            Occupied::New { .. } if pkey::is_active() => Self::guard(addr, len, pid),
-            Occupied::New { .. } => None,
+        let pkey = {
+            let mut keys = RANGE_KEYS.lock().unwrap_or_else(|p| p.into_inner());
+            let pkey = match (keys.get(&addr), occupied) {
+                // Another connection to the same process mapped (and tagged) it already.
+                (Some((k, _)), Occupied::Shared { .. }) => k.clone(),
+                // A mapping that replaces one still read here takes its key.
+                (Some((Some(k), _)), Occupied::New { .. }) => Self::retag(k.clone(), addr, len, pid),
+                (Some((None, _)), Occupied::New { .. }) => None,
+                (None, Occupied::New { .. }) if pkey::is_active() => Self::guard(addr, len, pid),
+                (None, _) => None,
+            };
+            keys.entry(addr).or_insert((pkey.clone(), 0)).1 += 1;
+            pkey
         };
         Ok(PeerRegion {
             addr,
@@ -269,11 +281,21 @@ impl PeerRegion {
             return None;
         }
         pkey::register_region(addr, len, pid, k.key());
-        let k = Arc::new(k);
-        SHARED_KEYS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(addr, k.clone());
+        Some(Arc::new(k))
+    }
+
+    /// Tags a mapping that took over a dead peer's range with that range's
+    /// key `k` (see [`PeerRegion::map`]).
+    fn retag(k: Arc<Pkey>, addr: u64, len: u64, pid: i32) -> Option<Arc<Pkey>> {
+        // SAFETY: the mapping is read-only and fresh; readers of the old
+        // mapping hold `k` already and only load through validated views.
+        if let Err(e) = unsafe { k.protect(addr as usize, len as usize, libc::PROT_READ) } {
+            // Untagged (key 0), the range stays readable by every thread.
+            pkey::degrade(format!("pkey_mprotect of pid {pid}'s region at {addr:#x} failed: {e}"));
+            return None;
+        }
+        pkey::unregister_region(addr);
+        pkey::register_region(addr, len, pid, k.key());
         Some(k)
     }
 
@@ -345,12 +367,8 @@ impl Drop for PeerRegion {
     fn drop(&mut self) {
         // Unmapped with the last handle on it, unless a new peer took the
         // range over (its owner died): then the mapping is theirs now.
-        let (addr, len, guarded) = (self.addr, self.len, self.pkey.is_some());
+        let (addr, len) = (self.addr, self.len);
         self.space.release(self.addr, self.token, || {
-            if guarded {
-                pkey::unregister_region(addr);
-                SHARED_KEYS.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
-            }
             // Readable zeros rather than a hole: a connection to a dead peer
             // whose range was taken over (and since released) may still be
             // read by its poller until the death is noticed; it then reads
@@ -360,5 +378,16 @@ impl Drop for PeerRegion {
             // fails the peer's mapping stays, still readable.
             let _ = unsafe { sys::map_zero_readonly(addr as usize, len as usize) };
         });
+        // The range's key goes with its last handle, of any mapping.
+        let mut keys = RANGE_KEYS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = keys.get_mut(&addr) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                if e.0.is_some() {
+                    pkey::unregister_region(addr);
+                }
+                keys.remove(&addr);
+            }
+        }
     }
 }

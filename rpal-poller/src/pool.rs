@@ -118,6 +118,16 @@ fn accept_loop(server: &Arc<Server>, inboxes: &[Arc<Inbox>], stats: &[Arc<Poller
     // so a host out of descriptors does not spin this thread.
     let mut backoff = Duration::from_millis(1);
     loop {
+        // At the handshake cap, new connections wait in the listen backlog
+        // rather than being refused: a burst of honest clients gets through
+        // (each handshake ends by its deadline, and one peer holds at most
+        // `handshakes_per_peer` of the places).
+        while server.handshakes() >= server.quotas().handshakes {
+            if inboxes.iter().any(|b| b.shutdown.load(Ordering::Acquire)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let sock = match server.accept_socket() {
             Ok(s) => {
                 backoff = Duration::from_millis(1);

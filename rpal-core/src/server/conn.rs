@@ -293,7 +293,8 @@ impl ServerConn {
                 Ok(b) => b,
                 Err(Error::RegionFull { .. }) => {
                     self.starved = true;
-                    self.later.requeue(std::iter::once((call_id, method, write)).chain(done).collect());
+                    self.later
+                        .requeue(std::iter::once((call_id, method, write)).chain(done).collect());
                     break;
                 }
                 Err(e) => return Err(e),

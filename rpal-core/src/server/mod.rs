@@ -25,8 +25,8 @@ use crate::conn::{Conn, OwnEndpoint};
 use crate::doorbell::WaitConfig;
 use crate::error::{Error, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
-use crate::region::PeerRegion;
 use crate::quota::{Counter, Quota, Quotas};
+use crate::region::PeerRegion;
 use crate::space::Space;
 
 /// How a server accepts and waits.
@@ -176,8 +176,9 @@ impl Server {
 
     /// Takes a place among the handshakes under way for `sock`, or refuses
     /// it at once (the peer gets `QuotaExceeded`) when
-    /// [`Quotas::handshakes`] are running, or [`Quotas::handshakes_per_peer`]
-    /// of its process. The handshake's deadline starts now.
+    /// [`Quotas::handshakes_per_peer`] of its process are running, or
+    /// [`Quotas::handshakes`] in all (an acceptor waits for a place before
+    /// it accepts, see [`Server::handshakes`]). The handshake's deadline starts now.
     pub fn admit(&self, sock: UnixStream) -> Result<Admitted> {
         let q = &self.opts.quotas;
         // The kernel's credentials cost no wait; a peer without them counts as pid 0.
@@ -223,6 +224,16 @@ impl Server {
         r
     }
 
+    /// Handshakes under way.
+    pub fn handshakes(&self) -> usize {
+        self.handshaking.total()
+    }
+
+    /// The quotas this server enforces.
+    pub fn quotas(&self) -> &Quotas {
+        &self.opts.quotas
+    }
+
     /// Live connections (all clients together).
     pub fn connections(&self) -> usize {
         self.live.total()
@@ -236,7 +247,11 @@ impl Server {
         let io = |e| Error::io(format!("configure socket {endpoint}"), e);
         // Sends wait at most what is left of the handshake (never zero:
         // that would mean no limit).
-        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
         sock.set_write_timeout(Some(left())).map_err(io)?;
         let cred = handshake::peer_cred(&sock)?;
         let mine = OwnEndpoint::new()?;

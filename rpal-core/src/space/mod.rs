@@ -55,8 +55,13 @@ struct Mapping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Occupied {
     /// The range was free (or held by a dead peer, taken over): map it. The
-    /// old length is given if a dead peer's longer region must be covered.
-    New { token: u64, longer_old: Option<u64> },
+    /// old length is given if a dead peer's longer region must be covered;
+    /// `took_over` says a dead peer's mapping was here.
+    New {
+        token: u64,
+        longer_old: Option<u64>,
+        took_over: bool,
+    },
     /// The same live peer's region is mapped here already: share it.
     Shared { token: u64 },
 }
@@ -186,6 +191,7 @@ impl Space {
         let table = &mut *guard;
         let end = addr + len;
         let mut longer_old = None;
+        let mut took_over = false;
         // The nearest range starting below `end` is the only one that can overlap,
         // because recorded ranges never overlap each other.
         if let Some((&start, old)) = table.range_mut(..end).next_back() {
@@ -219,10 +225,15 @@ impl Space {
                 }
                 tracing::debug!(addr, "a dead peer's range is taken over by its slot's new owner");
                 longer_old = (old.len > len).then_some(old.len);
+                took_over = true;
             }
         }
         let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let found = Occupied::New { token, longer_old };
+        let found = Occupied::New {
+            token,
+            longer_old,
+            took_over,
+        };
         map(found)?;
         table.insert(
             addr,
