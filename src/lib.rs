@@ -46,8 +46,8 @@ pub use rpal_macros::service;
 
 pub use host::{Host, HostBuilder};
 pub use rpal_core::{
-    Arena, DoorbellSnapshot, Error, PeerCred, PeerMem, PeerPolicy, PeerRegion, PkeyStatus, RemoteStatus, Result,
-    ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk, WalkLimits,
+    Arena, DoorbellSnapshot, Error, LentQuota, PeerCred, PeerMem, PeerPolicy, PeerRegion, PkeyStatus, Quota, Quotas,
+    RemoteStatus, Result, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk, WalkLimits,
 };
 pub use rpal_core::{ClientOptions, ServerOptions};
 pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving};

@@ -401,7 +401,7 @@ fn dispatcher(s: &Service) -> TokenStream {
             None => quote!(let () = out;),
             Some((ty, Kind::Value)) => quote_spanned!(ty.span()=> reply.value::<#ty>(&out);),
             Some((ty, _)) => quote_spanned!(ty.span()=>
-                reply.lent::<#ty>(out, peer_pid).map_err(|_| ::rpal::RemoteStatus::BadReply)?;
+                reply.lent::<#ty>(out, peer_pid).map_err(::rpal::__private::lend_status)?;
             ),
         };
         if m.is_async {

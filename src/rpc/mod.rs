@@ -171,6 +171,16 @@ impl<D: Dispatch> ShmHandler<D> {
     }
 }
 
+/// The status of a call whose result could not be lent to its caller: the
+/// caller's lent quota names itself; anything else is a bad reply.
+#[cold]
+pub fn lend_status(e: rpal_core::Error) -> RemoteStatus {
+    match e {
+        rpal_core::Error::QuotaExceeded { quota, .. } => RemoteStatus::QuotaExceeded(quota),
+        _ => RemoteStatus::BadReply,
+    }
+}
+
 /// Reads a method's arguments to the end: a body of another size was built
 /// for another signature (`BadRequest`).
 #[inline]
