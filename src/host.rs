@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::rpc::{Dispatch, ShmHandler, StreamServer, serve_stream};
+use crate::rpc::{Dispatch, ShmHandler, StreamLimits, StreamServer, serve_stream};
 use rpal_core::{Error, Result, Server, ServerOptions};
 
 use rpal_poller::{PollerConfig, Serving, serve};
@@ -18,6 +18,7 @@ pub struct HostBuilder<D> {
     tcp: Option<String>,
     unix_stream: Option<PathBuf>,
     stream_threads: usize,
+    stream_limits: StreamLimits,
 }
 
 impl<D: Dispatch> HostBuilder<D> {
@@ -30,6 +31,7 @@ impl<D: Dispatch> HostBuilder<D> {
             tcp: None,
             unix_stream: None,
             stream_threads: 1,
+            stream_limits: StreamLimits::default(),
         }
     }
 
@@ -62,6 +64,13 @@ impl<D: Dispatch> HostBuilder<D> {
     /// Serves stream clients at the Unix socket `path` (no shared memory).
     pub fn unix_stream(mut self, path: impl Into<PathBuf>) -> Self {
         self.unix_stream = Some(path.into());
+        self
+    }
+
+    /// What one stream peer may hold and how long it may keep the server
+    /// waiting (frame size, idle and I/O deadlines, connection and call caps).
+    pub fn stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.stream_limits = limits;
         self
     }
 
@@ -111,6 +120,7 @@ impl<D: Dispatch> HostBuilder<D> {
                 self.dispatch.clone(),
                 tcp,
                 self.unix_stream.as_deref(),
+                self.stream_limits,
                 h,
             )?),
             _ => None,

@@ -51,7 +51,7 @@ pub use rpal_core::{
 };
 pub use rpal_core::{ClientOptions, ServerOptions};
 pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving};
-pub use rpc::{Channel, Dispatch, Returned, ServiceId, ShmPtr, Viewed};
+pub use rpc::{Channel, Dispatch, Returned, ServiceId, ShmPtr, StreamLimits, Viewed};
 
 /// Pins the calling thread to CPU `cpu` (`sched_setaffinity`). A caller
 /// and its server pinned to different CPUs spin without disturbing each

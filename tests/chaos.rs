@@ -91,6 +91,18 @@ const LENT_QUOTA: u64 = 4 << 20;
 const DEFERRED_QUOTA: usize = 64;
 const CONNS_PER_PEER: usize = 8;
 const HANDSHAKES_PER_PEER: usize = 4;
+const STREAM_CONNECTIONS: usize = 16;
+const MAX_FRAME: usize = 8 << 20;
+
+fn stream_limits() -> StreamLimits {
+    StreamLimits {
+        max_frame: MAX_FRAME,
+        idle: Duration::from_millis(2000 * common::time_scale()),
+        io: Duration::from_millis(1000 * common::time_scale()),
+        connections: STREAM_CONNECTIONS,
+        ..StreamLimits::default()
+    }
+}
 
 fn handshake_timeout() -> Duration {
     Duration::from_millis(1000 * common::time_scale())
@@ -113,12 +125,15 @@ fn serve_child() {
     let host = ServeViews::new(ViewsImpl)
         .host()
         .shm_with(&base, opts)
+        .tcp("127.0.0.1:0")
+        .stream_limits(stream_limits())
         .poller(PollerConfig {
             threads: 2,
             ..PollerConfig::parked()
         })
         .start()
         .expect("start the host");
+    common::publish_port(&base, host.tcp_addr().expect("a TCP address").port());
     host.join();
 }
 
@@ -968,6 +983,151 @@ fn data_on_the_control_socket_ends_that_connection() {
         m,
         "a byte on the control socket",
         "Closed (the server ends it as a protocol violation)",
+        8 << 10,
+    );
+}
+
+/// Virtual memory of the process, in KiB (what a body allocated from its
+/// header alone would take, before any of its bytes is written).
+fn vm_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the victim's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A raw TCP connection that has passed the stream hello.
+fn stream_hello(port: u16) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    type D = ServeViews<ViewsImpl>;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let hello = rpal::raw::handshake::Hello {
+        method_hash: <D as Dispatch>::METHOD_HASH,
+        text: <D as Dispatch>::SERVICE.to_owned(),
+        ..rpal::raw::handshake::Hello::new(rpal::raw::handshake::Kind::Hello)
+    };
+    s.write_all(&hello.encode()).unwrap();
+    let mut m = [0u8; rpal::raw::handshake::MESSAGE_LEN];
+    s.read_exact(&mut m).unwrap();
+    s
+}
+
+/// A frame header: body length, call id, method, status.
+fn frame_header(len: u32, id: u64) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0..4].copy_from_slice(&len.to_le_bytes());
+    h[4..12].copy_from_slice(&id.to_le_bytes());
+    h
+}
+
+/// Waits until the server closes `s` (EOF or reset); returns how long that took.
+fn closed_by_server(s: &mut std::net::TcpStream, limit: Duration) -> Duration {
+    use std::io::Read;
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return t0.elapsed(),
+            Ok(_) => {}
+        }
+        assert!(t0.elapsed() < limit, "the server kept the connection open");
+    }
+}
+
+/// Stream peers cannot make the server allocate from a header, hold it
+/// past its deadlines, or open connections without end: a header claiming
+/// a body just under the frame limit on each of 15 connections costs no
+/// memory until bytes come, and each is cut at the I/O deadline; a frame
+/// over the limit is answered with `QuotaExceeded(FrameBytes)`; a silent
+/// connection is cut at the idle deadline; the connection past the cap is
+/// refused with `QuotaExceeded(StreamConnections)`.
+#[test]
+fn stream_peers_cannot_hold_the_servers_memory_or_time() {
+    use std::io::{Read, Write};
+    let test = "stream_peers_cannot_hold_the_servers_memory_or_time";
+    if let Some(role) = child_role() {
+        if role == "hostile" {
+            let base = std::path::PathBuf::from(common::arg("RPAL_TEST_SOCK"));
+            let port = common::read_port(&base);
+            let limits = stream_limits();
+            // A frame over the limit: answered with the quota, then closed.
+            let mut big = stream_hello(port);
+            big.write_all(&frame_header(MAX_FRAME as u32 + 1, 7)).unwrap();
+            let mut h = [0u8; 20];
+            big.read_exact(&mut h).unwrap();
+            let status = u32::from_le_bytes(h[16..20].try_into().unwrap());
+            assert_eq!(
+                RemoteStatus::from_code(status),
+                RemoteStatus::QuotaExceeded(Quota::FrameBytes)
+            );
+            closed_by_server(&mut big, limits.io * 5);
+            // Headers of bodies that never come, on every place but one.
+            let mut held: Vec<_> = (0..STREAM_CONNECTIONS - 1)
+                .map(|i| {
+                    let mut s = stream_hello(port);
+                    s.write_all(&frame_header(MAX_FRAME as u32 - 1, i as u64)).unwrap();
+                    s.write_all(b"x").unwrap();
+                    s
+                })
+                .collect();
+            // The last place, silent after its hello: cut when idle.
+            let mut idle = stream_hello(port);
+            // One more is refused.
+            let e = match ViewsClient::connect_tcp(("127.0.0.1", port)) {
+                Err(e) => e,
+                Ok(_) => panic!("a connection past the cap was let in"),
+            };
+            assert!(
+                matches!(
+                    e,
+                    Error::QuotaExceeded {
+                        quota: Quota::StreamConnections,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            println!("attack-under-way");
+            for s in &mut held {
+                let took = closed_by_server(s, limits.io * 5);
+                assert!(took <= limits.io * 3, "a stalled body held its connection {took:?}");
+            }
+            let took = closed_by_server(&mut idle, limits.idle * 5);
+            assert!(took <= limits.idle * 3, "an idle connection was held {took:?}");
+            std::process::exit(0);
+        }
+        return;
+    }
+    let server = Server::start(test, "chaos-stream");
+    let honest = Honest::start(&server);
+    let vm_before = vm_kib(server.pid());
+    let mut hostile = None;
+    let mut vm_during = 0;
+    let m = under_attack(&server, &honest, || {
+        hostile = Some(server.hostile(test, "hostile"));
+        // The held connections are in place well within this.
+        std::thread::sleep(Duration::from_millis(300 * common::time_scale()));
+        vm_during = vm_kib(server.pid());
+    });
+    hostile.unwrap().expect_success();
+    // 15 bodies of 8 MiB allocated from their headers would be 120 MiB.
+    assert!(
+        vm_during < vm_before + (32 << 10),
+        "the victim's address space grew from {vm_before} to {vm_during} KiB"
+    );
+    // A fresh stream client is served once the attack is over.
+    let port = common::read_port(&server.base);
+    let tcp = common::retry(|| ViewsClient::connect_tcp(("127.0.0.1", port)));
+    assert_eq!(tcp.add(3, 4).unwrap(), 7);
+    still_serving(
+        &server,
+        honest,
+        m,
+        "stream peers: huge headers, stalled bodies, idle and surplus connections",
+        "QuotaExceeded(FrameBytes) / QuotaExceeded(StreamConnections); stalled and idle cut at their deadlines",
         8 << 10,
     );
 }

@@ -109,7 +109,7 @@ fn many_client_processes_on_one_server() {
     let n: usize = std::env::var("RPAL_TEST_CLIENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+        .unwrap_or(common::size(256, 256));
     let (path, serving) = start(
         "many",
         PollerConfig {

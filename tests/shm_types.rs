@@ -125,7 +125,10 @@ fn allocator_survives_many_threads() {
 }
 
 const BATCH: usize = 250; // (addr, len) pairs per call: 4000 bytes inline
-const RELEASED: usize = 100_000;
+/// Blocks lent and released: 100,000 with `RPAL_STRESS=1`.
+fn released() -> usize {
+    common::size(100_000, 20_000)
+}
 const CHECK: u32 = 0x5EED;
 
 fn pattern(len: usize, seed: u64) -> impl Iterator<Item = u8> {
@@ -172,9 +175,10 @@ fn peer_releases_every_block_and_the_owner_reclaims_them() {
     let pid = client.peer().cred.pid;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut sent = 0;
-    while sent < RELEASED {
+    let released = released();
+    while sent < released {
         let mut pairs = Vec::with_capacity(BATCH * 16);
-        for _ in 0..BATCH.min(RELEASED - sent) {
+        for _ in 0..BATCH.min(released - sent) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;

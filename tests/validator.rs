@@ -121,7 +121,7 @@ fn validator_against_a_real_peer() {
     ];
     let lens = prop_oneof![any::<u64>(), 0..8192u64, Just(u64::MAX), Just(len)];
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 2000,
+        cases: common::size(20_000, 2000) as u32,
         ..ProptestConfig::default()
     });
     runner

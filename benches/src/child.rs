@@ -87,7 +87,11 @@ pub fn run_child(role: &str, args: &[String]) -> rpal::Result<()> {
             Ok(())
         }
         "rpal-busy" | "rpal-parked" | "rpal-default" => {
-            let server = rpal::raw::Server::bind(arg(0), rpal::ServerOptions::new("bench"))?;
+            let mut opts = rpal::ServerOptions::new("bench");
+            // The idle row holds 100 connections from one process, past the
+            // default per-peer quota of 64.
+            opts.quotas.connections_per_peer = 128;
+            let server = rpal::raw::Server::bind(arg(0), opts)?;
             let cfg = match role {
                 "rpal-parked" => rpal::PollerConfig::parked(),
                 "rpal-busy" => busy_poller(),

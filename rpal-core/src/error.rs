@@ -160,12 +160,14 @@ pub enum Error {
         source: io::Error,
     },
     /// Every slot of the host-wide registry is taken by a live process.
-    #[error("no free slot among {slots} in {}; end idle rpal processes or enlarge the window", registry.display())]
+    #[error("no free slot among {slots} in {}: held by pids {holders:?}; end idle rpal processes (or one that hoards slots) or enlarge the window", registry.display())]
     NoFreeSlot {
         /// Slot count.
         slots: usize,
         /// Registry file.
         registry: PathBuf,
+        /// The processes holding them.
+        holders: Vec<i32>,
     },
     /// The registry file exists with another geometry.
     #[error("registry {} has another geometry ({detail}); every process on the host must use the same window settings", path.display())]

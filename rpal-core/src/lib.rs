@@ -17,6 +17,8 @@ mod cred;
 mod deferred;
 pub mod doorbell;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod handshake;
 pub mod pkey;
 pub mod queue;

@@ -38,11 +38,13 @@ pub enum Quota {
     FrameBytes,
     /// Calls in flight on one stream connection.
     StreamCalls,
+    /// Stream (TCP, Unix stream) connections of a server at once.
+    StreamConnections,
 }
 
 impl Quota {
     /// Every quota, in code order.
-    pub const ALL: [Quota; 11] = [
+    pub const ALL: [Quota; 12] = [
         Quota::ReplyBacklog,
         Quota::LentBlocks,
         Quota::LentBytes,
@@ -54,6 +56,7 @@ impl Quota {
         Quota::FrameBytes,
         Quota::StreamCalls,
         Quota::HandshakesPerPeer,
+        Quota::StreamConnections,
     ];
 
     /// What the quota limits, for messages.
@@ -67,6 +70,7 @@ impl Quota {
             Quota::Connections => "connections per server",
             Quota::Handshakes => "handshakes in progress",
             Quota::HandshakesPerPeer => "handshakes in progress per peer process",
+            Quota::StreamConnections => "stream connections per server",
             Quota::PendingReleases => "releases waiting for the peer to consume its ring",
             Quota::FrameBytes => "bytes per stream frame",
             Quota::StreamCalls => "calls in flight per stream connection",
@@ -84,6 +88,7 @@ impl Quota {
             Quota::Connections => "ServerOptions::quotas.connections",
             Quota::Handshakes => "ServerOptions::quotas.handshakes",
             Quota::HandshakesPerPeer => "ServerOptions::quotas.handshakes_per_peer",
+            Quota::StreamConnections => "StreamLimits::connections",
             Quota::PendingReleases => "none: the peer must consume its release ring",
             Quota::FrameBytes => "StreamLimits::max_frame",
             Quota::StreamCalls => "StreamLimits::calls_in_flight",

@@ -349,18 +349,25 @@ impl PeerRegion {
     /// Checks that `[addr, addr+len)` lies inside the region and `addr` is
     /// aligned to `align` (a power of two).
     pub fn check(&self, addr: u64, len: u64, align: u64) -> Result<()> {
-        let bad = |reason| Err(Error::InvalidPointer { addr, len, reason });
-        if addr % align.max(1) != 0 {
-            return bad("is not aligned for its type");
-        }
-        let Some(end) = addr.checked_add(len) else {
-            return bad("has a length that overflows the address space");
-        };
-        if addr < self.addr || end > self.addr + self.len {
-            return bad("lies outside the peer's region");
-        }
-        Ok(())
+        check_range(self.addr, self.len, addr, len, align)
     }
+}
+
+/// The pointer validator: errors unless `[addr, addr+len)` lies inside
+/// `[base, base+size)` and `addr` is aligned to `align` (0 counts as 1).
+/// Every pointer and length read from a peer passes through it.
+pub(crate) fn check_range(base: u64, size: u64, addr: u64, len: u64, align: u64) -> Result<()> {
+    let bad = |reason| Err(Error::InvalidPointer { addr, len, reason });
+    if addr % align.max(1) != 0 {
+        return bad("is not aligned for its type");
+    }
+    let Some(end) = addr.checked_add(len) else {
+        return bad("has a length that overflows the address space");
+    };
+    if addr < base || end > base.saturating_add(size) {
+        return bad("lies outside the peer's region");
+    }
+    Ok(())
 }
 
 impl Drop for PeerRegion {

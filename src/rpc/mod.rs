@@ -22,7 +22,7 @@ pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispa
 pub use rpal_core::Client;
 pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
-pub use stream::{StreamChannel, StreamServer, serve_stream};
+pub use stream::{StreamChannel, StreamLimits, StreamServer, fuzz_frames, serve_stream};
 pub use table::Body;
 pub use wire::{Mode, Reader, ReleaseSink, Returned, Scratch, ShmPtr, Viewed, Writer};
 

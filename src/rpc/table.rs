@@ -35,6 +35,15 @@ impl Body {
         }
     }
 
+    /// Starts a body of `len` bytes that is read in pieces (see [`Growing`]).
+    pub fn growing(len: usize) -> Growing {
+        Growing {
+            buf: Vec::new(),
+            len,
+            got: 0,
+        }
+    }
+
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
         &bytemuck::cast_slice::<u128, u8>(&self.buf)[..self.len]
@@ -43,6 +52,45 @@ impl Body {
     /// The bytes, to fill.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.buf)[..self.len]
+    }
+}
+
+/// A body being read from a stream, whose memory grows as its bytes
+/// arrive (doubling from 64 KiB), so that a header announcing a large body
+/// costs nothing until the bytes come.
+pub struct Growing {
+    buf: Vec<u128>,
+    len: usize,
+    got: usize,
+}
+
+impl Growing {
+    /// Where the next bytes go (empty once the body is whole).
+    pub fn spare(&mut self) -> &mut [u8] {
+        let want = self.len.min((self.got * 2).max(64 << 10));
+        if want.div_ceil(16) > self.buf.len() {
+            self.buf.resize(want.div_ceil(16), 0);
+        }
+        &mut bytemuck::cast_slice_mut::<u128, u8>(&mut self.buf)[self.got..want]
+    }
+
+    /// Records `n` bytes read into [`Growing::spare`].
+    pub fn filled(&mut self, n: usize) {
+        self.got += n;
+    }
+
+    /// Whether every byte has arrived.
+    pub fn done(&self) -> bool {
+        self.got >= self.len
+    }
+
+    /// The whole body.
+    pub fn finish(mut self) -> Body {
+        self.buf.resize(self.len.div_ceil(16), 0);
+        Body {
+            buf: self.buf.into_boxed_slice(),
+            len: self.len,
+        }
     }
 }
 

@@ -109,6 +109,24 @@ pub fn time_scale() -> u64 {
         .max(1)
 }
 
+/// Whether the long stress sizes were asked for (`RPAL_STRESS=1`); CI runs
+/// the short ones.
+pub fn stress() -> bool {
+    std::env::var("RPAL_STRESS").is_ok_and(|v| v == "1")
+}
+
+/// `full` with `RPAL_STRESS=1`, else `short` (and a quarter of it under
+/// emulation, where each step is many times slower).
+pub fn size(full: usize, short: usize) -> usize {
+    if stress() {
+        full
+    } else if time_scale() > 1 {
+        (short / 4).max(1)
+    } else {
+        short
+    }
+}
+
 /// A socket path unique to this process and `name`.
 pub fn sock_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("rpal-test-{}-{name}.sock", std::process::id()))

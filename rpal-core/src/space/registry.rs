@@ -1,42 +1,33 @@
 //! The host-wide slot registry: a small shared file per uid recording which
 //! process owns which slot of the window (pid, start time, generation).
+//!
+//! The file is read and written with `pread`/`pwrite` under an advisory
+//! (OFD) lock, never mapped: a same-uid process may truncate or scribble on
+//! it, and then the worst it does is deny slots (short reads count as free
+//! entries, garbage as stale ones), never a SIGBUS in every rpal process.
+//! A claim writes owner and start time in one locked write, so no entry is
+//! ever half-claimed, and an entry is trusted only while a live process with
+//! that start time sits behind its pid.
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::SpaceConfig;
 use crate::error::{Error, Result};
 use crate::sys;
 
 const REGISTRY_MAGIC: u64 = u64::from_le_bytes(*b"RPALSLOT");
-const REGISTRY_VERSION: u64 = 1;
-
-/// Registry header, at offset 0 of the registry file.
-#[repr(C)]
-struct RegistryHeader {
-    magic: AtomicU64,
-    version: AtomicU64,
-    base: AtomicU64,
-    slot_size: AtomicU64,
-    slots: AtomicU64,
-}
-
-/// One slot's owner record.
-///
-/// `owner` packs `generation << 32 | pid` so that claiming a slot is one CAS;
-/// pid 0 means free. `start` packs the low 24 bits of the generation with the
-/// owner's start time (`gen << 40 | ticks`), written right after the claim.
-/// A `start` whose generation differs from `owner`'s is a previous owner's:
-/// the claim is still in progress, and must not be judged by that old start
-/// time (it would make a live new owner look like a reused pid).
-#[repr(C)]
-struct SlotEntry {
-    owner: AtomicU64,
-    start: AtomicU64,
-}
+const REGISTRY_VERSION: u64 = 2;
+/// Header: magic, version, base, slot size, slots (u64 each).
+const HEADER: usize = 5 * 8;
+/// Entry: owner word (`generation << 32 | pid`; pid 0 is free), start time.
+const ENTRY: usize = 16;
+/// Longest we wait for another process's lock: a process that holds it
+/// longer (stopped, or hostile) denies slots, and the error says so.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 
 const fn pack(generation: u32, pid: i32) -> u64 {
     ((generation as u64) << 32) | (pid as u32 as u64)
@@ -47,35 +38,32 @@ const fn owner_pid(word: u64) -> i32 {
 const fn generation(word: u64) -> u32 {
     (word >> 32) as u32
 }
-const START_BITS: u32 = 40;
-const fn pack_start(generation: u32, ticks: u64) -> u64 {
-    ((generation as u64 & 0xff_ffff) << START_BITS) | (ticks & ((1 << START_BITS) - 1))
-}
-/// The start time recorded for the claim of `generation`, if it is written.
-const fn start_of(generation: u32, start: u64) -> Option<u64> {
-    if start >> START_BITS == generation as u64 & 0xff_ffff && start != 0 {
-        Some(start & ((1 << START_BITS) - 1))
-    } else {
-        None
-    }
-}
 
 /// A region's owner as recorded in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotOwner {
     /// Owner process.
     pub pid: i32,
-    /// Owner's start time (clock ticks since boot), 0 while claiming.
+    /// Owner's start time (clock ticks since boot).
     pub start_time: u64,
     /// Claim generation of the slot.
     pub generation: u32,
 }
 
-/// The host-wide slot registry, mapped into this process.
+/// The host-wide slot registry, opened by this process.
 pub(super) struct Registry {
     path: PathBuf,
-    header: &'static RegistryHeader,
-    entries: &'static [SlotEntry],
+    file: File,
+    slots: usize,
+}
+
+/// The registry's lock, held while it lives.
+struct Locked<'a>(&'a Registry);
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.fcntl_lock(libc::F_UNLCK as i16);
+    }
 }
 
 impl Registry {
@@ -89,68 +77,114 @@ impl Registry {
             .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(format!("open slot registry {}", path.display()), e))?;
-        let len = std::mem::size_of::<RegistryHeader>() + cfg.slots as usize * std::mem::size_of::<SlotEntry>();
-        let cur = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
-        if cur < len as u64 {
-            // Growing a zero file to the same length is idempotent, so racing creators agree.
-            file.set_len(len as u64)
-                .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
-        }
-        let ptr = sys::map_file(file.as_fd(), len).map_err(|e| Error::io(format!("map {}", path.display()), e))?;
-        // SAFETY: the mapping is `len` bytes, page aligned, lives for the process
-        // (never unmapped), and is only accessed through atomics: the file is
-        // shared with other processes that write it concurrently.
-        let header = unsafe { &*(ptr as *const RegistryHeader) };
-        // SAFETY: as above; the entries follow the header, inside `len`.
-        let entries = unsafe {
-            std::slice::from_raw_parts(
-                ptr.add(std::mem::size_of::<RegistryHeader>()) as *const SlotEntry,
-                cfg.slots as usize,
-            )
+        let reg = Self {
+            path,
+            file,
+            slots: cfg.slots as usize,
         };
-        let reg = Self { path, header, entries };
         reg.init_header(cfg)?;
         Ok(reg)
     }
 
-    fn init_header(&self, cfg: &SpaceConfig) -> Result<()> {
-        let h = self.header;
-        // The first opener writes the geometry, then publishes the magic
-        // (Release: pairs with the Acquire below in later openers).
-        if h.magic.load(Ordering::Acquire) == 0
-            && h.version
-                .compare_exchange(0, u64::MAX, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            h.base.store(cfg.base, Ordering::Relaxed);
-            h.slot_size.store(cfg.slot_size, Ordering::Relaxed);
-            h.slots.store(cfg.slots, Ordering::Relaxed);
-            h.version.store(REGISTRY_VERSION, Ordering::Relaxed);
-            h.magic.store(REGISTRY_MAGIC, Ordering::Release);
+    fn fcntl_lock(&self, kind: i16) -> std::io::Result<bool> {
+        // SAFETY: flock is plain data; zero is a valid start for every field.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind;
+        fl.l_whence = libc::SEEK_SET as i16;
+        // Whole file (len 0); OFD locks belong to this open file, so threads
+        // of one process exclude each other too.
+        // SAFETY: a valid descriptor and a valid flock for F_OFD_SETLK.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if r == 0 {
+            return Ok(true);
         }
-        // Another opener may be mid-initialisation: wait briefly for its magic.
-        let t0 = std::time::Instant::now();
-        while h.magic.load(Ordering::Acquire) != REGISTRY_MAGIC {
-            if t0.elapsed() > std::time::Duration::from_secs(2) {
-                return Err(self.mismatch("magic never written (corrupt or foreign file)"));
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+            _ => Err(e),
+        }
+    }
+
+    /// Takes the lock, waiting at most [`LOCK_WAIT`].
+    fn lock(&self) -> Result<Locked<'_>> {
+        let t0 = Instant::now();
+        loop {
+            match self.fcntl_lock(libc::F_WRLCK as i16) {
+                Ok(true) => return Ok(Locked(self)),
+                Ok(false) if t0.elapsed() < LOCK_WAIT => std::thread::sleep(Duration::from_millis(1)),
+                Ok(false) => {
+                    return Err(Error::io(
+                        format!(
+                            "lock slot registry {}: held by another process for over {LOCK_WAIT:?}",
+                            self.path.display()
+                        ),
+                        std::io::ErrorKind::WouldBlock.into(),
+                    ));
+                }
+                Err(e) => return Err(Error::io(format!("lock slot registry {}", self.path.display()), e)),
             }
-            std::thread::yield_now();
         }
-        let checks = [
-            ("version", h.version.load(Ordering::Relaxed), REGISTRY_VERSION),
-            ("base", h.base.load(Ordering::Relaxed), cfg.base),
-            ("slot_size", h.slot_size.load(Ordering::Relaxed), cfg.slot_size),
-            ("slots", h.slots.load(Ordering::Relaxed), cfg.slots),
-        ];
-        for (name, found, want) in checks {
-            if found != want {
-                return Err(self.mismatch(&format!("{name} is {found:#x}, this process wants {want:#x}")));
+    }
+
+    /// `n` u64 words at `offset`; bytes past the end of the file read as 0
+    /// (a truncated registry is an empty one, not a fault).
+    fn read_words(&self, offset: usize, n: usize) -> Vec<u64> {
+        let mut buf = vec![0u8; n * 8];
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], (offset + got) as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+        buf.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    }
+
+    fn write_words(&self, offset: usize, words: &[u64]) -> Result<()> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.file
+            .write_all_at(&bytes, offset as u64)
+            .map_err(|e| Error::io(format!("write slot registry {}", self.path.display()), e))
+    }
+
+    fn init_header(&self, cfg: &SpaceConfig) -> Result<()> {
+        let _lock = self.lock()?;
+        let want = [REGISTRY_MAGIC, REGISTRY_VERSION, cfg.base, cfg.slot_size, cfg.slots];
+        let h = self.read_words(0, 5);
+        if h[0] == 0 {
+            // A new (or truncated) registry: entries past the end read as free.
+            return self.write_words(0, &want);
+        }
+        if h[0] != REGISTRY_MAGIC {
+            return Err(self.mismatch("no rpal magic (a foreign or corrupt file)"));
+        }
+        if h[1..] != want[1..] && self.all_stale() {
+            // Left by processes that are all gone (an older build, other
+            // window settings): start afresh.
+            let mut fresh = want.to_vec();
+            fresh.resize(5 + self.slots * 2, 0);
+            return self.write_words(0, &fresh);
+        }
+        for (i, name) in ["magic", "version", "base", "slot_size", "slots"]
+            .iter()
+            .enumerate()
+            .skip(1)
+        {
+            if h[i] != want[i] {
+                return Err(self.mismatch(&format!("{name} is {:#x}, this process wants {:#x}", h[i], want[i])));
             }
         }
         Ok(())
+    }
+
+    /// Whether no live process holds a slot (read under the lock).
+    fn all_stale(&self) -> bool {
+        let words = self.read_words(HEADER, self.slots * 2);
+        words
+            .chunks_exact(2)
+            .all(|e| owner_pid(e[0]) == 0 || Self::is_stale(owner_pid(e[0]), e[1]))
     }
 
     fn mismatch(&self, detail: &str) -> Error {
@@ -160,14 +194,11 @@ impl Registry {
         }
     }
 
-    /// Whether the recorded owner is gone: pid dead, or pid reused (the
-    /// process under that pid started at another time than recorded).
-    /// `start` is `None` while a live owner's claim is in progress.
-    fn is_stale(pid: i32, start: Option<u64>) -> bool {
-        if !sys::pid_exists(pid) {
-            return true;
-        }
-        start.is_some_and(|s| sys::proc_start_time(pid) != Some(s))
+    /// Whether the recorded owner is gone (pid dead, or reused: the process
+    /// under that pid started at another time than recorded). An entry
+    /// without a start time cannot be told from garbage: it is stale.
+    fn is_stale(pid: i32, start: u64) -> bool {
+        pid <= 0 || start == 0 || !sys::pid_exists(pid) || sys::proc_start_time(pid) != Some(start)
     }
 
     /// Claims a slot for this process and returns its index: a free one if
@@ -177,58 +208,56 @@ impl Registry {
     pub(super) fn claim(&self) -> Result<usize> {
         let me = sys::getpid();
         let my_start = sys::proc_start_time(me).unwrap_or(1);
-        for reclaim_stale in [false, true] {
-            for (i, e) in self.entries.iter().enumerate() {
-                let word = e.owner.load(Ordering::Acquire);
-                let pid = owner_pid(word);
-                if pid != 0 {
-                    if !reclaim_stale {
-                        continue;
-                    }
-                    // Acquire: pairs with the Release store of `start` in a claim.
-                    let start = start_of(generation(word), e.start.load(Ordering::Acquire));
-                    if !Self::is_stale(pid, start) {
-                        continue;
-                    }
-                }
-                let new_gen = generation(word).wrapping_add(1);
-                let new = pack(new_gen, me);
-                // AcqRel: the winner alone proceeds; losers move on.
-                if e.owner
-                    .compare_exchange(word, new, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    // Release: pairs with the Acquire of `start` in `claim`/`owner`.
-                    e.start.store(pack_start(new_gen, my_start), Ordering::Release);
-                    return Ok(i);
-                }
-            }
-        }
-        Err(Error::NoFreeSlot {
-            slots: self.entries.len(),
-            registry: self.path.clone(),
-        })
+        let _lock = self.lock()?;
+        let words = self.read_words(HEADER, self.slots * 2);
+        let entry = |i: usize| (words[2 * i], words[2 * i + 1]);
+        let free = (0..self.slots).find(|&i| owner_pid(entry(i).0) == 0);
+        let pick = free.or_else(|| {
+            (0..self.slots).find(|&i| {
+                let (word, start) = entry(i);
+                Self::is_stale(owner_pid(word), start)
+            })
+        });
+        let Some(i) = pick else {
+            let mut holders: Vec<i32> = (0..self.slots).map(|i| owner_pid(entry(i).0)).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            return Err(Error::NoFreeSlot {
+                slots: self.slots,
+                registry: self.path.clone(),
+                holders,
+            });
+        };
+        let new = pack(generation(entry(i).0).wrapping_add(1), me);
+        self.write_words(HEADER + i * ENTRY, &[new, my_start])?;
+        Ok(i)
     }
 
     /// Frees a slot this process owns.
     pub(super) fn release(&self, slot: usize) {
-        let e = &self.entries[slot];
-        let word = e.owner.load(Ordering::Acquire);
+        let Ok(_lock) = self.lock() else { return };
+        let [word, _] = self.read_words(HEADER + slot * ENTRY, 2)[..] else {
+            return;
+        };
         if owner_pid(word) == sys::getpid() {
-            e.start.store(0, Ordering::Relaxed);
-            // Release: our use of the slot happens before anyone's next claim.
-            let _ = e
-                .owner
-                .compare_exchange(word, pack(generation(word), 0), Ordering::Release, Ordering::Relaxed);
+            let _ = self.write_words(HEADER + slot * ENTRY, &[pack(generation(word), 0), 0]);
         }
     }
 
+    /// Who the registry says owns `slot` (not checked for staleness: the
+    /// handshake compares it with the peer's kernel-given pid). A registry
+    /// that cannot be locked or read answers `None`.
     pub(super) fn owner(&self, slot: usize) -> Option<SlotOwner> {
-        let e = self.entries.get(slot)?;
-        let word = e.owner.load(Ordering::Acquire);
+        if slot >= self.slots {
+            return None;
+        }
+        let _lock = self.lock().ok()?;
+        let [word, start] = self.read_words(HEADER + slot * ENTRY, 2)[..] else {
+            return None;
+        };
         (owner_pid(word) != 0).then(|| SlotOwner {
             pid: owner_pid(word),
-            start_time: start_of(generation(word), e.start.load(Ordering::Acquire)).unwrap_or(0),
+            start_time: start,
             generation: generation(word),
         })
     }
@@ -247,16 +276,42 @@ mod tests {
 
     #[test]
     fn stale_detection() {
-        // A live process with its real start time is not stale; a wrong start time is (pid reuse).
+        // A live process with its real start time is not stale; a wrong
+        // start time is (pid reuse), and so is none at all (garbage).
         let me = sys::getpid();
         let start = sys::proc_start_time(me).unwrap();
-        assert!(!Registry::is_stale(me, Some(start)));
-        assert!(Registry::is_stale(me, Some(start + 1)));
-        // A claim in progress (start not written for this generation) is left alone.
-        assert!(!Registry::is_stale(me, None));
-        assert!(Registry::is_stale(i32::MAX, None));
-        // A previous owner's start time does not count for the new generation.
-        assert_eq!(start_of(7, pack_start(6, start)), None);
-        assert_eq!(start_of(7, pack_start(7, start)), Some(start));
+        assert!(!Registry::is_stale(me, start));
+        assert!(Registry::is_stale(me, start + 1));
+        assert!(Registry::is_stale(me, 0));
+        assert!(Registry::is_stale(i32::MAX, start));
+        assert!(Registry::is_stale(-1, start));
+    }
+
+    /// A registry truncated under us, or filled with garbage, is read as
+    /// free or stale entries: claims still work, nothing faults.
+    #[test]
+    fn a_truncated_or_scribbled_registry_is_survived() {
+        let dir = std::env::temp_dir().join(format!("rpal-reg-test-{}", std::process::id()));
+        let cfg = SpaceConfig {
+            registry: dir.clone(),
+            ..SpaceConfig::default()
+        };
+        let reg = Registry::open(&cfg).unwrap();
+        let a = reg.claim().unwrap();
+        assert_eq!(reg.owner(a).map(|o| o.pid), Some(sys::getpid()));
+        // Truncated to nothing: the header is rewritten, every slot free.
+        reg.file.set_len(0).unwrap();
+        assert_eq!(reg.owner(a), None);
+        let reg2 = Registry::open(&cfg).unwrap();
+        let b = reg2.claim().unwrap();
+        assert_eq!(reg2.owner(b).map(|o| o.pid), Some(sys::getpid()));
+        // Every entry garbage (live pid 1 with no valid start time): stale.
+        let mut junk = Vec::new();
+        for _ in 0..cfg.slots {
+            junk.extend([pack(3, 1), 0]);
+        }
+        reg2.write_words(HEADER, &junk).unwrap();
+        assert!(reg2.claim().is_ok(), "garbage entries count as stale");
+        let _ = std::fs::remove_file(&dir);
     }
 }

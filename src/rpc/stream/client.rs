@@ -20,6 +20,9 @@ use rpal_core::error::{Error, Result};
 use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN};
 use rpal_core::sys;
 
+/// Longest a frame's write may wait for the server to read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The socket under a stream channel.
 enum Sock {
     Tcp(TcpStream),
@@ -32,6 +35,13 @@ impl Sock {
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
         })
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(t),
+            Sock::Unix(s) => s.set_write_timeout(t),
+        }
     }
 
     fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
@@ -139,7 +149,12 @@ impl StreamChannel {
                 });
             }
         }
+        // Reads wait as long as calls are in flight (each call has its own
+        // deadline); a write waits at most WRITE_TIMEOUT, so a server that
+        // stops reading cannot hold a caller (and the writer lock) for ever.
         sock.set_timeouts(None).map_err(|e| io("configure", e))?;
+        sock.set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|e| io("configure", e))?;
         // Over a Unix socket the kernel names the server's process: hold a
         // pidfd on it, so that its death is told apart from a hang-up.
         // (Over TCP the peer may be on another host: a lost connection.)
@@ -321,10 +336,24 @@ fn read_replies(
         if len > MAX_FRAME {
             break format!("{endpoint} sent a frame of {len} bytes (limit {MAX_FRAME})");
         }
-        let mut body = Body::zeroed(len);
-        if let Err(e) = sock.read_exact(body.bytes_mut()) {
-            break format!("{endpoint}: {e}");
+        // Memory as the bytes arrive: a hostile server's header costs nothing.
+        let mut growing = Body::growing(len);
+        let mut failed = None;
+        while !growing.done() {
+            match sock.read(growing.spare()) {
+                Ok(0) => failed = Some(format!("{endpoint} closed the connection mid-frame")),
+                Ok(n) => growing.filled(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => failed = Some(format!("{endpoint}: {e}")),
+            }
+            if failed.is_some() {
+                break;
+            }
         }
+        if let Some(why) = failed {
+            break why;
+        }
+        let body = growing.finish();
         let Some(t) = table.upgrade() else { return };
         if let Err(e) = lock(&t).complete_with(id, status, || body, 0) {
             break e.to_string();

@@ -6,6 +6,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,10 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::super::table::Body;
 use super::super::wire::{Reader, Writer};
 use super::super::{Dispatch, Dispatched, HandlerFuture};
-use super::frame::{FRAME_HEADER, MAX_FRAME, decode_header, finish_frame};
-use rpal_core::budget_of;
+use super::StreamLimits;
+use super::frame::{FRAME_HEADER, decode_header, finish_frame};
 use rpal_core::error::{Error, RemoteStatus, Result};
 use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
+use rpal_core::{Quota, budget_of};
 
 /// A running stream server: TCP and/or Unix-stream listeners on a small
 /// tokio runtime. Dropping it stops accepting and closes every connection.
@@ -57,9 +59,12 @@ pub fn serve_stream<D: Dispatch>(
     dispatch: Arc<D>,
     tcp: Option<SocketAddr>,
     unix: Option<&Path>,
+    limits: StreamLimits,
     rt: &tokio::runtime::Handle,
 ) -> Result<StreamServer> {
     let _enter = rt.enter();
+    // Connections at once, over both listeners.
+    let live = Arc::new(AtomicUsize::new(0));
     let mut out = StreamServer {
         tcp: None,
         unix: None,
@@ -72,11 +77,17 @@ pub fn serve_stream<D: Dispatch>(
             .map_err(|e| Error::io("nonblocking".to_owned(), e))?;
         let d = dispatch.clone();
         let l = tokio::net::TcpListener::from_std(l).map_err(|e| Error::io("register TCP listener".to_owned(), e))?;
+        let live = live.clone();
         out.accepting.push(rt.spawn(async move {
+            let mut backoff = Backoff::default();
             loop {
-                if let Ok((s, peer)) = l.accept().await {
-                    let _ = s.set_nodelay(true);
-                    tokio::spawn(serve_conn(s, d.clone(), peer.to_string()));
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        backoff.reset();
+                        let _ = s.set_nodelay(true);
+                        tokio::spawn(serve_conn(s, d.clone(), peer.to_string(), limits, live.clone()));
+                    }
+                    Err(e) => backoff.wait(&e).await,
                 }
             }
         }));
@@ -93,9 +104,14 @@ pub fn serve_stream<D: Dispatch>(
         let name = path.display().to_string();
         let l = tokio::net::UnixListener::from_std(l).map_err(|e| Error::io("register Unix listener".to_owned(), e))?;
         out.accepting.push(rt.spawn(async move {
+            let mut backoff = Backoff::default();
             loop {
-                if let Ok((s, _)) = l.accept().await {
-                    tokio::spawn(serve_conn(s, d.clone(), name.clone()));
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        backoff.reset();
+                        tokio::spawn(serve_conn(s, d.clone(), name.clone(), limits, live.clone()));
+                    }
+                    Err(e) => backoff.wait(&e).await,
                 }
             }
         }));
@@ -103,16 +119,54 @@ pub fn serve_stream<D: Dispatch>(
     Ok(out)
 }
 
-/// Serves one stream connection: handshake, then frames until it closes.
-/// Sync handlers run inline, one frame after another; async handlers run
-/// as tasks of their own, so slow ones do not hold up the connection, and
-/// their replies go out when ready (the client matches them by call id).
-async fn serve_conn<S, D>(mut s: S, d: Arc<D>, peer: String)
+/// Accept errors (EMFILE, ENFILE, ENOBUFS) back off from 1 ms to 1 s, so a
+/// host out of descriptors does not spin the accept loop.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(1))
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(1);
+    }
+
+    async fn wait(&mut self, e: &std::io::Error) {
+        if self.0 == Duration::from_millis(1) {
+            tracing::error!(%e, "stream accept failed; backing off");
+        }
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// A connection's place in [`StreamLimits::connections`].
+struct Live(Arc<AtomicUsize>);
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one stream connection: handshake, then frames until it closes
+/// (or breaks a limit). Sync handlers run inline, one frame after another;
+/// async handlers run as tasks of their own, so slow ones do not hold up
+/// the connection, and their replies go out when ready (the client matches
+/// them by call id).
+async fn serve_conn<S, D>(mut s: S, d: Arc<D>, peer: String, limits: StreamLimits, live: Arc<AtomicUsize>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     D: Dispatch,
 {
-    if let Err(e) = stream_handshake(&mut s, &peer, D::SERVICE, D::METHOD_HASH).await {
+    let _live = Live(live.clone());
+    let full = live.fetch_add(1, Ordering::Relaxed) >= limits.connections;
+    let refuse = full.then(|| Quota::StreamConnections.exceeded(limits.connections as u64));
+    let hello = stream_handshake(&mut s, &peer, D::SERVICE, D::METHOD_HASH, limits.handshake, refuse);
+    if let Err(e) = hello.await {
         tracing::debug!(%peer, %e, "stream handshake failed");
         return;
     }
@@ -123,18 +177,28 @@ where
     let mut reply = Vec::with_capacity(4096);
     loop {
         while later.try_join_next().is_some() {}
-        let mut h = [0u8; FRAME_HEADER];
-        if rd.read_exact(&mut h).await.is_err() {
-            return;
-        }
-        let (len, id, method, flags) = decode_header(&h);
-        if len > MAX_FRAME {
-            tracing::warn!(%peer, len, "frame over the limit; closing");
-            return;
-        }
-        let mut body = Body::zeroed(len);
-        if rd.read_exact(body.bytes_mut()).await.is_err() {
-            return;
+        let (id, method, flags, body) = match read_frame(&mut rd, &limits).await {
+            Ok(f) => f,
+            Err(FrameError::TooLarge { id, method, len }) => {
+                // Its body cannot be skipped cheaply: answer, then close.
+                tracing::warn!(%peer, len, limit = limits.max_frame, "frame over the limit; closing");
+                let over = RemoteStatus::QuotaExceeded(Quota::FrameBytes);
+                let _ = write_status(&wr, id, method, over, limits.io).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, ?e, "stream connection ends");
+                return;
+            }
+        };
+        if later.len() >= limits.calls_in_flight {
+            // Answered without running it (sync handlers included: the
+            // count is of work this connection already has under way).
+            let over = RemoteStatus::QuotaExceeded(Quota::StreamCalls);
+            if write_status(&wr, id, method, over, limits.io).await.is_err() {
+                return;
+            }
+            continue;
         }
         reply.clear();
         reply.resize(FRAME_HEADER, 0);
@@ -146,17 +210,92 @@ where
         let status = match r {
             Ok(Ok(Dispatched::Done)) => 0,
             Ok(Ok(Dispatched::Async(fut))) => {
-                later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone()));
+                later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone(), limits.io));
                 continue;
             }
             Ok(Err(s)) => s.code(),
             Err(_) => RemoteStatus::HandlerPanicked.code(),
         };
         finish_frame(&mut reply, id, method, status);
-        if wr.lock().await.write_all(&reply).await.is_err() {
+        if write_within(&wr, &reply, limits.io).await.is_err() {
             return;
         }
     }
+}
+
+/// Why no frame was read.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// The stream ended or failed.
+    Closed,
+    /// No frame began within the idle limit.
+    Idle,
+    /// A body did not arrive within the I/O limit.
+    Slow,
+    /// A header announced a body over the frame limit.
+    TooLarge { id: u64, method: u32, len: usize },
+}
+
+/// The stream frame decoder: the next frame's call id, method, flags and
+/// body, within the idle limit for its header and the I/O limit for the
+/// rest, its memory growing as its bytes arrive.
+pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    limits: &StreamLimits,
+) -> std::result::Result<(u64, u32, u32, Body), FrameError> {
+    let mut h = [0u8; FRAME_HEADER];
+    match tokio::time::timeout(limits.idle, rd.read_exact(&mut h)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return Err(FrameError::Closed),
+        Err(_) => return Err(FrameError::Idle),
+    }
+    let (len, id, method, flags) = decode_header(&h);
+    if len > limits.max_frame {
+        return Err(FrameError::TooLarge { id, method, len });
+    }
+    match tokio::time::timeout(limits.io, read_body(rd, len)).await {
+        Ok(Ok(b)) => Ok((id, method, flags, b)),
+        Ok(Err(_)) => Err(FrameError::Closed),
+        Err(_) => Err(FrameError::Slow),
+    }
+}
+
+/// Reads a body of `len` bytes, its memory growing as they arrive.
+async fn read_body<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Body> {
+    let mut body = Body::growing(len);
+    while !body.done() {
+        match rd.read(body.spare()).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => body.filled(n),
+        }
+    }
+    Ok(body.finish())
+}
+
+/// Writes `frame` unless the peer stops reading for `limit` (then the
+/// connection is given up: a partial frame cannot be taken back).
+async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &tokio::sync::Mutex<W>,
+    frame: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, async { wr.lock().await.write_all(frame).await }).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Answers call `id` with `status` and no body.
+async fn write_status<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &tokio::sync::Mutex<W>,
+    id: u64,
+    method: u32,
+    status: RemoteStatus,
+    limit: Duration,
+) -> std::io::Result<()> {
+    let mut frame = vec![0u8; FRAME_HEADER];
+    finish_frame(&mut frame, id, method, status.code());
+    write_within(wr, &frame, limit).await
 }
 
 /// Aborts a task when dropped (its connection ended or its deadline passed).
@@ -178,6 +317,7 @@ async fn answer_later<W>(
     id: u64,
     method: u32,
     wr: Arc<tokio::sync::Mutex<W>>,
+    io: Duration,
 ) where
     W: tokio::io::AsyncWrite + Unpin,
 {
@@ -203,16 +343,24 @@ async fn answer_later<W>(
         Err(_) => RemoteStatus::HandlerPanicked.code(),
     };
     finish_frame(&mut frame, id, method, status);
-    let _ = wr.lock().await.write_all(&frame).await;
+    let _ = write_within(&wr, &frame, io).await;
 }
 
 /// The server side of the stream hello: same message as shared memory.
-async fn stream_handshake<S>(s: &mut S, peer: &str, service: &str, method_hash: u64) -> Result<()>
+/// `refuse` (a quota the connection is over) is sent instead of a welcome.
+async fn stream_handshake<S>(
+    s: &mut S,
+    peer: &str,
+    service: &str,
+    method_hash: u64,
+    deadline: Duration,
+    refuse: Option<Error>,
+) -> Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut m = [0u8; MESSAGE_LEN];
-    let read = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut m)).await;
+    let read = tokio::time::timeout(deadline, s.read_exact(&mut m)).await;
     match read {
         Ok(Ok(_)) => {}
         _ => {
@@ -220,6 +368,19 @@ where
                 stage: "waiting for the stream hello",
             });
         }
+    }
+    // Refused after its hello is read: closing with unread bytes would
+    // reset a TCP connection, and the peer would lose the reason.
+    if let Some(e) = refuse {
+        let msg = match &e {
+            Error::QuotaExceeded { quota, limit } => {
+                Hello::reject(RejectCode::QuotaExceeded, quota.code() as u64, *limit, "")
+            }
+            other => Hello::reject(RejectCode::Other, 0, 0, &other.to_string()),
+        };
+        // Best effort within the deadline; the peer is refused either way.
+        let _ = tokio::time::timeout(deadline, s.write_all(&msg.encode())).await;
+        return Err(e);
     }
     let theirs = Hello::decode(&m, peer)?;
     let ours = Hello {
@@ -245,6 +406,6 @@ where
         Ok(h) => (h, Ok(())),
         Err((h, e)) => (h, Err(e)),
     };
-    let _ = s.write_all(&msg.encode()).await;
+    let _ = tokio::time::timeout(deadline, s.write_all(&msg.encode())).await;
     res
 }
