@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -376,4 +377,80 @@ fn one_process_holds_several_connections_to_a_server() {
     )
     .expect_success();
     assert_eq!(serving.pollers()[0].served, 5);
+}
+
+/// A client that sends a second call under the id of one still in flight
+/// (a deferred call) gets `BadRequest` for the second at once; the handler
+/// does not run for it, so the first call's cancel hook is not replaced,
+/// and when the client leaves, the first call's work is stopped.
+#[test]
+fn a_reused_call_id_is_refused_and_the_first_call_keeps_its_hook() {
+    const DEFER: u32 = 9;
+    if common::role().is_some() {
+        let mut c = connect();
+        let id = c.send_request(DEFER, 0, |_| 0).unwrap();
+        c.reuse_call_id(id);
+        assert_eq!(c.send_request(DEFER, 0, |_| 0).unwrap(), id);
+        let t0 = Instant::now();
+        let mut read = Some(|_: &[u8], _: rpal::PeerMem<'_>| ());
+        let r = loop {
+            match c.try_reply(id, DEFER, &mut read) {
+                Ok(Some(())) => break Ok(()),
+                Ok(None) => {
+                    assert!(t0.elapsed() < Duration::from_secs(20), "no answer to the reused id");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(
+            matches!(
+                r,
+                Err(Error::Remote {
+                    status: RemoteStatus::BadRequest,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        return; // the goodbye closes the connection with the first call in flight
+    }
+    // Each handler run defers and registers a cancel hook tagged with its run.
+    let runs = Arc::new(AtomicU64::new(0));
+    let cancelled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = {
+        let (runs, cancelled, kept) = (runs.clone(), cancelled.clone(), kept.clone());
+        move |req: &rpal::raw::Request<'_>, _: &mut [u8]| {
+            let run = runs.fetch_add(1, Ordering::Relaxed) + 1;
+            let d = req.defer();
+            let cancelled = cancelled.clone();
+            d.on_cancel(move || cancelled.lock().unwrap().push(run));
+            kept.lock().unwrap().push(d); // never completed
+            Ok(0)
+        }
+    };
+    let path = common::sock_path("reuse");
+    let server = Server::bind(&path, ServerOptions::new("poll")).unwrap();
+    let serving = rpal::raw::serve(server, handler, PollerConfig::default()).unwrap();
+    let env = [("RPAL_TEST_SOCK", path.display().to_string())];
+    common::spawn(
+        "a_reused_call_id_is_refused_and_the_first_call_keeps_its_hook",
+        "client",
+        &env,
+    )
+    .expect_success();
+    wait_for(&serving, "the client gone", |p| {
+        p[0].connections == 0 && p[0].closed == 1
+    });
+    let t0 = Instant::now();
+    while cancelled.lock().unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the first call's work was never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(runs.load(Ordering::Relaxed), 1, "the handler ran for the reused id");
+    assert_eq!(*cancelled.lock().unwrap(), [1], "the first call's hook");
 }

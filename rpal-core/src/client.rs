@@ -366,6 +366,13 @@ impl Client {
         self.conn.refused_releases
     }
 
+    /// Test hook: the next call gets id `id` again, as a hostile client's
+    /// reused call id would.
+    #[doc(hidden)]
+    pub fn reuse_call_id(&mut self, id: u64) {
+        self.next_call = id;
+    }
+
     /// Test hook: publishes an arbitrary cursor over the server's queue.
     #[doc(hidden)]
     pub fn inject_cursor(&mut self, value: u64) {

@@ -182,7 +182,11 @@ impl<H: Handler> Poller<H> {
             let c = &mut self.conns[i];
             let answered = if c.later_pending() { c.flush_later() } else { Ok(0) };
             match answered.and_then(|n| c.poll(&mut self.handler, self.cfg.batch).map(|p| (n, p))) {
-                Ok((_, p)) if p.closed => self.drop_conn(i, None),
+                Ok((n, p)) if p.closed => {
+                    // The calls before its goodbye were answered: they count.
+                    served += n + p.served;
+                    self.drop_conn(i, None);
+                }
                 Ok((n, p)) => {
                     served += n + p.served;
                     self.arm_deadlines(i);
@@ -233,7 +237,10 @@ impl<H: Handler> Poller<H> {
     fn settle(&mut self, i: usize) {
         loop {
             match self.conns[i].poll(&mut self.handler, self.cfg.batch) {
-                Ok(p) if p.closed => return self.drop_conn(i, None),
+                Ok(p) if p.closed => {
+                    add(&self.stats.served, p.served as u64);
+                    return self.drop_conn(i, None);
+                }
                 Ok(p) if p.served > 0 => add(&self.stats.served, p.served as u64),
                 Ok(_) => break,
                 Err(e) => return self.drop_conn(i, Some(e)),

@@ -26,8 +26,9 @@ const HEADER: usize = 5 * 8;
 /// Entry: owner word (`generation << 32 | pid`; pid 0 is free), start time.
 const ENTRY: usize = 16;
 /// Longest we wait for another process's lock: a process that holds it
-/// longer (stopped, or hostile) denies slots, and the error says so.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// longer (stopped, or hostile) denies slots, and the error says so. Long
+/// enough for hundreds of processes starting at once on a loaded host.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 const fn pack(generation: u32, pid: i32) -> u64 {
     ((generation as u64) << 32) | (pid as u32 as u64)
@@ -105,13 +106,18 @@ impl Registry {
         }
     }
 
-    /// Takes the lock, waiting at most [`LOCK_WAIT`].
+    /// Takes the lock, waiting at most [`LOCK_WAIT`] (it is held for a few
+    /// microseconds at a time: a claim or a release, at process start and end).
     fn lock(&self) -> Result<Locked<'_>> {
         let t0 = Instant::now();
+        let mut pause = Duration::from_micros(50);
         loop {
             match self.fcntl_lock(libc::F_WRLCK as i16) {
                 Ok(true) => return Ok(Locked(self)),
-                Ok(false) if t0.elapsed() < LOCK_WAIT => std::thread::sleep(Duration::from_millis(1)),
+                Ok(false) if t0.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(2));
+                }
                 Ok(false) => {
                     return Err(Error::io(
                         format!(
@@ -245,16 +251,23 @@ impl Registry {
     }
 
     /// Who the registry says owns `slot` (not checked for staleness: the
-    /// handshake compares it with the peer's kernel-given pid). A registry
-    /// that cannot be locked or read answers `None`.
+    /// handshake compares it with the peer's kernel-given pid). Read without
+    /// the lock, so a process holding it cannot stall handshakes: an entry
+    /// is one 16-byte write, and two reads that agree are taken as it.
     pub(super) fn owner(&self, slot: usize) -> Option<SlotOwner> {
         if slot >= self.slots {
             return None;
         }
-        let _lock = self.lock().ok()?;
-        let [word, start] = self.read_words(HEADER + slot * ENTRY, 2)[..] else {
-            return None;
-        };
+        let at = HEADER + slot * ENTRY;
+        let mut last = self.read_words(at, 2);
+        for _ in 0..8 {
+            let again = self.read_words(at, 2);
+            if again == last {
+                break;
+            }
+            last = again;
+        }
+        let (word, start) = (last[0], last[1]);
         (owner_pid(word) != 0).then(|| SlotOwner {
             pid: owner_pid(word),
             start_time: start,
