@@ -72,8 +72,9 @@ impl Views for ViewsImpl {
         text.len() as u64
     }
     fn lend(&self, n: u64) -> ShmVec<u8> {
+        static SEVENS: [u8; 1 << 20] = [7; 1 << 20];
         let mut v = ShmVec::new();
-        v.extend_from_slice(&vec![7u8; n.min(1 << 20) as usize])
+        v.extend_from_slice(&SEVENS[..n.min(1 << 20) as usize])
             .expect("room in the arena");
         v
     }
@@ -194,7 +195,10 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// An honest client calling throughout (every 100 us), counting its calls.
+/// The honest client's pace.
+const PACE: Duration = Duration::from_micros(500);
+
+/// An honest client calling throughout (every 500 us), counting its calls.
 struct Honest {
     calls: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -208,12 +212,20 @@ impl Honest {
         let handle = {
             let (calls, stop) = (calls.clone(), stop.clone());
             std::thread::spawn(move || {
-                let mut n = 0u64;
+                // Paced: a call every 500 us (2,000 calls/s) when the server
+                // keeps up, so its rate moves only when the server does.
+                let (mut n, mut next) = (0u64, Instant::now());
                 while !stop.load(Ordering::Relaxed) {
                     assert_eq!(c.add(n, 1).expect("the honest client's call"), n + 1);
                     n += 1;
                     calls.store(n, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_micros(100));
+                    next += PACE;
+                    let now = Instant::now();
+                    if next > now {
+                        std::thread::sleep(next - now);
+                    } else {
+                        next = now; // behind: no catching up in a burst
+                    }
                 }
                 n
             })
@@ -625,7 +637,9 @@ fn a_client_that_never_releases_hits_its_lent_quota() {
                         ..
                     }) => {
                         refused += 1;
-                        std::thread::sleep(Duration::from_millis(1));
+                        // Holding the quota is the attack; a flood of calls
+                        // would be another (a sync handler's CPU).
+                        std::thread::sleep(Duration::from_millis(10));
                     }
                     Err(e) => panic!("unexpected error: {e}"),
                 }
