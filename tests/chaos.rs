@@ -170,8 +170,40 @@ impl Server {
 
     /// Starts a hostile child playing `role` of `test` against this server.
     fn hostile(&self, test: &str, role: &str) -> common::ChildGuard {
-        common::spawn(test, role, &[("RPAL_TEST_SOCK", self.base.display().to_string())])
+        let _ = std::fs::remove_file(self.mark());
+        common::spawn(
+            test,
+            role,
+            &[
+                ("RPAL_TEST_SOCK", self.base.display().to_string()),
+                ("RPAL_TEST_MARK", self.mark().display().to_string()),
+            ],
+        )
     }
+
+    /// The file a hostile child creates once its attack is in place.
+    fn mark(&self) -> std::path::PathBuf {
+        self.base.with_extension("attack")
+    }
+
+    /// Waits until the hostile child says its attack is in place (process
+    /// start alone takes seconds under emulation: the window must not
+    /// measure that).
+    fn attack_in_place(&self) {
+        let t0 = Instant::now();
+        while !self.mark().exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30 * common::time_scale()),
+                "the hostile child never got its attack in place"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// In a hostile child: the attack is in place (see `Server::attack_in_place`).
+fn in_place() {
+    std::fs::write(common::arg("RPAL_TEST_MARK"), b"").unwrap();
 }
 
 /// CPU time (user + system) the process has used so far.
@@ -792,6 +824,7 @@ fn a_flood_of_deferred_calls_hits_its_quota() {
                 }
             }
             assert_eq!(refused, 16, "the calls past the quota");
+            in_place();
             std::thread::sleep(attack_time());
             std::process::exit(0); // dies with its calls in flight
         }
@@ -802,7 +835,7 @@ fn a_flood_of_deferred_calls_hits_its_quota() {
     let mut hostile = None;
     let m = under_attack(&server, &honest, || {
         hostile = Some(server.hostile(test, "hostile"));
-        std::thread::sleep(window() / 2);
+        server.attack_in_place();
     });
     hostile.unwrap().expect_success();
     still_serving(
@@ -825,9 +858,9 @@ fn a_process_that_opens_connections_without_end_hits_its_quota() {
         if role == "hostile" {
             let base = std::path::PathBuf::from(common::arg("RPAL_TEST_SOCK"));
             let mut held = Vec::new();
-            let t0 = Instant::now();
             let mut refused = 0;
-            while refused == 0 || t0.elapsed() < attack_time() {
+            let mut since = None;
+            while since.is_none_or(|t: Instant| t.elapsed() < attack_time()) {
                 match ViewsClient::connect(&base) {
                     Ok(c) => held.push(c),
                     Err(Error::QuotaExceeded {
@@ -835,6 +868,10 @@ fn a_process_that_opens_connections_without_end_hits_its_quota() {
                         limit,
                     }) => {
                         assert_eq!(limit, CONNS_PER_PEER as u64);
+                        if refused == 0 {
+                            in_place();
+                            since = Some(Instant::now());
+                        }
                         refused += 1;
                         std::thread::sleep(Duration::from_millis(5));
                     }
@@ -851,7 +888,7 @@ fn a_process_that_opens_connections_without_end_hits_its_quota() {
     let mut hostile = None;
     let m = under_attack(&server, &honest, || {
         hostile = Some(server.hostile(test, "hostile"));
-        std::thread::sleep(window() / 2);
+        server.attack_in_place();
     });
     hostile.unwrap().expect_success();
     still_serving(
@@ -895,6 +932,7 @@ fn slow_handshakes_hold_only_their_own_places() {
                 ),
                 "{e}"
             );
+            in_place();
             // Trickle a real hello a byte every 100 ms (it would take 25 s)
             // until the server cuts each one.
             let hello = rpal::raw::handshake::Hello::new(rpal::raw::handshake::Kind::Hello).encode();
@@ -931,7 +969,7 @@ fn slow_handshakes_hold_only_their_own_places() {
     let mut hostile = None;
     let m = under_attack(&server, &honest, || {
         hostile = Some(server.hostile(test, "hostile"));
-        std::thread::sleep(Duration::from_millis(200 * common::time_scale()));
+        server.attack_in_place();
     });
     // A fresh connection while (or just after) the slow ones are held.
     let t0 = Instant::now();
@@ -966,6 +1004,7 @@ fn data_on_the_control_socket_ends_that_connection() {
                 let n = unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
                 assert_eq!(n, 1);
             }
+            in_place();
             let t0 = Instant::now();
             let e = loop {
                 match c.add(2, 2) {
@@ -988,7 +1027,7 @@ fn data_on_the_control_socket_ends_that_connection() {
     let mut hostile = None;
     let m = under_attack(&server, &honest, || {
         hostile = Some(server.hostile(test, "hostile"));
-        std::thread::sleep(window() / 2);
+        server.attack_in_place();
     });
     hostile.unwrap().expect_success();
     still_serving(
@@ -1104,7 +1143,7 @@ fn stream_peers_cannot_hold_the_servers_memory_or_time() {
                 ),
                 "{e}"
             );
-            println!("attack-under-way");
+            in_place();
             for s in &mut held {
                 let took = closed_by_server(s, limits.io * 5);
                 assert!(took <= limits.io * 3, "a stalled body held its connection {took:?}");
@@ -1122,8 +1161,7 @@ fn stream_peers_cannot_hold_the_servers_memory_or_time() {
     let mut vm_during = 0;
     let m = under_attack(&server, &honest, || {
         hostile = Some(server.hostile(test, "hostile"));
-        // The held connections are in place well within this.
-        std::thread::sleep(Duration::from_millis(300 * common::time_scale()));
+        server.attack_in_place();
         vm_during = vm_kib(server.pid());
     });
     hostile.unwrap().expect_success();
