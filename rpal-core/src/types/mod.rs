@@ -202,7 +202,7 @@ pub(crate) fn assert_owned<H>(header: &H, addr: u64, what: &str) {
     let at = header as *const H as u64;
     let arena = own_arena();
     let in_peer = !arena.region().contains(at, 1)
-        && crate::space::Space::global().is_ok_and(|s| s.in_window(at, size_of::<H>() as u64));
+        && crate::space::Space::existing().is_some_and(|s| s.in_window(at, size_of::<H>() as u64));
     if in_peer {
         panic!("a {what} in a peer's memory (at {at:#x}): read it with .get(mem), which validates it");
     }
