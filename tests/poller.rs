@@ -74,13 +74,19 @@ fn handler(streams: Arc<Mutex<HashMap<i32, Stream>>>) -> impl Handler + Clone + 
 
 fn start(name: &str, cfg: PollerConfig) -> (std::path::PathBuf, Serving) {
     let path = common::sock_path(name);
-    let server = Server::bind(&path, ServerOptions::new("poll")).unwrap();
+    let mut opts = ServerOptions::new("poll");
+    // Under emulation many children start at once: their handshakes run
+    // concurrently and slowly, each well within this.
+    opts.handshake_timeout = Duration::from_secs(5 * common::time_scale());
+    let server = Server::bind(&path, opts).unwrap();
     let serving = rpal::raw::serve(server, handler(Arc::default()), cfg).unwrap();
     (path, serving)
 }
 
 fn connect() -> Client {
-    Client::connect(common::arg("RPAL_TEST_SOCK"), ClientOptions::new("poll")).unwrap()
+    let mut opts = ClientOptions::new("poll");
+    opts.handshake_timeout = Duration::from_secs(5 * common::time_scale());
+    Client::connect(common::arg("RPAL_TEST_SOCK"), opts).unwrap()
 }
 
 /// Waits until `cond` holds on the pollers' stats (state, not timing).
@@ -110,7 +116,7 @@ fn many_client_processes_on_one_server() {
     let n: usize = std::env::var("RPAL_TEST_CLIENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(common::size(256, 256));
+        .unwrap_or(common::size(256, 128));
     let (path, serving) = start(
         "many",
         PollerConfig {
