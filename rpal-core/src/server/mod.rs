@@ -175,19 +175,27 @@ impl Server {
     }
 
     /// Takes a place among the handshakes under way for `sock`, or refuses
-    /// it at once (the peer gets `QuotaExceeded`) when
-    /// [`Quotas::handshakes_per_peer`] of its process are running, or
+    /// it at once (the peer gets `QuotaExceeded`) when its process holds
+    /// [`Quotas::connections_per_peer`] connections already, when
+    /// [`Quotas::handshakes_per_peer`] of its handshakes are running, or
     /// [`Quotas::handshakes`] in all (an acceptor waits for a place before
     /// it accepts, see [`Server::handshakes`]). The handshake's deadline starts now.
     pub fn admit(&self, sock: UnixStream) -> Result<Admitted> {
         let q = &self.opts.quotas;
         // The kernel's credentials cost no wait; a peer without them counts as pid 0.
         let pid = handshake::peer_cred(&sock).map(|c| c.pid).unwrap_or(0);
-        let taken = self.handshaking.take(
-            pid,
-            (Quota::HandshakesPerPeer, q.handshakes_per_peer),
-            (Quota::Handshakes, q.handshakes),
-        );
+        // A peer already at its connection quota is refused here, without a
+        // handshake thread: a refused reconnect loop then costs the acceptor
+        // a few syscalls. (A peek: the handshake takes the place for real.)
+        let taken = if self.live.of(pid) >= q.connections_per_peer {
+            Err(Quota::ConnectionsPerPeer.exceeded(q.connections_per_peer as u64))
+        } else {
+            self.handshaking.take(
+                pid,
+                (Quota::HandshakesPerPeer, q.handshakes_per_peer),
+                (Quota::Handshakes, q.handshakes),
+            )
+        };
         if let Err(e) = taken {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             self.stats.over_quota.fetch_add(1, Ordering::Relaxed);
