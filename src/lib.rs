@@ -46,8 +46,8 @@ pub use rpal_macros::service;
 
 pub use host::{Host, HostBuilder};
 pub use rpal_core::{
-    Arena, DoorbellSnapshot, Error, LentQuota, PeerCred, PeerMem, PeerPolicy, PeerRegion, PkeyStatus, Quota, Quotas,
-    RemoteStatus, Result, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk, WalkLimits,
+    Arena, DoorbellSnapshot, Error, LentQuota, PeerCred, PeerId, PeerMem, PeerPolicy, PeerRegion, PkeyStatus, Quota,
+    Quotas, RemoteStatus, Result, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk, WalkLimits,
 };
 pub use rpal_core::{ClientOptions, ServerOptions};
 pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving};
@@ -87,8 +87,9 @@ pub mod raw {
     pub use rpal_core::handshake;
     pub use rpal_core::queue::{self, Bounds, Consumer, Producer};
     pub use rpal_core::{
-        Client, Completion, Deferred, Handler, INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE, PROTOCOL_VERSION, Peer,
-        Polled, Region, Request, Server, ServerConn, ServerStats, Space, SpaceConfig, budget_bits, budget_of,
+        Client, Completion, Deferred, FLAG_LENDS, Filled, Handler, INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE,
+        PROTOCOL_VERSION, Peer, Polled, Region, Request, Server, ServerConn, ServerStats, Space, SpaceConfig,
+        budget_bits, budget_of,
     };
     pub use rpal_poller::serve;
 }

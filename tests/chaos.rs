@@ -42,6 +42,12 @@ pub trait Views {
     fn lent_to(&self, pid: u64) -> u64;
     /// Sleeps `ms` on tokio (a deferred call while it sleeps).
     async fn nap(&self, ms: u64) -> u64;
+    /// Waits `ms`, then lends `n` bytes: a reply that may come too late.
+    fn lend_late(&self, n: u64, ms: u64) -> ShmVec<u8>;
+    /// As `lend_late`, from an async handler (a deferred reply).
+    async fn lend_later(&self, n: u64, ms: u64) -> ShmVec<u8>;
+    /// A request of almost a whole inline record (3.75 KiB, by copy).
+    fn bulk(&self, words: [u64; 480]) -> u64;
 }
 
 struct ViewsImpl;
@@ -79,11 +85,23 @@ impl Views for ViewsImpl {
         v
     }
     fn lent_to(&self, pid: u64) -> u64 {
-        Arena::global().unwrap().lent_to(pid as i32).1
+        // The process that has this pid now: the test's own child or itself.
+        PeerId::of(pid as i32).map_or(0, |p| Arena::global().unwrap().lent_to(p).1)
     }
     async fn nap(&self, ms: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         ms
+    }
+    fn lend_late(&self, n: u64, ms: u64) -> ShmVec<u8> {
+        std::thread::sleep(Duration::from_millis(ms));
+        self.lend(n)
+    }
+    async fn lend_later(&self, n: u64, ms: u64) -> ShmVec<u8> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.lend(n)
+    }
+    fn bulk(&self, words: [u64; 480]) -> u64 {
+        words.iter().sum()
     }
 }
 
@@ -616,6 +634,70 @@ fn a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline() {
         "dropping the client waited {:?} for room",
         t1.elapsed()
     );
+}
+
+/// A raw server that speaks for `Views` and stops reading at its first
+/// message (its one poller sleeps in the handler).
+fn stalled_views_child() {
+    let mut opts = ServerOptions::new(<ViewsService as ServiceId>::NAME);
+    opts.method_hash = <ViewsService as ServiceId>::METHOD_HASH;
+    let server = rpal::raw::Server::bind(common::arg("RPAL_TEST_SOCK"), opts).unwrap();
+    let handler = |_: &rpal::raw::Request<'_>, _: &mut [u8]| {
+        std::thread::sleep(Duration::from_secs(3600)); // killed by the test
+        Ok(0)
+    };
+    let config = PollerConfig {
+        threads: 1,
+        ..PollerConfig::default()
+    };
+    rpal::raw::serve(server, handler, config).unwrap().join();
+}
+
+/// One caller waiting for room in a full queue (the server stopped
+/// reading) does not hold the others past their own deadlines: the wait
+/// happens without the channel's lock. Async callers fill the queue and
+/// wait with a long deadline; a blocking call with a short one on the
+/// same client still ends with `Timeout` long before theirs.
+#[test]
+fn a_caller_waiting_for_room_holds_no_other_caller() {
+    if common::role().is_some() {
+        return stalled_views_child();
+    }
+    let test = "a_caller_waiting_for_room_holds_no_other_caller";
+    let path = common::sock_path("chaos-room");
+    let _server = common::spawn(test, "server", &[("RPAL_TEST_SOCK", path.display().to_string())]);
+    let c = common::retry(|| ViewsClient::connect(&path));
+    let long = Duration::from_secs(20 * common::time_scale());
+    let patient = c.with_timeout(long);
+    let rt = common::runtime();
+    // Requests of 3.75 KiB: 256 blocks of 64 KiB hold about 4300 of them;
+    // the rest wait for room.
+    let waiting: Vec<_> = (0..5000u64)
+        .map(|i| {
+            let p = patient.clone();
+            rt.spawn(async move { p.bulk_async([i; 480]).await })
+        })
+        .collect();
+    let t0 = Instant::now();
+    let full_waits = || match c.channel() {
+        Channel::Shm(s) => s.with_client(|cl| cl.stats().full_waits),
+        Channel::Stream(_) => unreachable!("a shared-memory client"),
+    };
+    while full_waits() == 0 {
+        assert!(t0.elapsed() < long / 2, "the queue never filled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let short = Duration::from_millis(200);
+    let t1 = Instant::now();
+    let r = c.with_timeout(short).add(1, 1);
+    let took = t1.elapsed();
+    assert!(matches!(r, Err(Error::Timeout(t)) if t == short), "{r:?}");
+    // Ordering, not speed: it ended well before the long deadline.
+    assert!(took < long / 2, "a 200 ms call waited {took:?} behind a {long:?} one");
+    for w in waiting {
+        w.abort();
+    }
+    eprintln!("room-wait: a 200 ms call beside callers waiting for room returned in {took:?}");
 }
 
 /// The test's role: the server, a hostile child, or (`None`) the test itself.
@@ -1181,5 +1263,67 @@ fn stream_peers_cannot_hold_the_servers_memory_or_time() {
         "stream peers: huge headers, stalled bodies, idle and surplus connections",
         "QuotaExceeded(FrameBytes) / QuotaExceeded(StreamConnections); stalled and idle cut at their deadlines",
         8 << 10,
+    );
+}
+
+/// Results lent by replies that arrive after their caller gave up (its
+/// deadline passed, or it dropped the future) go back to the server: the
+/// reply's lent-block table names them and the caller releases them, so
+/// the server's books for this process return to zero while it stays
+/// connected (before, they stayed lent until it disconnected).
+#[test]
+fn lent_results_of_late_replies_come_back() {
+    if common::role().is_some() {
+        return serve_child();
+    }
+    let server = Server::start("lent_results_of_late_replies_come_back", "chaos-late");
+    let c = server.connect();
+    let me = u64::from(std::process::id());
+    let n = common::size(32, 8);
+    let block = 64u64 << 10;
+    // Sync handlers (inline on a poller): our 20 ms deadline passes during
+    // the handler's 60 ms sleep.
+    let slow = c.with_timeout(Duration::from_millis(20));
+    for _ in 0..n {
+        let r = slow.lend_late(block, 60);
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+    }
+    // Async handlers: a deadline on the timing wheel, and futures dropped
+    // before their replies.
+    let rt = common::runtime();
+    rt.block_on(async {
+        for i in 0..n {
+            if i % 2 == 0 {
+                let r = slow.lend_later_async(block, 60).await;
+                assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+            } else {
+                let dropped = tokio::time::timeout(Duration::from_millis(10), c.lend_later_async(block, 60)).await;
+                assert!(dropped.is_err(), "the reply came before the future was dropped");
+            }
+        }
+    });
+    // Every late reply lent a block; each comes back once this client has
+    // read the reply (at its next call) and published the release.
+    let t0 = Instant::now();
+    let mut peak = 0;
+    loop {
+        let now = c.lent_to(me).unwrap();
+        peak = peak.max(now);
+        if peak >= block && now == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30 * common::time_scale()),
+            "still lent to us: {now} bytes (peak {peak})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // And the connection is still good.
+    assert_eq!(c.add(2, 2).unwrap(), 4);
+    eprintln!(
+        "late-replies: {} late, peak lent {} KiB, back to 0 in {:?}",
+        2 * n,
+        peak >> 10,
+        t0.elapsed()
     );
 }

@@ -172,7 +172,7 @@ fn peer_releases_every_block_and_the_owner_reclaims_them() {
     // queue) come back when it closes.
     let start = arena.stats();
     let mut client = connect_retry(&path);
-    let pid = client.peer().cred.pid;
+    let pid = client.peer().id;
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut sent = 0;
     let released = released();
@@ -237,9 +237,9 @@ fn blocks_lent_to_a_dead_peer_are_reclaimed() {
     let arena = Arena::global().unwrap();
     let start = arena.stats();
     let mut client = connect_retry(&path);
-    let pid = client.peer().cred.pid;
+    let peer = client.peer().id;
     for len in [10, 1000, 100_000] {
-        ShmSlice::<u8>::zeroed(len).unwrap().lend(pid).unwrap();
+        ShmSlice::<u8>::zeroed(len).unwrap().lend(peer).unwrap();
     }
     assert_eq!(arena.stats().lent, start.lent + 3);
     assert!(matches!(client.call(1, &[]), Err(Error::PeerDied { .. })));

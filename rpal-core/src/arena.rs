@@ -6,6 +6,7 @@ use std::ptr::NonNull;
 use std::sync::{Mutex, OnceLock};
 
 use crate::alloc::{AllocStats, Slab, SlabHeader};
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 use crate::quota::LentQuota;
 use crate::region::Region;
@@ -30,31 +31,32 @@ struct ArenaHeader {
 pub struct Arena {
     region: Region,
     slab: Slab,
-    /// Live connections per peer pid, over every client and server of this
-    /// process: what a peer was lent comes back when its last one ends.
-    leases: Mutex<HashMap<i32, usize>>,
+    /// Live connections per peer process, over every client and server of
+    /// this process: what a peer was lent comes back when its last one ends.
+    leases: Mutex<HashMap<PeerId, usize>>,
 }
 
-/// A connection's hold on its peer's lent blocks: while one lease of a pid
-/// lives, blocks lent to that pid stay lent; when its last lease is dropped
-/// (the peer disconnected or died), they are freed.
+/// A connection's hold on its peer's lent blocks: while one lease of a
+/// peer lives, blocks lent to it stay lent; when its last lease is dropped
+/// (the peer disconnected or died), they are freed. Keyed by [`PeerId`], so
+/// a later process that reuses the pid neither keeps them nor frees them.
 #[derive(Debug)]
 pub struct PeerLease {
     arena: &'static Arena,
-    pid: i32,
+    peer: PeerId,
 }
 
 impl Drop for PeerLease {
     fn drop(&mut self) {
         let last = {
             let mut l = self.arena.leases.lock().unwrap_or_else(|p| p.into_inner());
-            match l.get_mut(&self.pid) {
+            match l.get_mut(&self.peer) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
                     false
                 }
                 _ => {
-                    l.remove(&self.pid);
+                    l.remove(&self.peer);
                     true
                 }
             }
@@ -63,9 +65,9 @@ impl Drop for PeerLease {
             // A peer still alive that holds our blocks after its last
             // connection ended cannot release them any more: whatever it
             // reads there from now on is reused memory (docs/architecture.md).
-            let n = self.arena.reclaim_all(self.pid);
+            let n = self.arena.reclaim_all(self.peer);
             if n > 0 {
-                tracing::debug!(pid = self.pid, n, "reclaimed blocks lent to a peer that left");
+                tracing::debug!(pid = self.peer.pid, n, "reclaimed blocks lent to a peer that left");
             }
         }
     }
@@ -175,21 +177,21 @@ impl Arena {
         self.slab.free(ptr.as_ptr())
     }
 
-    /// Lends a block to peer `pid`: we may not free it until that peer
-    /// releases it (or dies). Called when ownership crosses to the peer.
-    pub fn lend(&'static self, ptr: NonNull<u8>, pid: i32) -> Result<()> {
-        self.slab.lend(ptr.as_ptr(), pid)
+    /// Lends a block to `peer`: we may not free it until that peer
+    /// releases it (or leaves). Called when ownership crosses to the peer.
+    pub fn lend(&'static self, ptr: NonNull<u8>, peer: PeerId) -> Result<()> {
+        self.slab.lend(ptr.as_ptr(), peer)
     }
 
-    /// Frees a block that peer `pid` released. Anything but a block lent to
+    /// Frees a block that `peer` released. Anything but a block lent to
     /// that peer is refused with [`Error::InvalidRelease`], changing nothing.
-    pub fn reclaim(&'static self, addr: u64, pid: i32) -> Result<()> {
-        self.slab.reclaim(addr, pid)
+    pub fn reclaim(&'static self, addr: u64, peer: PeerId) -> Result<()> {
+        self.slab.reclaim(addr, peer)
     }
 
-    /// Blocks and bytes lent to peer `pid` and not released yet.
-    pub fn lent_to(&self, pid: i32) -> (usize, u64) {
-        self.slab.lent_to(pid)
+    /// Blocks and bytes lent to `peer` and not released yet.
+    pub fn lent_to(&self, peer: PeerId) -> (usize, u64) {
+        self.slab.lent_to(peer)
     }
 
     /// How much one peer may hold lent from this arena (default: an eighth
@@ -205,20 +207,20 @@ impl Arena {
         self.slab.set_lent_quota(quota);
     }
 
-    /// Takes a lease on peer `pid` for one connection (see [`PeerLease`]).
-    pub fn lease(&'static self, pid: i32) -> PeerLease {
+    /// Takes a lease on `peer` for one connection (see [`PeerLease`]).
+    pub fn lease(&'static self, peer: PeerId) -> PeerLease {
         *self
             .leases
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(pid)
+            .entry(peer)
             .or_default() += 1;
-        PeerLease { arena: self, pid }
+        PeerLease { arena: self, peer }
     }
 
-    /// Frees every block lent to `pid`; returns how many.
-    pub fn reclaim_all(&'static self, pid: i32) -> usize {
-        self.slab.reclaim_all(pid)
+    /// Frees every block lent to `peer`; returns how many.
+    pub fn reclaim_all(&'static self, peer: PeerId) -> usize {
+        self.slab.reclaim_all(peer)
     }
 }
 
@@ -267,20 +269,29 @@ pub(crate) mod tests {
         let a = Arena::global().unwrap();
         let before = a.stats().in_use;
         let p = a.alloc_raw(40, 8).unwrap();
-        a.lend(p, 4242).unwrap();
+        let peer = PeerId { pid: 4242, start: 10 };
+        a.lend(p, peer).unwrap();
         // SAFETY: nothing refers to the block.
         assert!(unsafe { a.free_raw(p) }.is_err(), "the owner cannot free a lent block");
         assert!(matches!(
-            a.reclaim(p.as_ptr() as u64, 1),
+            a.reclaim(p.as_ptr() as u64, PeerId { pid: 1, start: 10 }),
+            Err(Error::InvalidRelease { .. })
+        ));
+        // The same pid, another process (it reused the pid): refused.
+        assert!(matches!(
+            a.reclaim(p.as_ptr() as u64, PeerId { pid: 4242, start: 11 }),
             Err(Error::InvalidRelease { .. })
         ));
         assert!(matches!(
-            a.reclaim(p.as_ptr() as u64 + 16, 4242),
+            a.reclaim(p.as_ptr() as u64 + 16, peer),
             Err(Error::InvalidRelease { .. })
         ));
-        a.reclaim(p.as_ptr() as u64, 4242).unwrap();
+        // A lease of the later process does not keep or free the first's.
+        drop(a.lease(PeerId { pid: 4242, start: 11 }));
+        assert_eq!(a.lent_to(peer).0, 1);
+        a.reclaim(p.as_ptr() as u64, peer).unwrap();
         assert!(
-            a.reclaim(p.as_ptr() as u64, 4242).is_err(),
+            a.reclaim(p.as_ptr() as u64, peer).is_err(),
             "a second release is refused"
         );
         assert_eq!(a.stats().in_use, before);

@@ -103,7 +103,8 @@ impl Client {
         })?;
         let region = PeerRegion::map(space, fd, reply.region_addr, reply.region_len, cred.pid)?;
         sock.set_read_timeout(None).map_err(io)?;
-        let conn = Conn::new(sock, cred, region, mine, reply.endpoint_addr, opts.wait)?;
+        let process = crate::cred::peer_process(&sock, &cred)?;
+        let conn = Conn::new(sock, cred, process, region, mine, reply.endpoint_addr, opts.wait)?;
         tracing::debug!(server = cred.pid, endpoint, "rpal client connected");
         Ok(Client {
             conn,
@@ -272,6 +273,33 @@ impl Client {
         };
         self.conn.publish_cursor();
         out
+    }
+
+    /// Whether a request can be sent without waiting for the server to
+    /// read (it is at most 256 queue blocks behind). Rings the server if
+    /// not, so that a parked server reads on. A caller that must not wait
+    /// under a lock checks this first, and waits itself without the lock.
+    pub fn has_room(&mut self) -> Result<bool> {
+        let access = self.conn.peer.region.access();
+        let room = self.conn.has_room(&access)?;
+        if !room {
+            self.conn.ring(&access);
+        }
+        Ok(room)
+    }
+
+    /// The call timeout of [`ClientOptions`], if set.
+    pub fn call_timeout(&self) -> Option<Duration> {
+        self.call_timeout
+    }
+
+    /// Counts a wait for room (see [`Client::has_room`]) in the stats.
+    pub fn count_full_wait(&self) {
+        let w = &self.conn.stats.full_waits;
+        w.store(
+            w.load(std::sync::atomic::Ordering::Relaxed) + 1,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The call id the next request will get.

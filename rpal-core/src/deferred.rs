@@ -11,8 +11,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::RemoteStatus;
 
 /// Writes a deferred reply's body into `buf` (in place in the reply queue)
-/// and returns its length, or fails the call with a status.
-pub type Completion = Box<dyn FnOnce(&mut [u8]) -> std::result::Result<usize, RemoteStatus> + Send>;
+/// and says how long it is, or fails the call with a status.
+pub type Completion = Box<dyn FnOnce(&mut [u8]) -> std::result::Result<Filled, RemoteStatus> + Send>;
+
+/// What a [`Completion`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filled {
+    /// The body's length.
+    pub len: usize,
+    /// Whether the body ends with a lent-block table
+    /// ([`crate::put_lent_table`]): the reply then carries
+    /// [`crate::FLAG_LENDS`].
+    pub lends: bool,
+}
+
+impl From<usize> for Filled {
+    fn from(len: usize) -> Self {
+        Self { len, lends: false }
+    }
+}
 
 type Cancel = Box<dyn FnOnce() + Send>;
 

@@ -36,9 +36,12 @@ pub mod wait;
 
 pub use arena::Arena;
 pub use client::{Client, ClientOptions};
-pub use conn::{INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE, Peer, budget_bits, budget_of};
-pub use cred::PeerCred;
-pub use deferred::{Completion, Deferred};
+pub use conn::{
+    FLAG_LENDS, INLINE_CAPACITY, LAYOUT_HASH, LentTable, MAX_LENT_PER_REPLY, METHOD_CLOSE, Peer, budget_bits,
+    budget_of, put_lent_table, split_reply,
+};
+pub use cred::{PeerCred, PeerId};
+pub use deferred::{Completion, Deferred, Filled};
 pub use doorbell::{DoorbellSnapshot, WaitConfig};
 pub use error::{Error, RemoteStatus, Result};
 pub use handshake::{PROTOCOL_VERSION, PeerPolicy};

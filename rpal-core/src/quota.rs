@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 
 /// A resource with a per-peer (or per-server) limit.
@@ -177,21 +178,30 @@ impl LentQuota {
 }
 
 /// Counts of something per peer and in total, against two limits: the
-/// connection and handshake counters of a server.
-#[derive(Debug, Default)]
-pub(crate) struct Counter {
-    counts: Mutex<(usize, HashMap<i32, usize>)>,
+/// connection counter of a server (per [`PeerId`]) and its handshake
+/// counter (per pid: a handshake place lives only until its deadline).
+#[derive(Debug)]
+pub(crate) struct Counter<K = PeerId> {
+    counts: Mutex<(usize, HashMap<K, usize>)>,
 }
 
-impl Counter {
-    /// Takes one unit for `pid`, unless that would pass `per_peer` (for it)
+impl<K> Default for Counter<K> {
+    fn default() -> Self {
+        Self {
+            counts: Mutex::new((0, HashMap::new())),
+        }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Counter<K> {
+    /// Takes one unit for `peer`, unless that would pass `per_peer` (for it)
     /// or `total` (for all).
-    pub(crate) fn take(&self, pid: i32, per_peer: (Quota, usize), total: (Quota, usize)) -> Result<()> {
+    pub(crate) fn take(&self, peer: K, per_peer: (Quota, usize), total: (Quota, usize)) -> Result<()> {
         let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if g.0 >= total.1 {
             return Err(total.0.exceeded(total.1 as u64));
         }
-        let n = g.1.entry(pid).or_default();
+        let n = g.1.entry(peer).or_default();
         if *n >= per_peer.1 {
             return Err(per_peer.0.exceeded(per_peer.1 as u64));
         }
@@ -200,32 +210,41 @@ impl Counter {
         Ok(())
     }
 
-    /// Gives back one unit of `pid`; true if it was that peer's last.
-    pub(crate) fn give(&self, pid: i32) -> bool {
+    /// Gives back one unit of `peer`; true if it was that peer's last.
+    pub(crate) fn give(&self, peer: K) -> bool {
         let mut g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         g.0 = g.0.saturating_sub(1);
-        match g.1.get_mut(&pid) {
+        match g.1.get_mut(&peer) {
             Some(n) if *n > 1 => {
                 *n -= 1;
                 false
             }
             Some(_) => {
-                g.1.remove(&pid);
+                g.1.remove(&peer);
                 true
             }
             None => true,
         }
     }
 
-    /// Units held by `pid`.
-    pub(crate) fn of(&self, pid: i32) -> usize {
+    /// Units held by `peer`.
+    pub(crate) fn of(&self, peer: K) -> usize {
         let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        g.1.get(&pid).copied().unwrap_or(0)
+        g.1.get(&peer).copied().unwrap_or(0)
     }
 
     /// Units held, all peers together.
     pub(crate) fn total(&self) -> usize {
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+impl Counter<PeerId> {
+    /// Units held by any process with `pid` (before its start time is
+    /// known: the acceptor's cheap first look).
+    pub(crate) fn of_pid(&self, pid: i32) -> usize {
+        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter().filter(|(k, _)| k.pid == pid).map(|(_, n)| n).sum()
     }
 }
 
@@ -244,7 +263,7 @@ mod tests {
 
     #[test]
     fn counter_enforces_both_limits() {
-        let c = Counter::default();
+        let c = Counter::<i32>::default();
         let per = (Quota::ConnectionsPerPeer, 2);
         let all = (Quota::Connections, 3);
         c.take(1, per, all).unwrap();
@@ -267,5 +286,13 @@ mod tests {
         assert!(!c.give(1));
         assert!(c.give(1), "the peer's last unit");
         assert_eq!((c.of(1), c.of(2), c.total()), (0, 1, 1));
+        // Keyed by process, not pid: a later process with the same pid
+        // starts from nothing, and the acceptor's first look sees both.
+        let ids = Counter::<PeerId>::default();
+        let (old, new) = (PeerId { pid: 7, start: 1 }, PeerId { pid: 7, start: 2 });
+        ids.take(old, per, all).unwrap();
+        ids.take(old, per, all).unwrap();
+        ids.take(new, per, all).unwrap();
+        assert_eq!((ids.of(old), ids.of(new), ids.of_pid(7)), (2, 1, 3));
     }
 }

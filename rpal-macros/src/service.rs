@@ -401,7 +401,7 @@ fn dispatcher(s: &Service) -> TokenStream {
             None => quote!(let () = out;),
             Some((ty, Kind::Value)) => quote_spanned!(ty.span()=> reply.value::<#ty>(&out);),
             Some((ty, _)) => quote_spanned!(ty.span()=>
-                reply.lent::<#ty>(out, peer_pid).map_err(::rpal::__private::lend_status)?;
+                reply.lent::<#ty>(out, peer).map_err(::rpal::__private::lend_status)?;
             ),
         };
         if m.is_async {
@@ -417,8 +417,8 @@ fn dispatcher(s: &Service) -> TokenStream {
                         #(#reads)*
                         ::rpal::__private::args_done(args)?;
                         let out = #name::#mname(&this.handler, #(#names),*).await;
-                        ::core::result::Result::Ok(::rpal::__private::Reply::new(move |reply, peer_pid| {
-                            let _ = (&reply, peer_pid);
+                        ::core::result::Result::Ok(::rpal::__private::Reply::new(move |reply, peer| {
+                            let _ = (&reply, peer);
                             #write
                             ::core::result::Result::Ok(())
                         }))
@@ -474,9 +474,9 @@ fn dispatcher(s: &Service) -> TokenStream {
                 method: u32,
                 args: &mut ::rpal::__private::Reader<'_>,
                 reply: &mut ::rpal::__private::Writer<'_>,
-                peer_pid: i32,
+                peer: ::rpal::__private::PeerId,
             ) -> ::core::result::Result<::rpal::__private::Dispatched, ::rpal::RemoteStatus> {
-                let _ = (&reply, peer_pid);
+                let _ = (&reply, peer);
                 match method {
                     #(#arms)*
                     _ => ::core::result::Result::Err(::rpal::RemoteStatus::UnknownMethod),

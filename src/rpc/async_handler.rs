@@ -9,24 +9,24 @@ use std::task::{Context, Poll};
 use super::table::Body;
 use super::wire::{Reader, Scratch, Writer};
 use rpal_core::error::RemoteStatus;
-use rpal_core::{PeerMem, PeerRegion};
+use rpal_core::{PeerId, PeerMem, PeerRegion};
 
 /// A result computed by an async handler, waiting to be written into a
 /// reply (in place in our queue over shared memory, into a frame over a
-/// stream). The `i32` is the caller's pid, for results lent to it.
+/// stream). The [`PeerId`] is the caller, for results lent to it.
 pub struct Reply(Box<WriteReply>);
 
-type WriteReply = dyn FnOnce(&mut Writer<'_>, i32) -> Result<(), RemoteStatus> + Send;
+type WriteReply = dyn FnOnce(&mut Writer<'_>, PeerId) -> Result<(), RemoteStatus> + Send;
 
 impl Reply {
     /// A reply that `write` fills.
-    pub fn new(write: impl FnOnce(&mut Writer<'_>, i32) -> Result<(), RemoteStatus> + Send + 'static) -> Self {
+    pub fn new(write: impl FnOnce(&mut Writer<'_>, PeerId) -> Result<(), RemoteStatus> + Send + 'static) -> Self {
         Self(Box::new(write))
     }
 
     /// Writes the reply body.
-    pub fn write(self, w: &mut Writer<'_>, peer_pid: i32) -> Result<(), RemoteStatus> {
-        (self.0)(w, peer_pid)
+    pub fn write(self, w: &mut Writer<'_>, peer: PeerId) -> Result<(), RemoteStatus> {
+        (self.0)(w, peer)
     }
 }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispatch};
 #[doc(hidden)]
 pub use rpal_core::Client;
+pub use rpal_core::PeerId;
 pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
 pub use stream::{StreamChannel, StreamLimits, StreamServer, fuzz_frames, serve_stream};
@@ -85,14 +86,14 @@ pub trait Dispatch: Send + Sync + 'static {
     /// Handles one call: reads the arguments from `args`, then either runs
     /// a sync handler and writes its result to `reply` ([`Dispatched::Done`])
     /// or returns an async handler's future ([`Dispatched::Async`]), which
-    /// owns its arguments and resolves to the reply. `peer_pid` is who lent
+    /// owns its arguments and resolves to the reply. `peer` is who lent
     /// results go to.
     fn dispatch(
         this: &Arc<Self>,
         method: u32,
         args: &mut Reader<'_>,
         reply: &mut Writer<'_>,
-        peer_pid: i32,
+        peer: PeerId,
     ) -> std::result::Result<Dispatched, RemoteStatus>;
 }
 
@@ -127,10 +128,15 @@ impl<D: Dispatch> Handler for ShmHandler<D> {
         let copies = Scratch::default();
         let mut args = Reader::shm_shared(req.payload, req.mem(), req.peer, &copies);
         let mut out = Writer::fixed(reply);
-        let pid = req.peer.pid();
-        match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, pid)? {
-            Dispatched::Done => out.finish().ok_or(RemoteStatus::BadReply),
-            Dispatched::Async(fut) => self.spawn(req, fut, pid),
+        match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, req.client)? {
+            Dispatched::Done => {
+                let filled = out.finish_reply().ok_or(RemoteStatus::BadReply)?;
+                if filled.lends {
+                    req.lends();
+                }
+                Ok(filled.len)
+            }
+            Dispatched::Async(fut) => self.spawn(req, fut, req.client),
         }
     }
 }
@@ -139,7 +145,7 @@ impl<D: Dispatch> ShmHandler<D> {
     /// Runs an async handler's future on tokio and answers through the
     /// poller when it resolves.
     #[cold]
-    fn spawn(&self, req: &Request<'_>, fut: HandlerFuture, pid: i32) -> std::result::Result<usize, RemoteStatus> {
+    fn spawn(&self, req: &Request<'_>, fut: HandlerFuture, peer: PeerId) -> std::result::Result<usize, RemoteStatus> {
         let Some(rt) = &self.rt else {
             tracing::error!(
                 method = req.method,
@@ -158,8 +164,8 @@ impl<D: Dispatch> ShmHandler<D> {
             match guarded.await {
                 Ok(r) => deferred.complete(Box::new(move |buf| {
                     let mut w = Writer::fixed(buf);
-                    r.write(&mut w, pid)?;
-                    w.finish().ok_or(RemoteStatus::BadReply)
+                    r.write(&mut w, peer)?;
+                    w.finish_reply().ok_or(RemoteStatus::BadReply)
                 })),
                 Err(status) => deferred.fail(status),
             }

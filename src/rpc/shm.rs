@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use super::table::{Dead, Table, Waiter, thread_wake};
@@ -176,6 +176,92 @@ impl ShmChannel {
         }
     }
 
+    /// Returns the lock once our request queue has room. While the server
+    /// is too far behind, waits without the lock (other callers keep their
+    /// own deadlines), and reads replies first: a server held back by our
+    /// unread replies (its reply quota) can then go on. At most the call's
+    /// budget (or the channel's call timeout), then `Timeout`.
+    fn room<'a>(
+        self: &'a Arc<Self>,
+        mut inner: MutexGuard<'a, Inner>,
+        budget: Option<Duration>,
+    ) -> Result<MutexGuard<'a, Inner>> {
+        if inner.client.has_room()? {
+            return Ok(inner);
+        }
+        inner.client.count_full_wait();
+        let limit = budget.or(inner.client.call_timeout());
+        let start = Instant::now();
+        loop {
+            let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
+            self.drain(&mut inner, 0, &mut nothing, &mut None)?;
+            inner.table.check()?;
+            if inner.client.has_room()? {
+                return Ok(inner);
+            }
+            let waited = start.elapsed();
+            if let Some(limit) = limit.filter(|l| waited >= *l) {
+                return Err(Error::Timeout(limit));
+            }
+            if waited > self.wait.park_slice {
+                if let Err(e) = inner.client.check_alive() {
+                    return Err(self.fail_conn(&mut inner, e));
+                }
+            }
+            drop(inner);
+            // The server does not wake producers: look again shortly.
+            std::thread::sleep(Duration::from_micros(50));
+            inner = self.lock();
+        }
+    }
+
+    /// The async form of [`ShmChannel::room`]: between looks the task
+    /// sleeps 1 ms on the timing wheel, so its executor thread is never
+    /// held or spun.
+    async fn room_async(self: &Arc<Self>, budget: Option<Duration>) -> Result<()> {
+        let limit = {
+            let mut inner = self.lock();
+            if inner.client.has_room()? {
+                return Ok(());
+            }
+            inner.client.count_full_wait();
+            budget.or(inner.client.call_timeout())
+        };
+        let start = Instant::now();
+        let nap = Arc::new(Nap(Mutex::new(None)));
+        loop {
+            {
+                let mut inner = self.lock();
+                let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
+                self.drain(&mut inner, 0, &mut nothing, &mut None)?;
+                inner.table.check()?;
+                if inner.client.has_room()? {
+                    return Ok(());
+                }
+                let waited = start.elapsed();
+                if let Some(limit) = limit.filter(|l| waited >= *l) {
+                    return Err(Error::Timeout(limit));
+                }
+                if waited > self.wait.park_slice {
+                    if let Err(e) = inner.client.check_alive() {
+                        return Err(self.fail_conn(&mut inner, e));
+                    }
+                }
+            }
+            let mut armed = false;
+            poll_fn(|cx| {
+                if std::mem::replace(&mut armed, true) {
+                    return Poll::Ready(());
+                }
+                *nap.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+                let weak: Weak<dyn Expire> = Arc::downgrade(&(nap.clone() as Arc<dyn Expire>));
+                let _ = Wheel::global().arm(Duration::from_millis(1), 0, weak);
+                Poll::Pending
+            })
+            .await;
+        }
+    }
+
     /// Sends a request whose body `write` fills, and tracks it.
     fn send(
         &self,
@@ -241,6 +327,11 @@ impl ShmChannel {
         }
     }
 
+    /// Gives back the blocks of a reply nobody will read.
+    fn release_all(&self, lent: Vec<u64>) {
+        lent.into_iter().for_each(|a| self.release(a));
+    }
+
     fn flush_releases(&self, inner: &mut Inner) {
         let mut r = self.releases.lock().unwrap_or_else(|p| p.into_inner());
         self.has_releases.store(false, Ordering::Relaxed);
@@ -261,13 +352,19 @@ impl ShmChannel {
         let Inner { client, table } = inner;
         let pid = self.pid;
         let r = client.drain_replies(|id, status, body, mem| {
+            let (status, body, lent) = rpal_core::split_reply(status, body, pid)?;
             if id == mine && read.is_some() {
-                table.remove(id);
+                let _ = table.remove(id); // never stored: nothing to give back
                 let read = read.take().expect("checked above");
                 *out = Some(self.finish(status, body, mem, read));
                 Ok(false) // ours: stop here, the rest is for their callers
             } else {
-                table.complete(id, status, body, pid).map(|()| true)
+                if !table.complete(id, status, body, lent, pid)? {
+                    // Late (timed out, dropped): nobody will read what it
+                    // lends, so it goes back to the server now.
+                    lent.addrs().for_each(|a| self.release(a));
+                }
+                Ok(true)
             }
         });
         match r {
@@ -313,7 +410,7 @@ impl ShmChannel {
         // One grant of the server's region for the whole call, waits
         // included (the kernel reads the futex word with our rights).
         let access = self.region.access();
-        let mut inner = self.lock();
+        let mut inner = self.room(self.lock(), timeout)?;
         let mut read = Some(read);
         let mut out = None;
         // Fast path: while no other thread wants the connection, keep the
@@ -375,7 +472,7 @@ impl ShmChannel {
                         let mem = self.region.mem(&access);
                         return done.and_then(|b| fix_method(self.finish(0, b.bytes(), mem, read), method));
                     }
-                    inner.table.remove(id);
+                    self.release_all(inner.table.remove(id));
                 } else {
                     inner.table.kill(Dead::of(&e));
                 }
@@ -479,7 +576,10 @@ impl ShmChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
+        self.room_async(timeout).await?;
         let id = {
+            // Room was made above; if another caller took it since, the
+            // send waits (bounded by the budget) under the lock.
             let mut inner = self.lock();
             let id = self.send_capped(&mut inner, method, cap, Some(Waiter::Task(None)), timeout, write)?;
             inner.client.flush();
@@ -574,6 +674,17 @@ fn pump(weak: Weak<ShmChannel>, wake: Arc<AtomicU32>) {
     }
 }
 
+/// Wakes a task waiting for room when its nap on the timing wheel ends.
+struct Nap(Mutex<Option<Waker>>);
+
+impl Expire for Nap {
+    fn expire(&self, _: u64, _: Error) {
+        if let Some(w) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            w.wake();
+        }
+    }
+}
+
 /// Forgets a call whose future was dropped before its reply.
 struct Forget<'a> {
     chan: &'a Arc<ShmChannel>,
@@ -582,7 +693,8 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        self.chan.lock().table.remove(self.id);
+        let lent = self.chan.lock().table.remove(self.id);
+        self.chan.release_all(lent);
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU32;
 use std::task::Waker;
 
 use rpal_core::error::{Error, RemoteStatus, Result};
-use rpal_core::{doorbell, sys};
+use rpal_core::{LentTable, doorbell, sys};
 
 /// A reply body copied out of the transport, 16-byte aligned.
 pub struct Body {
@@ -146,6 +146,8 @@ pub(crate) struct Slot {
     /// timeout is just late.
     replied: bool,
     waiter: Waiter,
+    /// The blocks `done`'s body lends us: given back if it is never read.
+    lent: Vec<u64>,
 }
 
 /// Why a connection stopped carrying calls; each in-flight call gets it.
@@ -227,6 +229,7 @@ impl Table {
             done: None,
             replied: false,
             waiter,
+            lent: Vec::new(),
         }));
         self.next_id = self.next_id.max(id + 1);
     }
@@ -242,22 +245,30 @@ impl Table {
         self.next_id
     }
 
-    /// Stops tracking `id`; a reply that comes later is discarded.
-    pub(crate) fn remove(&mut self, id: u64) {
-        if let Some(i) = self.index(id) {
-            self.slots[i] = None;
-        }
+    /// Stops tracking `id`; a reply that comes later is discarded. Returns
+    /// the blocks lent by a reply that came and was never read: the caller
+    /// gives them back.
+    #[must_use = "lent blocks of an unread reply must be released"]
+    pub(crate) fn remove(&mut self, id: u64) -> Vec<u64> {
+        let lent = match self.index(id) {
+            Some(i) => self.slots[i].take().map(|s| s.lent).unwrap_or_default(),
+            None => Vec::new(),
+        };
         while matches!(self.slots.front(), Some(None)) {
             self.slots.pop_front();
             self.base += 1;
         }
+        lent
     }
 
-    /// The outcome of `id` if it is known, and stops tracking it.
+    /// The outcome of `id` if it is known, and stops tracking it. What the
+    /// body lends is the reader's to give back (through `Returned`).
     pub(crate) fn take(&mut self, id: u64) -> Option<Result<Body>> {
         let i = self.index(id)?;
-        let done = self.slots[i].as_mut()?.done.take()?;
-        self.remove(id);
+        let slot = self.slots[i].as_mut()?;
+        let done = slot.done.take()?;
+        slot.lent.clear();
+        let _ = self.remove(id);
         Some(done)
     }
 
@@ -273,14 +284,30 @@ impl Table {
         }
     }
 
-    /// Records the reply to `id` (status and body) and wakes its waiter.
-    /// Returns an error for an id that was never given out.
-    pub(crate) fn complete(&mut self, id: u64, status: u32, body: &[u8], pid: i32) -> Result<()> {
-        self.complete_with(id, status, || Body::copy(body), pid)
+    /// Records the reply to `id` (status, body, and the blocks it lends)
+    /// and wakes its waiter. Returns an error for an id that was never given
+    /// out, and `false` for a reply nobody waits for any more (late): the
+    /// caller gives back the blocks it lends.
+    pub(crate) fn complete(
+        &mut self,
+        id: u64,
+        status: u32,
+        body: &[u8],
+        lent: LentTable<'_>,
+        pid: i32,
+    ) -> Result<bool> {
+        self.complete_with(id, status, || Body::copy(body), lent, pid)
     }
 
     /// As [`Table::complete`], with the body made only if someone waits for it.
-    pub(crate) fn complete_with(&mut self, id: u64, status: u32, body: impl FnOnce() -> Body, pid: i32) -> Result<()> {
+    pub(crate) fn complete_with(
+        &mut self,
+        id: u64,
+        status: u32,
+        body: impl FnOnce() -> Body,
+        lent: LentTable<'_>,
+        pid: i32,
+    ) -> Result<bool> {
         if id >= self.next_id || id == 0 {
             return Err(Error::Protocol {
                 pid,
@@ -288,7 +315,7 @@ impl Table {
             });
         }
         let Some(Some(slot)) = self.index(id).map(|i| &mut self.slots[i]) else {
-            return Ok(()); // the late reply of a call that timed out or was dropped
+            return Ok(false); // the late reply of a call that timed out or was dropped
         };
         if slot.replied {
             return Err(Error::Protocol {
@@ -298,8 +325,9 @@ impl Table {
         }
         slot.replied = true;
         if slot.done.is_some() {
-            return Ok(()); // our deadline failed it first: late, discarded
+            return Ok(false); // our deadline failed it first: late, discarded
         }
+        slot.lent = lent.addrs().collect();
         slot.done = Some(if status == 0 {
             Ok(body())
         } else {
@@ -309,7 +337,7 @@ impl Table {
             })
         });
         slot.waiter.wake();
-        Ok(())
+        Ok(true)
     }
 
     /// Fails `id` with `err` (its deadline passed) and wakes its waiter.
@@ -367,23 +395,43 @@ mod tests {
 
     #[test]
     fn late_replies_are_discarded_and_double_replies_refused() {
+        let none = LentTable::default;
         let mut t = Table::new(1);
         for id in 1..=3 {
             t.insert(id, 7, Waiter::Task(None));
         }
         // Our deadline fails call 1; the server's answer comes after it.
         t.fail(1, Error::Timeout(std::time::Duration::from_millis(5)));
-        assert!(t.complete(1, 5, &[], 9).is_ok(), "a late reply is not a protocol error");
+        assert!(
+            !t.complete(1, 5, &[], none(), 9).unwrap(),
+            "a late reply is not a protocol error"
+        );
         assert!(matches!(t.take(1), Some(Err(Error::Timeout(_)))));
         // A reply, then another to the same call: the server is broken.
-        t.complete(2, 0, &[1, 2], 9).unwrap();
-        assert!(matches!(t.complete(2, 0, &[3], 9), Err(Error::Protocol { .. })));
+        assert!(t.complete(2, 0, &[1, 2], none(), 9).unwrap());
+        assert!(matches!(t.complete(2, 0, &[3], none(), 9), Err(Error::Protocol { .. })));
         assert_eq!(t.take(2).unwrap().unwrap().bytes(), &[1, 2]);
         // An id never given out.
-        assert!(matches!(t.complete(99, 0, &[], 9), Err(Error::Protocol { .. })));
+        assert!(matches!(t.complete(99, 0, &[], none(), 9), Err(Error::Protocol { .. })));
         // A call whose caller gave up (removed): its reply is dropped.
-        t.remove(3);
-        assert!(t.complete(3, 0, &[], 9).is_ok());
+        assert!(t.remove(3).is_empty());
+        assert!(!t.complete(3, 0, &[], none(), 9).unwrap());
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn blocks_lent_by_an_unread_reply_come_back_to_the_caller() {
+        let mut buf = [0u8; 64];
+        let end = rpal_core::put_lent_table(&mut buf, 16, &[0x4000, 0x8000]).unwrap();
+        let (_, body, lent) = rpal_core::split_reply(rpal_core::FLAG_LENDS, &buf[..end], 9).unwrap();
+        let mut t = Table::new(1);
+        t.insert(1, 7, Waiter::Task(None));
+        t.insert(2, 7, Waiter::Task(None));
+        // Read: the reader's to release.
+        assert!(t.complete(1, 0, body, lent, 9).unwrap());
+        assert_eq!(t.take(1).unwrap().unwrap().bytes().len(), 16);
+        // Arrived, then its caller dropped it unread: handed back.
+        assert!(t.complete(2, 0, body, lent, 9).unwrap());
+        assert_eq!(t.remove(2), vec![0x4000, 0x8000]);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use rpal_core::error::{Error, Result};
 use rpal_core::pkey::Access;
 use rpal_core::types::{ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec};
-use rpal_core::{PeerMem, PeerRegion};
+use rpal_core::{Filled, PeerId, PeerMem, PeerRegion};
 
 /// Where a body travels: in shared memory (pointers pass as pointers) or
 /// over a byte stream (pointed-to data is copied inline).
@@ -99,8 +99,8 @@ pub trait ShmPtr: Sized + 'static {
     fn raw(&self) -> (u64, u64);
     /// The data as bytes, for a stream.
     fn data(&self) -> &[u8];
-    /// Gives the block to peer `pid` (it stays allocated until released).
-    fn lend_to(self, pid: i32) -> Result<(u64, u64)>;
+    /// Gives the block to `peer` (it stays allocated until released).
+    fn lend_to(self, peer: PeerId) -> Result<(u64, u64)>;
     /// A validated view of `count` elements at `addr` in a peer's memory.
     /// A view whose validity the peer could break after the check (a
     /// string: UTF-8) is of a copy kept in `copies`, validated there.
@@ -132,8 +132,8 @@ impl<T: ShmSafe> ShmPtr for ShmBox<T> {
     fn data(&self) -> &[u8] {
         bytes_of::<T>(self)
     }
-    fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
-        Ok((self.lend(pid)?, 1))
+    fn lend_to(self, peer: PeerId) -> Result<(u64, u64)> {
+        Ok((self.lend(peer)?, 1))
     }
     fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, _: &'p Scratch) -> Result<&'p T> {
         if count != 1 {
@@ -166,8 +166,8 @@ macro_rules! slice_like {
             fn data(&self) -> &[u8] {
                 bytes_of_slice::<$elem>(self)
             }
-            fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
-                self.lend(pid)
+            fn lend_to(self, peer: PeerId) -> Result<(u64, u64)> {
+                self.lend(peer)
             }
             fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, _: &'p Scratch) -> Result<&'p [$elem]> {
                 if count == 0 {
@@ -194,8 +194,8 @@ impl ShmPtr for ShmString {
     fn data(&self) -> &[u8] {
         self.as_bytes()
     }
-    fn lend_to(self, pid: i32) -> Result<(u64, u64)> {
-        self.lend(pid)
+    fn lend_to(self, peer: PeerId) -> Result<(u64, u64)> {
+        self.lend(peer)
     }
     fn view_peer<'p>(peer: PeerMem<'p>, addr: u64, count: u64, copies: &'p Scratch) -> Result<&'p str> {
         if count == 0 {
@@ -222,6 +222,10 @@ pub struct Writer<'a> {
     mode: Mode,
     /// Set if a field did not fit the fixed buffer.
     overflow: bool,
+    /// Blocks lent by this body (shared memory), and to whom: listed in
+    /// the reply's lent-block table, and taken back if the body is never sent.
+    lent: Vec<u64>,
+    lent_to: PeerId,
 }
 
 enum Out<'a> {
@@ -239,6 +243,8 @@ impl<'a> Writer<'a> {
             origin: 0,
             mode: Mode::Shm,
             overflow: false,
+            lent: Vec::new(),
+            lent_to: PeerId::default(),
         }
     }
 
@@ -252,6 +258,8 @@ impl<'a> Writer<'a> {
             origin,
             mode: Mode::Stream,
             overflow: false,
+            lent: Vec::new(),
+            lent_to: PeerId::default(),
         }
     }
 
@@ -264,6 +272,26 @@ impl<'a> Writer<'a> {
     #[inline]
     pub fn finish(self) -> Option<usize> {
         (!self.overflow).then_some(self.at)
+    }
+
+    /// Ends a reply: bytes written, and whether a lent-block table follows
+    /// them (it does when the body lent a block: the reply must then carry
+    /// `FLAG_LENDS`). `None` if it did not fit; what it lent is then taken
+    /// back, since the caller will never see it.
+    #[inline]
+    pub fn finish_reply(mut self) -> Option<Filled> {
+        if self.overflow {
+            return None;
+        }
+        if self.lent.is_empty() {
+            return Some(Filled::from(self.at));
+        }
+        let Out::Fixed(buf) = &mut self.out else {
+            return Some(Filled::from(self.at)); // streams copy; nothing is lent
+        };
+        let len = rpal_core::put_lent_table(buf, self.at, &self.lent)?;
+        self.lent.clear();
+        Some(Filled { len, lends: true })
     }
 
     #[inline]
@@ -329,12 +357,22 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// A pointer type handed over to peer `pid`, which releases it when done
+    /// A pointer type handed over to `peer`, which releases it when done
     /// (shared memory); over a stream it is copied and dropped here.
-    pub fn lent<P: ShmPtr>(&mut self, p: P, pid: i32) -> Result<()> {
+    pub fn lent<P: ShmPtr>(&mut self, p: P, peer: PeerId) -> Result<()> {
         match self.mode {
             Mode::Shm => {
-                let (addr, count) = p.lend_to(pid)?;
+                if self.lent.len() >= rpal_core::MAX_LENT_PER_REPLY {
+                    return Err(Error::TooLarge {
+                        len: self.lent.len() + 1,
+                        capacity: rpal_core::MAX_LENT_PER_REPLY,
+                    });
+                }
+                let (addr, count) = p.lend_to(peer)?;
+                if addr != 0 {
+                    self.lent.push(addr);
+                    self.lent_to = peer;
+                }
                 self.pointer(addr, count);
             }
             Mode::Stream => self.inline::<P>(p.raw().1, p.data()),
@@ -350,6 +388,20 @@ impl<'a> Writer<'a> {
     fn inline<P: ShmPtr>(&mut self, count: u64, data: &[u8]) {
         self.put(8, &count.to_le_bytes());
         self.put(align_of::<P::Elem>(), data);
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        // A body that failed (did not fit, or its handler failed after a
+        // lend) never reaches the caller: what it lent comes back now.
+        if !self.lent.is_empty() {
+            if let Ok(arena) = rpal_core::Arena::global() {
+                for &addr in &self.lent {
+                    let _ = arena.reclaim(addr, self.lent_to);
+                }
+            }
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 use crate::quota::{LentQuota, Quota};
 use crate::sys;
@@ -86,10 +87,10 @@ pub(crate) struct Slab {
 
 /// Blocks lent to peers, and each peer's totals against the quota.
 struct Lent {
-    /// Block address -> (peer pid, block size).
-    blocks: HashMap<u64, (i32, u64)>,
-    /// Peer pid -> (blocks, bytes) lent to it.
-    per_peer: HashMap<i32, (usize, u64)>,
+    /// Block address -> (peer, block size).
+    blocks: HashMap<u64, (PeerId, u64)>,
+    /// Peer -> (blocks, bytes) lent to it.
+    per_peer: HashMap<PeerId, (usize, u64)>,
     quota: LentQuota,
 }
 
@@ -293,9 +294,9 @@ impl Slab {
         Ok(())
     }
 
-    /// Marks an owned block as lent to peer `pid`, unless that takes the
+    /// Marks an owned block as lent to `peer`, unless that takes the
     /// peer past its [`LentQuota`] (`QuotaExceeded`; the block stays ours).
-    pub(crate) fn lend(&'static self, ptr: *const u8, pid: i32) -> Result<()> {
+    pub(crate) fn lend(&'static self, ptr: *const u8, peer: PeerId) -> Result<()> {
         let addr = ptr as u64;
         let (class, state, back) = self.check_block(addr)?;
         if state != OWNED {
@@ -308,36 +309,43 @@ impl Slab {
         let size = class::size(class) as u64;
         let mut lent = Lent::lock(&self.lent);
         let quota = lent.quota;
-        let (blocks, bytes) = lent.per_peer.get(&pid).copied().unwrap_or_default();
+        let (blocks, bytes) = lent.per_peer.get(&peer).copied().unwrap_or_default();
         if blocks >= quota.blocks {
             return Err(Quota::LentBlocks.exceeded(quota.blocks as u64));
         }
         if bytes + size > quota.bytes {
             return Err(Quota::LentBytes.exceeded(quota.bytes));
         }
-        lent.per_peer.insert(pid, (blocks + 1, bytes + size));
-        lent.blocks.insert(addr, (pid, size));
+        lent.per_peer.insert(peer, (blocks + 1, bytes + size));
+        lent.blocks.insert(addr, (peer, size));
         self.header(addr).store(pack(class, LENT, back), Ordering::Relaxed);
         Ok(())
     }
 
-    /// Frees a block that peer `pid` says it is done with. Refuses (and
-    /// changes nothing) unless the block is lent to that very peer.
-    pub(crate) fn reclaim(&'static self, addr: u64, pid: i32) -> Result<()> {
-        let refuse = |reason: String| Error::InvalidRelease { addr, pid, reason };
+    /// Frees a block that `peer` says it is done with. Refuses (and
+    /// changes nothing) unless the block is lent to that very process.
+    pub(crate) fn reclaim(&'static self, addr: u64, peer: PeerId) -> Result<()> {
+        let refuse = |reason: String| Error::InvalidRelease {
+            addr,
+            pid: peer.pid,
+            reason,
+        };
         {
             let mut lent = Lent::lock(&self.lent);
             match lent.blocks.get(&addr) {
-                Some(&(owner, size)) if owner == pid => {
+                Some(&(owner, size)) if owner == peer => {
                     lent.blocks.remove(&addr);
-                    if let Some(t) = lent.per_peer.get_mut(&pid) {
+                    if let Some(t) = lent.per_peer.get_mut(&peer) {
                         *t = (t.0.saturating_sub(1), t.1.saturating_sub(size));
                         if t.0 == 0 {
-                            lent.per_peer.remove(&pid);
+                            lent.per_peer.remove(&peer);
                         }
                     }
                 }
-                Some(&(owner, _)) => return Err(refuse(format!("the block is lent to pid {owner}"))),
+                Some(&(owner, _)) if owner.pid == peer.pid => {
+                    return Err(refuse("the block is lent to an earlier process with that pid".into()));
+                }
+                Some(&(owner, _)) => return Err(refuse(format!("the block is lent to {owner}"))),
                 None => return Err(refuse("no block is lent at that address".into())),
             }
         }
@@ -346,22 +354,22 @@ impl Slab {
         self.free(addr as *mut u8)
     }
 
-    /// Frees every block lent to `pid` (it died or disconnected). Returns how many.
-    pub(crate) fn reclaim_all(&'static self, pid: i32) -> usize {
+    /// Frees every block lent to `peer` (it died or disconnected). Returns how many.
+    pub(crate) fn reclaim_all(&'static self, peer: PeerId) -> usize {
         let addrs: Vec<u64> = {
             let lent = Lent::lock(&self.lent);
             lent.blocks
                 .iter()
-                .filter(|&(_, &(p, _))| p == pid)
+                .filter(|&(_, &(p, _))| p == peer)
                 .map(|(&a, _)| a)
                 .collect()
         };
-        addrs.into_iter().filter(|&a| self.reclaim(a, pid).is_ok()).count()
+        addrs.into_iter().filter(|&a| self.reclaim(a, peer).is_ok()).count()
     }
 
-    /// Blocks and bytes lent to `pid` now.
-    pub(crate) fn lent_to(&self, pid: i32) -> (usize, u64) {
-        Lent::lock(&self.lent).per_peer.get(&pid).copied().unwrap_or_default()
+    /// Blocks and bytes lent to `peer` now.
+    pub(crate) fn lent_to(&self, peer: PeerId) -> (usize, u64) {
+        Lent::lock(&self.lent).per_peer.get(&peer).copied().unwrap_or_default()
     }
 
     /// How much one peer may hold lent.

@@ -91,3 +91,121 @@ pub(crate) fn put_header(buf: &mut [u8], call_id: u64, method: u32, status: u32)
     buf[8..12].copy_from_slice(&method.to_le_bytes());
     buf[12..16].copy_from_slice(&status.to_le_bytes());
 }
+
+/// Reply status bit: the body ends with a table of the blocks the reply
+/// lends its caller (see [`put_lent_table`]), so that a caller that no
+/// longer waits for it (timed out, dropped its future) still gives them
+/// back. Requests use the same bit for the one-way flag; the directions
+/// never meet.
+pub const FLAG_LENDS: u32 = 1 << 31;
+
+/// At most this many lent blocks in one reply's table (a result lends one
+/// block per pointer it carries; 64 leaves room for nested results).
+pub const MAX_LENT_PER_REPLY: usize = 64;
+
+/// Appends the lent-block table to a reply body of `len` bytes in `buf`:
+/// from the next 8-byte boundary, the addresses (u64 LE each), then a u64
+/// LE of `count << 32 | len`. Returns the new body length, or `None` if it
+/// does not fit (or `addrs` is too long).
+pub fn put_lent_table(buf: &mut [u8], len: usize, addrs: &[u64]) -> Option<usize> {
+    if addrs.len() > MAX_LENT_PER_REPLY || len > u32::MAX as usize {
+        return None;
+    }
+    let start = len.next_multiple_of(8);
+    let end = start + 8 * addrs.len() + 8;
+    let table = buf.get_mut(len..end)?;
+    table.fill(0);
+    let (slots, footer) = table[start - len..].split_at_mut(8 * addrs.len());
+    for (slot, a) in slots.chunks_exact_mut(8).zip(addrs) {
+        slot.copy_from_slice(&a.to_le_bytes());
+    }
+    footer.copy_from_slice(&((addrs.len() as u64) << 32 | len as u64).to_le_bytes());
+    Some(end)
+}
+
+/// The blocks a reply lends, read from its table: each address is a
+/// claim of the sender, which the sender checks again when it is given
+/// back (a forged one is refused there and costs only the liar).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LentTable<'a> {
+    bytes: &'a [u8],
+}
+
+impl LentTable<'_> {
+    /// The lent addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+
+    /// How many blocks the table names.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 8
+    }
+
+    /// Whether it names none.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Splits a reply into its status (without [`FLAG_LENDS`]), its body
+/// proper and its lent-block table. A table that does not add up is the
+/// peer's protocol error.
+pub fn split_reply(status: u32, body: &[u8], pid: i32) -> Result<(u32, &[u8], LentTable<'_>)> {
+    if status & FLAG_LENDS == 0 {
+        return Ok((status, body, LentTable::default()));
+    }
+    let bad = |why: &str| Error::Protocol {
+        pid,
+        detail: format!("reply's lent-block table {why}"),
+    };
+    let at = body.len().checked_sub(8).ok_or_else(|| bad("is missing"))?;
+    // One read of the footer: the peer may rewrite it, the copy stays.
+    let footer = u64::from_le_bytes(body[at..].try_into().expect("8 bytes"));
+    let (count, len) = ((footer >> 32) as usize, (footer & 0xffff_ffff) as usize);
+    if count > MAX_LENT_PER_REPLY || len.next_multiple_of(8) + 8 * count != at {
+        return Err(bad(&format!(
+            "says {count} blocks after {len} bytes in a body of {}",
+            body.len()
+        )));
+    }
+    let table = &body[at - 8 * count..at];
+    Ok((status & !FLAG_LENDS, &body[..len], LentTable { bytes: table }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lent_tables_round_trip_and_lies_are_refused() {
+        for len in [0usize, 1, 7, 8, 15, 16, 100] {
+            for n in [0usize, 1, 3] {
+                let mut buf = vec![0xaau8; 256];
+                let addrs: Vec<u64> = (0..n as u64).map(|i| 0x1000 + 16 * i).collect();
+                let end = put_lent_table(&mut buf, len, &addrs).unwrap();
+                let (status, body, table) = split_reply(FLAG_LENDS | 7, &buf[..end], 1).unwrap();
+                assert_eq!((status, body.len()), (7, len));
+                assert_eq!(table.addrs().collect::<Vec<_>>(), addrs);
+            }
+        }
+        // Without the flag the body is untouched.
+        let (_, body, table) = split_reply(0, &[1, 2, 3], 1).unwrap();
+        assert_eq!((body.len(), table.len()), (3, 0));
+        // Too short, a count past the body, a length that does not add up.
+        assert!(split_reply(FLAG_LENDS, &[0; 7], 1).is_err());
+        let lie = |footer: u64, size: usize| {
+            let mut b = vec![0u8; size];
+            b[size - 8..].copy_from_slice(&footer.to_le_bytes());
+            split_reply(FLAG_LENDS, &b, 1).is_err()
+        };
+        assert!(lie(5 << 32, 16));
+        assert!(lie(u64::MAX, 64));
+        assert!(lie(9, 16));
+        assert!(lie((MAX_LENT_PER_REPLY as u64 + 1) << 32, 8 * (MAX_LENT_PER_REPLY + 2)));
+        let mut small = [0u8; 12];
+        assert!(put_lent_table(&mut small, 4, &[1]).is_none(), "no room");
+    }
+}

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::arena::{Arena, PeerLease};
-use crate::cred::PeerCred;
+use crate::cred::{PeerCred, PeerId};
 use crate::doorbell::{self, Deadline, DoorbellSnapshot, DoorbellStats, WaitConfig};
 use crate::error::{Error, Result};
 use crate::pkey::Access;
@@ -33,8 +33,11 @@ mod release;
 pub use layout::LAYOUT_HASH;
 pub(crate) use layout::OwnEndpoint;
 pub(crate) use layout::{BACKLOG_BLOCKS, Endpoint};
+pub use message::{
+    FLAG_LENDS, INLINE_CAPACITY, LentTable, MAX_LENT_PER_REPLY, METHOD_CLOSE, MSG_HEADER, budget_bits, budget_of,
+    put_lent_table, split_reply,
+};
 pub(crate) use message::{FLAG_ONEWAY, next_msg, put_header, write_msg};
-pub use message::{INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, budget_bits, budget_of};
 
 /// How long a waiter of our own gives a peer that hung up to show its
 /// death (its pidfd turns readable after it closed its files).
@@ -45,6 +48,9 @@ const DEATH_GRACE: Duration = Duration::from_millis(200);
 pub struct Peer {
     /// Kernel-reported credentials.
     pub cred: PeerCred,
+    /// The peer process (pid and start time): what we lend it is booked
+    /// under this.
+    pub id: PeerId,
     /// The peer's region, mapped read-only here.
     pub region: Arc<PeerRegion>,
     pidfd: OwnedFd,
@@ -88,6 +94,7 @@ impl Conn {
     pub(crate) fn new(
         sock: UnixStream,
         cred: PeerCred,
+        (pidfd, id): (OwnedFd, PeerId),
         region: PeerRegion,
         mine: OwnEndpoint,
         their_endpoint: u64,
@@ -98,7 +105,6 @@ impl Conn {
             size_of::<Endpoint>() as u64,
             align_of::<Endpoint>() as u64,
         )?;
-        let pidfd = sys::pidfd_open(cred.pid).map_err(|e| Error::io(format!("pidfd_open({})", cred.pid), e))?;
         let theirs = their_endpoint as *const Endpoint;
         let access = region.access();
         let mem = region.mem(&access);
@@ -113,6 +119,7 @@ impl Conn {
             sock,
             peer: Peer {
                 cred,
+                id,
                 region: Arc::new(region),
                 pidfd,
             },
@@ -125,7 +132,7 @@ impl Conn {
             stats: DoorbellStats::default(),
             pending_releases: Vec::new(),
             refused_releases: 0,
-            _lease: Arena::global()?.lease(cred.pid),
+            _lease: Arena::global()?.lease(id),
         })
     }
 
@@ -200,6 +207,17 @@ impl Conn {
 
     /// Backpressure: wait until the peer's cursor frees some of our blocks,
     /// at most `limit`.
+    /// Whether a message can go out without waiting: recycles what the peer
+    /// has passed, then checks that it is at most `BACKLOG_BLOCKS` behind.
+    pub(crate) fn has_room(&mut self, access: &Access) -> Result<bool> {
+        if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
+            return Ok(true);
+        }
+        let seen = queue::read_cursor(&*self.theirs(access).cursor);
+        self.mine.tx.recycle(seen, self.pid())?;
+        Ok(self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS)
+    }
+
     fn wait_for_room(&mut self, access: &Access, limit: Option<Duration>) -> Result<()> {
         let start = Instant::now();
         let waits = &self.stats.full_waits;

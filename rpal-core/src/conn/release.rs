@@ -100,7 +100,7 @@ impl Conn {
     /// block lent to this peer is refused and counted; a release cursor that
     /// jumps or goes backwards is a protocol violation.
     pub(crate) fn reclaim(&mut self, access: &Access) -> Result<usize> {
-        let pid = self.pid();
+        let (pid, peer) = (self.pid(), self.peer.id);
         let arena = Arena::global()?;
         let (mut freed, mut refused) = (0, 0);
         let already = self.refused_releases;
@@ -110,7 +110,7 @@ impl Conn {
             &*mine.release_head,
             &*theirs.release_tail,
             &theirs.releases,
-            |addr| match arena.reclaim(addr, pid) {
+            |addr| match arena.reclaim(addr, peer) {
                 Ok(()) => freed += 1,
                 Err(e) => {
                     // The first refusal and then one in 4096 are logged, so

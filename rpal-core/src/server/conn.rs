@@ -11,9 +11,9 @@ use std::time::Duration;
 use super::ServerStats;
 use super::request::{Handler, Request};
 use crate::conn::{
-    Conn, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, Peer, budget_of, next_msg, put_header,
+    Conn, FLAG_LENDS, FLAG_ONEWAY, INLINE_CAPACITY, METHOD_CLOSE, MSG_HEADER, Peer, budget_of, next_msg, put_header,
 };
-use crate::deferred::DeferredQueue;
+use crate::deferred::{DeferredQueue, Filled};
 use crate::doorbell::{DoorbellSnapshot, WaitConfig};
 use crate::error::{Error, RemoteStatus, Result};
 use crate::pkey::Access;
@@ -38,6 +38,8 @@ pub struct ServerConn {
     pub(super) later: Arc<DeferredQueue>,
     /// Set by [`Request::defer`] during the handler's run.
     pub(super) deferred: Cell<bool>,
+    /// Set by a handler whose reply ends with a lent-block table.
+    pub(super) lends: Cell<bool>,
     /// Deferred calls not answered yet (by call id).
     pub(super) outstanding: HashMap<u64, u32>,
     /// Deferred calls with a budget, for the serving thread's timing wheel.
@@ -55,10 +57,10 @@ fn fill_reply(
     buf: &mut [u8],
     call_id: u64,
     method: u32,
-    r: std::thread::Result<std::result::Result<usize, RemoteStatus>>,
+    r: std::thread::Result<std::result::Result<Filled, RemoteStatus>>,
 ) -> usize {
     let (n, status) = match r {
-        Ok(Ok(n)) if n <= INLINE_CAPACITY => (n, 0),
+        Ok(Ok(f)) if f.len <= INLINE_CAPACITY => (f.len, if f.lends { FLAG_LENDS } else { 0 }),
         Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
         Ok(Err(s)) => (0, s.code()),
         Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
@@ -189,13 +191,16 @@ impl ServerConn {
                 call_id: msg.call_id,
                 payload: msg.body,
                 peer: &self.conn.peer.region,
+                client: self.conn.peer.id,
                 mem,
                 budget: budget_of(msg.status),
                 releases: &self.releases,
                 later: &self.later,
                 deferred: &self.deferred,
+                lends: &self.lends,
             };
             self.deferred.set(false);
+            self.lends.set(false);
             let reply_len = if oneway {
                 let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut [])));
                 if !matches!(r, Ok(Ok(_))) {
@@ -209,7 +214,12 @@ impl ServerConn {
                 // The reply is written in place in our queue while the request
                 // is read in place from the client's: the two never alias.
                 let buf = self.conn.mine.tx.reserve(MSG_HEADER + INLINE_CAPACITY)?;
-                let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut buf[MSG_HEADER..])));
+                let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut buf[MSG_HEADER..]))).map(|r| {
+                    r.map(|len| Filled {
+                        len,
+                        lends: self.lends.get(),
+                    })
+                });
                 if self.deferred.get() && matches!(r, Ok(Ok(_))) {
                     if self.outstanding.len() >= self.quotas.deferred_calls {
                         // Over the quota: stop its work and say so now.
@@ -341,7 +351,7 @@ impl ServerConn {
 
     /// Live connections of this connection's client process to this server.
     pub fn peer_connections(&self) -> usize {
-        self.slot.live.of(self.slot.pid)
+        self.slot.live.of(self.slot.peer)
     }
 
     /// Waits for a request (spinning, then parking) until one is ready.

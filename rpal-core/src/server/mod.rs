@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::arena::Arena;
 use crate::conn::{Conn, OwnEndpoint};
+use crate::cred::PeerId;
 use crate::doorbell::WaitConfig;
 use crate::error::{Error, Result};
 use crate::handshake::{self, Hello, Kind, PeerPolicy};
@@ -82,21 +83,23 @@ pub struct Server {
     path: PathBuf,
     opts: ServerOptions,
     stats: Arc<ServerStats>,
-    /// Live connections, per client pid and in total.
-    live: Arc<Counter>,
-    /// Handshakes under way (see [`Server::admit`]).
-    handshaking: Arc<Counter>,
+    /// Live connections, per client process and in total.
+    live: Arc<Counter<PeerId>>,
+    /// Handshakes under way, per pid (see [`Server::admit`]; a place
+    /// lives only until its handshake's deadline, so pid reuse cannot
+    /// matter).
+    handshaking: Arc<Counter<i32>>,
 }
 
 /// A live connection's place in its server's connection quota.
-struct Slot {
-    live: Arc<Counter>,
-    pid: i32,
+pub(crate) struct Slot {
+    pub(crate) live: Arc<Counter<PeerId>>,
+    pub(crate) peer: PeerId,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.live.give(self.pid);
+        self.live.give(self.peer);
     }
 }
 
@@ -108,7 +111,7 @@ pub struct Admitted {
     _slot: Handshaking,
 }
 
-struct Handshaking(Arc<Counter>, i32);
+struct Handshaking(Arc<Counter<i32>>, i32);
 
 impl Drop for Handshaking {
     fn drop(&mut self) {
@@ -187,7 +190,7 @@ impl Server {
         // A peer already at its connection quota is refused here, without a
         // handshake thread: a refused reconnect loop then costs the acceptor
         // a few syscalls. (A peek: the handshake takes the place for real.)
-        let taken = if self.live.of(pid) >= q.connections_per_peer {
+        let taken = if self.live.of_pid(pid) >= q.connections_per_peer {
             Err(Quota::ConnectionsPerPeer.exceeded(q.connections_per_peer as u64))
         } else {
             self.handshaking.take(
@@ -281,18 +284,19 @@ impl Server {
                 &ours,
             ));
         }
+        let (pidfd, peer) = crate::cred::peer_process(&sock, &cred)?;
         // The connection's place in the quotas, before it costs anything.
         let q = &self.opts.quotas;
         self.live
             .take(
-                cred.pid,
+                peer,
                 (Quota::ConnectionsPerPeer, q.connections_per_peer),
                 (Quota::Connections, q.connections),
             )
             .map_err(|e| handshake::refuse(&sock, e, &ours))?;
         let slot = Slot {
             live: self.live.clone(),
-            pid: cred.pid,
+            peer,
         };
         let (hello, fd) = handshake::recv_by(&sock, &endpoint, "waiting for the client's hello", deadline, timeout)?;
         if hello.kind != Kind::Hello {
@@ -308,7 +312,15 @@ impl Server {
         let fd = fd.map_err(|e| handshake::refuse(&sock, e, &ours))?;
         let region = PeerRegion::map(space, fd, hello.region_addr, hello.region_len, cred.pid)
             .map_err(|e| handshake::refuse(&sock, e, &ours))?;
-        let conn = Conn::new(sock, cred, region, mine, hello.endpoint_addr, self.opts.wait)?;
+        let conn = Conn::new(
+            sock,
+            cred,
+            (pidfd, peer),
+            region,
+            mine,
+            hello.endpoint_addr,
+            self.opts.wait,
+        )?;
         conn.sock.set_write_timeout(Some(left())).map_err(io)?;
         handshake::send(&conn.sock, &ours, Some(std::os::fd::AsFd::as_fd(arena.region())))?;
         conn.sock.set_read_timeout(None).map_err(io)?;
@@ -320,6 +332,7 @@ impl Server {
             releases: RefCell::new(Vec::new()),
             later: Arc::default(),
             deferred: Cell::new(false),
+            lends: Cell::new(false),
             outstanding: HashMap::new(),
             new_deadlines: Vec::new(),
             quotas: self.opts.quotas,

@@ -4,6 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cred::PeerId;
 use crate::deferred::{Deferred, DeferredQueue};
 use crate::error::RemoteStatus;
 use crate::region::PeerRegion;
@@ -24,6 +25,8 @@ pub struct Request<'a> {
     /// The client's region (an `Arc`, so work that outlives the request,
     /// like an async handler, can keep it mapped).
     pub peer: &'a Arc<PeerRegion>,
+    /// The client process: results lent to it are booked under this.
+    pub client: PeerId,
     /// The client's memory, readable during the handler's run.
     pub(super) mem: PeerMem<'a>,
     /// How long the caller will wait for the reply, if it set a deadline.
@@ -31,6 +34,7 @@ pub struct Request<'a> {
     pub(super) releases: &'a RefCell<Vec<u64>>,
     pub(super) later: &'a Arc<DeferredQueue>,
     pub(super) deferred: &'a Cell<bool>,
+    pub(super) lends: &'a Cell<bool>,
 }
 
 impl<'a> Request<'a> {
@@ -53,6 +57,13 @@ impl<'a> Request<'a> {
     /// passes or its client goes away before it completes.
     pub fn on_cancel(&self, cancel: impl FnOnce() + Send + 'static) {
         self.later.on_cancel(self.call_id, Box::new(cancel));
+    }
+
+    /// Says the reply body the handler returns ends with a lent-block table
+    /// ([`crate::put_lent_table`]): it goes out with [`crate::FLAG_LENDS`],
+    /// so the caller can give the blocks back even if it stopped waiting.
+    pub fn lends(&self) {
+        self.lends.set(true);
     }
 
     /// Says we are done with the client's block at `addr` (one it lent us).

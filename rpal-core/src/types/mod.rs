@@ -18,6 +18,7 @@ pub use shm_box::ShmBox;
 pub use slice::ShmSlice;
 pub use vec::{ShmString, ShmVec};
 
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 
 /// Plain data that may live in shared memory and be read by a peer.
@@ -179,10 +180,10 @@ pub(crate) fn peer_slice<'p, T: ShmSafe>(addr: &u64, len: &u64, peer: PeerMem<'p
     peer.slice::<T>(read_once(addr), len)
 }
 
-/// Lends our block at `addr` (0: no block) to peer `pid`.
-pub(crate) fn lend_block(addr: u64, pid: i32) -> Result<()> {
+/// Lends our block at `addr` (0: no block) to `peer`.
+pub(crate) fn lend_block(addr: u64, peer: PeerId) -> Result<()> {
     match std::ptr::NonNull::new(addr as *mut u8) {
-        Some(p) => own_arena().lend(p, pid),
+        Some(p) => own_arena().lend(p, peer),
         None => Ok(()),
     }
 }

@@ -5,6 +5,7 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 use super::{PeerMem, ShmSafe, Walk, assert_owned, own_arena, read_once};
+use crate::cred::PeerId;
 use crate::error::Result;
 
 /// A value of `T` in this process's arena, owned like a `Box`. Peers read it
@@ -44,12 +45,12 @@ impl<T: ShmSafe> ShmBox<T> {
         peer.view::<T>(read_once(&self.addr))
     }
 
-    /// Hands the value over to peer `pid`: the block stays allocated until
-    /// that peer releases it (or dies). Returns its address, to send.
-    pub fn lend(self, pid: i32) -> Result<u64> {
+    /// Hands the value over to `peer`: the block stays allocated until
+    /// that peer releases it (or leaves). Returns its address, to send.
+    pub fn lend(self, peer: PeerId) -> Result<u64> {
         let addr = self.addr;
         let ptr = NonNull::new(addr as *mut u8).expect("a ShmBox is never null");
-        own_arena().lend(ptr, pid)?;
+        own_arena().lend(ptr, peer)?;
         std::mem::forget(self);
         Ok(addr)
     }

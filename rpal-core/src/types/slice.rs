@@ -5,6 +5,7 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 use crate::types::PeerMem;
 
@@ -63,10 +64,10 @@ impl<T: ShmSafe> ShmSlice<T> {
         peer_slice(&self.addr, &self.len, peer)
     }
 
-    /// Hands the slice over to peer `pid` (see [`super::ShmBox::lend`]).
-    pub fn lend(self, pid: i32) -> Result<(u64, u64)> {
+    /// Hands the slice over to `peer` (see [`super::ShmBox::lend`]).
+    pub fn lend(self, peer: PeerId) -> Result<(u64, u64)> {
         let (addr, len) = (self.addr, self.len);
-        lend_block(addr, pid)?;
+        lend_block(addr, peer)?;
         std::mem::forget(self);
         Ok((addr, len))
     }

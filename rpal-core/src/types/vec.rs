@@ -5,6 +5,7 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 use super::{ShmSafe, Walk, assert_owned, lend_block, own_arena, peer_slice, read_once};
+use crate::cred::PeerId;
 use crate::error::{Error, Result};
 use crate::types::PeerMem;
 
@@ -139,10 +140,10 @@ impl<T: ShmSafe> ShmVec<T> {
         peer_slice(&self.addr, &self.len, peer)
     }
 
-    /// Hands the buffer over to peer `pid` (see [`super::ShmBox::lend`]).
-    pub fn lend(self, pid: i32) -> Result<(u64, u64)> {
+    /// Hands the buffer over to `peer` (see [`super::ShmBox::lend`]).
+    pub fn lend(self, peer: PeerId) -> Result<(u64, u64)> {
         let (addr, len) = (self.addr, self.len);
-        lend_block(addr, pid)?;
+        lend_block(addr, peer)?;
         std::mem::forget(self);
         Ok((addr, len))
     }
@@ -258,9 +259,9 @@ impl ShmString {
         self.bytes.get(peer)
     }
 
-    /// Hands the string over to peer `pid`.
-    pub fn lend(self, pid: i32) -> Result<(u64, u64)> {
-        self.bytes.lend(pid)
+    /// Hands the string over to `peer`.
+    pub fn lend(self, peer: PeerId) -> Result<(u64, u64)> {
+        self.bytes.lend(peer)
     }
 }
 

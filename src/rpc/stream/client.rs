@@ -245,7 +245,7 @@ impl StreamChannel {
                     if let Some(done) = t.take(id) {
                         return done.and_then(|b| read(&mut Reader::stream(b.bytes()), &ReplyCtx::stream()));
                     }
-                    t.remove(id);
+                    let _ = t.remove(id); // streams copy: nothing is lent
                     return Err(Error::Timeout(after));
                 }
                 slice = slice.min(left);
@@ -312,7 +312,7 @@ struct Forget<'a> {
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
-        lock(self.table).remove(self.id);
+        let _ = lock(self.table).remove(self.id); // streams copy: nothing is lent
     }
 }
 
@@ -355,7 +355,7 @@ fn read_replies(
         }
         let body = growing.finish();
         let Some(t) = table.upgrade() else { return };
-        if let Err(e) = lock(&t).complete_with(id, status, || body, 0) {
+        if let Err(e) = lock(&t).complete_with(id, status, || body, rpal_core::LentTable::default(), 0) {
             break e.to_string();
         }
     };

@@ -18,7 +18,7 @@ use super::StreamLimits;
 use super::frame::{FRAME_HEADER, decode_header, finish_frame};
 use rpal_core::error::{Error, RemoteStatus, Result};
 use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
-use rpal_core::{Quota, budget_of};
+use rpal_core::{PeerId, Quota, budget_of};
 
 /// A running stream server: TCP and/or Unix-stream listeners on a small
 /// tokio runtime. Dropping it stops accepting and closes every connection.
@@ -205,7 +205,9 @@ where
         let r = {
             let mut args = Reader::stream(body.bytes());
             let mut w = Writer::stream(&mut reply);
-            catch_unwind(AssertUnwindSafe(|| D::dispatch(&d, method, &mut args, &mut w, 0)))
+            catch_unwind(AssertUnwindSafe(|| {
+                D::dispatch(&d, method, &mut args, &mut w, PeerId::default())
+            }))
         };
         let status = match r {
             Ok(Ok(Dispatched::Done)) => 0,
@@ -334,7 +336,7 @@ async fn answer_later<W>(
     let status = match joined {
         Ok(Ok(r)) => {
             let mut w = Writer::stream(&mut frame);
-            match r.write(&mut w, 0) {
+            match r.write(&mut w, PeerId::default()) {
                 Ok(()) => 0,
                 Err(s) => s.code(),
             }
