@@ -124,13 +124,21 @@ impl<D> Clone for ShmHandler<D> {
 }
 
 impl<D: Dispatch> Handler for ShmHandler<D> {
+    #[inline]
     fn handle(&mut self, req: &Request<'_>, reply: &mut [u8]) -> std::result::Result<usize, RemoteStatus> {
         let copies = Scratch::default();
         let mut args = Reader::shm_shared(req.payload, req.mem(), req.peer, &copies);
         let mut out = Writer::fixed(reply);
-        match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, req.client)? {
+        let dispatched = match D::dispatch(&self.dispatch, req.method, &mut args, &mut out, req.client) {
+            Ok(d) => d,
+            Err(status) => {
+                out.take_back(req.client); // failed after a lend: the caller never sees it
+                return Err(status);
+            }
+        };
+        match dispatched {
             Dispatched::Done => {
-                let filled = out.finish_reply().ok_or(RemoteStatus::BadReply)?;
+                let filled = out.finish_reply(req.client).ok_or(RemoteStatus::BadReply)?;
                 if filled.lends {
                     req.lends();
                 }
@@ -164,8 +172,11 @@ impl<D: Dispatch> ShmHandler<D> {
             match guarded.await {
                 Ok(r) => deferred.complete(Box::new(move |buf| {
                     let mut w = Writer::fixed(buf);
-                    r.write(&mut w, peer)?;
-                    w.finish_reply().ok_or(RemoteStatus::BadReply)
+                    if let Err(status) = r.write(&mut w, peer) {
+                        w.take_back(peer);
+                        return Err(status);
+                    }
+                    w.finish_reply(peer).ok_or(RemoteStatus::BadReply)
                 })),
                 Err(status) => deferred.fail(status),
             }

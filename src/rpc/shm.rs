@@ -181,6 +181,7 @@ impl ShmChannel {
     /// own deadlines), and reads replies first: a server held back by our
     /// unread replies (its reply quota) can then go on. At most the call's
     /// budget (or the channel's call timeout), then `Timeout`.
+    #[cold]
     fn room<'a>(
         self: &'a Arc<Self>,
         mut inner: MutexGuard<'a, Inner>,
@@ -410,7 +411,10 @@ impl ShmChannel {
         // One grant of the server's region for the whole call, waits
         // included (the kernel reads the futex word with our rights).
         let access = self.region.access();
-        let mut inner = self.room(self.lock(), timeout)?;
+        let mut inner = self.lock();
+        if !inner.client.has_room()? {
+            inner = self.room(inner, timeout)?;
+        }
         let mut read = Some(read);
         let mut out = None;
         // Fast path: while no other thread wants the connection, keep the

@@ -153,10 +153,16 @@ impl LentTable<'_> {
 /// Splits a reply into its status (without [`FLAG_LENDS`]), its body
 /// proper and its lent-block table. A table that does not add up is the
 /// peer's protocol error.
+#[inline]
 pub fn split_reply(status: u32, body: &[u8], pid: i32) -> Result<(u32, &[u8], LentTable<'_>)> {
     if status & FLAG_LENDS == 0 {
         return Ok((status, body, LentTable::default()));
     }
+    split_lending(status, body, pid)
+}
+
+#[cold]
+fn split_lending(status: u32, body: &[u8], pid: i32) -> Result<(u32, &[u8], LentTable<'_>)> {
     let bad = |why: &str| Error::Protocol {
         pid,
         detail: format!("reply's lent-block table {why}"),

@@ -207,6 +207,12 @@ impl Conn {
 
     /// Backpressure: wait until the peer's cursor frees some of our blocks,
     /// at most `limit`.
+    /// Whether our queue is short enough to send now, from our own counts.
+    #[inline]
+    pub(crate) fn room_now(&self) -> bool {
+        self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS
+    }
+
     /// Whether a message can go out without waiting: recycles what the peer
     /// has passed, then checks that it is at most `BACKLOG_BLOCKS` behind.
     pub(crate) fn has_room(&mut self, access: &Access) -> Result<bool> {
