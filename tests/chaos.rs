@@ -395,6 +395,24 @@ fn still_serving(server: &Server, honest: Honest, m: Measured, class: &str, erro
     );
 }
 
+/// The shape of most attacks: a server and its honest client, then the
+/// test's hostile child (role `hostile`), measured from the moment it says
+/// its attack is in place; `after` runs once the window closes, before the
+/// child is reaped (it asserts its own typed error and exits 0), then the
+/// victim is checked (8 MiB RSS budget).
+fn attack_by_child(test: &str, sock: &str, class: &str, error: &str, after: impl FnOnce(&Server)) {
+    let server = Server::start(test, sock);
+    let honest = Honest::start(&server);
+    let mut hostile = None;
+    let m = under_attack(&server, &honest, || {
+        hostile = Some(server.hostile(test, "hostile"));
+        server.attack_in_place();
+    });
+    after(&server);
+    hostile.expect("the attack started").expect_success();
+    still_serving(&server, honest, m, class, error, 8 << 10);
+}
+
 /// A hostile child's attack lasts this long (it must outlast the window).
 fn attack_time() -> Duration {
     window() * 3
@@ -912,21 +930,12 @@ fn a_flood_of_deferred_calls_hits_its_quota() {
         }
         return;
     }
-    let server = Server::start(test, "chaos-defer");
-    let honest = Honest::start(&server);
-    let mut hostile = None;
-    let m = under_attack(&server, &honest, || {
-        hostile = Some(server.hostile(test, "hostile"));
-        server.attack_in_place();
-    });
-    hostile.unwrap().expect_success();
-    still_serving(
-        &server,
-        honest,
-        m,
+    attack_by_child(
+        test,
+        "chaos-defer",
         "async calls that never finish",
         "Remote { status: QuotaExceeded(DeferredCalls) }",
-        8 << 10,
+        |_| {},
     );
 }
 
@@ -965,21 +974,12 @@ fn a_process_that_opens_connections_without_end_hits_its_quota() {
         }
         return;
     }
-    let server = Server::start(test, "chaos-conns");
-    let honest = Honest::start(&server);
-    let mut hostile = None;
-    let m = under_attack(&server, &honest, || {
-        hostile = Some(server.hostile(test, "hostile"));
-        server.attack_in_place();
-    });
-    hostile.unwrap().expect_success();
-    still_serving(
-        &server,
-        honest,
-        m,
+    attack_by_child(
+        test,
+        "chaos-conns",
         "connections opened without end",
         "QuotaExceeded { quota: ConnectionsPerPeer, limit: 8 }",
-        8 << 10,
+        |_| {},
     );
 }
 
@@ -1046,26 +1046,18 @@ fn slow_handshakes_hold_only_their_own_places() {
         }
         return;
     }
-    let server = Server::start(test, "chaos-shake");
-    let honest = Honest::start(&server);
-    let mut hostile = None;
-    let m = under_attack(&server, &honest, || {
-        hostile = Some(server.hostile(test, "hostile"));
-        server.attack_in_place();
-    });
-    // A fresh connection while (or just after) the slow ones are held.
-    let t0 = Instant::now();
-    let fresh = server.connect();
-    assert_eq!(fresh.add(1, 2).unwrap(), 3);
-    assert!(t0.elapsed() < Duration::from_secs(2 * common::time_scale()));
-    hostile.unwrap().expect_success();
-    still_serving(
-        &server,
-        honest,
-        m,
+    attack_by_child(
+        test,
+        "chaos-shake",
         "handshakes that trickle a byte at a time",
         "QuotaExceeded { quota: HandshakesPerPeer } for the 5th; the slow ones cut at the deadline",
-        8 << 10,
+        |server| {
+            // A fresh connection while (or just after) the slow ones are held.
+            let t0 = Instant::now();
+            let fresh = server.connect();
+            assert_eq!(fresh.add(1, 2).unwrap(), 3);
+            assert!(t0.elapsed() < Duration::from_secs(2 * common::time_scale()));
+        },
     );
 }
 
@@ -1104,21 +1096,12 @@ fn data_on_the_control_socket_ends_that_connection() {
         }
         return;
     }
-    let server = Server::start(test, "chaos-ctl");
-    let honest = Honest::start(&server);
-    let mut hostile = None;
-    let m = under_attack(&server, &honest, || {
-        hostile = Some(server.hostile(test, "hostile"));
-        server.attack_in_place();
-    });
-    hostile.unwrap().expect_success();
-    still_serving(
-        &server,
-        honest,
-        m,
+    attack_by_child(
+        test,
+        "chaos-ctl",
         "a byte on the control socket",
         "Closed (the server ends it as a protocol violation)",
-        8 << 10,
+        |_| {},
     );
 }
 

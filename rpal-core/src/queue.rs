@@ -775,6 +775,24 @@ mod tests {
         assert!(p.recycle(1, 3).is_ok());
         assert!(matches!(p.recycle(0, 3), Err(Error::Protocol { .. })));
         assert!(matches!(p.recycle(99, 3), Err(Error::Protocol { .. })));
+
+        // Blocks that hold nothing but a skip record: up to MAX_SKIPS in a
+        // row are followed, one more is a broken (or hostile) producer, and
+        // the consumer's work per look stays bounded either way.
+        for (skips, ok) in [(MAX_SKIPS, true), (MAX_SKIPS + 1, false)] {
+            let mut p = Producer::new().unwrap();
+            let mut c = Consumer::new(OwnArena, p.head(), 7).unwrap();
+            for _ in 0..skips {
+                p.advance(0).unwrap();
+            }
+            p.push(b"after").unwrap();
+            let r = c.next(OwnArena);
+            if ok {
+                assert_eq!(r.unwrap(), Some(&b"after"[..]));
+            } else {
+                assert!(matches!(r, Err(Error::Protocol { pid: 7, .. })), "{r:?}");
+            }
+        }
     }
 }
 
