@@ -320,6 +320,12 @@ fn emulated() -> bool {
     common::time_scale() > 1
 }
 
+/// How far the honest client's rate may fall during an attack: to half,
+/// or to a quarter under emulation.
+fn rate_floor() -> f64 {
+    if emulated() { 4.0 } else { 2.0 }
+}
+
 /// What the victim went through during an attack.
 struct Measured {
     before: f64,
@@ -337,7 +343,12 @@ fn under_attack(server: &Server, honest: &Honest, attack: impl FnOnce()) -> Meas
     let rss_before_kib = rss_kib(server.pid());
     attack();
     let (cpu0, t0) = (cpu_time(server.pid()), Instant::now());
-    let during = honest.rate(window());
+    let mut during = honest.rate(window());
+    if during < before / rate_floor() {
+        // Once more while the attack lasts (it outlasts three windows): a
+        // stall of the shared machine hits one window, an attack both.
+        during = during.max(honest.rate(window()));
+    }
     let cpu_pct = 100.0 * (cpu_time(server.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     Measured {
         before,
@@ -369,7 +380,7 @@ fn still_serving(server: &Server, honest: Honest, m: Measured, class: &str, erro
         m.rss_kib / 1024
     );
     assert!(calls > 0, "the honest client made no call");
-    let floor = if emulated() { 4.0 } else { 2.0 };
+    let floor = rate_floor();
     assert!(
         m.during >= m.before / floor,
         "the honest client fell from {:.0} to {:.0} calls/s",

@@ -121,12 +121,24 @@ fn server_survives_bad_handshakes() {
         );
         assert!(matches!(
             answer.reject_error(&h),
-            Error::VersionMismatch { ours: 99, theirs: 1 }
+            Error::VersionMismatch {
+                ours: 99,
+                theirs: PROTOCOL_VERSION
+            }
         ));
     })
     .err()
     .unwrap();
-    assert!(matches!(e, Error::VersionMismatch { ours: 1, theirs: 99 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: 99
+            }
+        ),
+        "{e}"
+    );
 
     // A memfd without seals.
     let e = accept_while(&server, || {

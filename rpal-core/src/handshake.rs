@@ -26,8 +26,9 @@ use crate::quota::Quota;
 
 /// Handshake magic: the first 8 bytes of every control message.
 pub const MAGIC: [u8; 8] = *b"RPAL\0HS\x01";
-/// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version spoken by this build (2: replies that lend end with a
+/// lent-block table, `FLAG_LENDS`).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Size of every control message.
 pub const MESSAGE_LEN: usize = 256;
 /// Longest service name or reject text.

@@ -176,38 +176,56 @@ impl ShmChannel {
         }
     }
 
-    /// Returns the lock once our request queue has room. While the server
-    /// is too far behind, waits without the lock (other callers keep their
-    /// own deadlines), and reads replies first: a server held back by our
-    /// unread replies (its reply quota) can then go on. At most the call's
-    /// budget (or the channel's call timeout), then `Timeout`.
+    /// Whether our request queue has room now; an error from the peer's
+    /// words (a cursor that lies) ends the connection for every call.
+    #[inline]
+    fn has_room(&self, inner: &mut Inner) -> Result<bool> {
+        inner.client.has_room().map_err(|e| self.fail_conn(inner, e))
+    }
+
+    /// One look of a wait for room: publishes our releases, reads replies
+    /// (a server held back by our unread replies or by blocks we owe it can
+    /// then go on), and says whether there is room; `Timeout` once `limit`
+    /// has passed since `start`.
+    fn room_step(self: &Arc<Self>, inner: &mut Inner, start: Instant, limit: Option<Duration>) -> Result<bool> {
+        if self.has_releases.load(Ordering::Relaxed) {
+            self.flush_releases(inner);
+        }
+        let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
+        self.drain(inner, 0, &mut nothing, &mut None)?;
+        inner.table.check()?;
+        if self.has_room(inner)? {
+            return Ok(true);
+        }
+        let waited = start.elapsed();
+        if let Some(limit) = limit.filter(|l| waited >= *l) {
+            return Err(Error::Timeout(limit));
+        }
+        if waited > self.wait.park_slice {
+            if let Err(e) = inner.client.check_alive() {
+                return Err(self.fail_conn(inner, e));
+            }
+        }
+        Ok(false)
+    }
+
+    /// Returns the lock once our request queue has room, and how long that
+    /// took (it counts against the call's budget). While the server is too
+    /// far behind, waits without the lock (other callers keep their own
+    /// deadlines). At most the call's budget (or the channel's call
+    /// timeout), then `Timeout`.
     #[cold]
     fn room<'a>(
         self: &'a Arc<Self>,
         mut inner: MutexGuard<'a, Inner>,
         budget: Option<Duration>,
-    ) -> Result<MutexGuard<'a, Inner>> {
-        if inner.client.has_room()? {
-            return Ok(inner);
-        }
+    ) -> Result<(MutexGuard<'a, Inner>, Duration)> {
         inner.client.count_full_wait();
         let limit = budget.or(inner.client.call_timeout());
         let start = Instant::now();
         loop {
-            let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
-            self.drain(&mut inner, 0, &mut nothing, &mut None)?;
-            inner.table.check()?;
-            if inner.client.has_room()? {
-                return Ok(inner);
-            }
-            let waited = start.elapsed();
-            if let Some(limit) = limit.filter(|l| waited >= *l) {
-                return Err(Error::Timeout(limit));
-            }
-            if waited > self.wait.park_slice {
-                if let Err(e) = inner.client.check_alive() {
-                    return Err(self.fail_conn(&mut inner, e));
-                }
+            if self.room_step(&mut inner, start, limit)? {
+                return Ok((inner, start.elapsed()));
             }
             drop(inner);
             // The server does not wake producers: look again shortly.
@@ -218,12 +236,13 @@ impl ShmChannel {
 
     /// The async form of [`ShmChannel::room`]: between looks the task
     /// sleeps 1 ms on the timing wheel, so its executor thread is never
-    /// held or spun.
-    async fn room_async(self: &Arc<Self>, budget: Option<Duration>) -> Result<()> {
+    /// held or spun. The lock it returns is the one it saw room under, so
+    /// the send that follows never waits under it.
+    async fn room_async(self: &Arc<Self>, budget: Option<Duration>) -> Result<(MutexGuard<'_, Inner>, Duration)> {
         let limit = {
             let mut inner = self.lock();
-            if inner.client.has_room()? {
-                return Ok(());
+            if self.has_room(&mut inner)? {
+                return Ok((inner, Duration::ZERO));
             }
             inner.client.count_full_wait();
             budget.or(inner.client.call_timeout())
@@ -233,20 +252,8 @@ impl ShmChannel {
         loop {
             {
                 let mut inner = self.lock();
-                let mut nothing: Option<fn(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<()>> = None;
-                self.drain(&mut inner, 0, &mut nothing, &mut None)?;
-                inner.table.check()?;
-                if inner.client.has_room()? {
-                    return Ok(());
-                }
-                let waited = start.elapsed();
-                if let Some(limit) = limit.filter(|l| waited >= *l) {
-                    return Err(Error::Timeout(limit));
-                }
-                if waited > self.wait.park_slice {
-                    if let Err(e) = inner.client.check_alive() {
-                        return Err(self.fail_conn(&mut inner, e));
-                    }
+                if self.room_step(&mut inner, start, limit)? {
+                    return Ok((inner, start.elapsed()));
                 }
             }
             let mut armed = false;
@@ -360,9 +367,17 @@ impl ShmChannel {
                 *out = Some(self.finish(status, body, mem, read));
                 Ok(false) // ours: stop here, the rest is for their callers
             } else {
-                if !table.complete(id, status, body, lent, pid)? {
+                if !table.complete(id, status, body, lent, pid)? && !lent.is_empty() {
                     // Late (timed out, dropped): nobody will read what it
-                    // lends, so it goes back to the server now.
+                    // lends, so it goes back to the server now. A server
+                    // that sends reply after reply to ids we gave up on
+                    // cannot grow our list without end.
+                    if self.releases.lock().unwrap_or_else(|p| p.into_inner()).len() + lent.len() > MAX_LATE_RELEASES {
+                        return Err(Error::Protocol {
+                            pid,
+                            detail: format!("over {MAX_LATE_RELEASES} lent blocks in replies nobody waits for"),
+                        });
+                    }
                     lent.addrs().for_each(|a| self.release(a));
                 }
                 Ok(true)
@@ -412,15 +427,20 @@ impl ShmChannel {
         // included (the kernel reads the futex word with our rights).
         let access = self.region.access();
         let mut inner = self.lock();
-        if !inner.client.has_room()? {
-            inner = self.room(inner, timeout)?;
+        let mut budget = timeout;
+        if !self.has_room(&mut inner)? {
+            let waited;
+            (inner, waited) = self.room(inner, timeout)?;
+            // One deadline for the whole call: what the wait for room took
+            // is gone from the budget (the server is told what is left).
+            budget = timeout.map(|t| t.saturating_sub(waited).max(Duration::from_millis(1)));
         }
         let mut read = Some(read);
         let mut out = None;
         // Fast path: while no other thread wants the connection, keep the
         // lock, spin on the reply word, and read the reply in place. The
         // call then never enters the table and takes the lock once.
-        let id = self.send(&mut inner, method, None, timeout, write)?;
+        let id = self.send(&mut inner, method, None, budget, write)?;
         inner.client.flush();
         let mut spun = false;
         if !self.wait.spin.is_zero() {
@@ -440,7 +460,7 @@ impl ShmChannel {
         // hand ours over, and wait without the lock.
         // The deadline counts from here: reading the clock costs as much as
         // the whole fast path, and the spin above is bounded anyway.
-        let deadline = timeout.map(|d| (Instant::now() + d, d));
+        let deadline = budget.zip(timeout).map(|(left, d)| (Instant::now() + left, d));
         let wake = thread_wake();
         inner.table.insert(id, method, Waiter::Thread(wake));
         // Replies were just read (fast path), or the request just went out
@@ -580,17 +600,16 @@ impl ShmChannel {
         write: impl FnOnce(&mut Writer<'_>) -> Result<()>,
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
-        self.room_async(timeout).await?;
-        let id = {
-            // Room was made above; if another caller took it since, the
-            // send waits (bounded by the budget) under the lock.
-            let mut inner = self.lock();
-            let id = self.send_capped(&mut inner, method, cap, Some(Waiter::Task(None)), timeout, write)?;
+        let (id, budget) = {
+            // Sent under the lock that saw room: the send never waits.
+            let (mut inner, waited) = self.room_async(timeout).await?;
+            let budget = timeout.map(|t| t.saturating_sub(waited).max(Duration::from_millis(1)));
+            let id = self.send_capped(&mut inner, method, cap, Some(Waiter::Task(None)), budget, write)?;
             inner.client.flush();
-            id
+            (id, budget)
         };
         let forget = Forget { chan: self, id };
-        let armed = Wheel::arm_call(self, timeout, id);
+        let armed = Wheel::arm_call(self, budget, id);
         self.kick_pump();
         let mut read = Some(read);
         let mut out = None;
@@ -677,6 +696,10 @@ fn pump(weak: Weak<ShmChannel>, wake: Arc<AtomicU32>) {
         }
     }
 }
+
+/// Releases of late replies' blocks not yet published, at most: far more
+/// than an honest server lends (its lent quota for us is 16384 blocks).
+const MAX_LATE_RELEASES: usize = 1 << 16;
 
 /// Wakes a task waiting for room when its nap on the timing wheel ends.
 struct Nap(Mutex<Option<Waker>>);

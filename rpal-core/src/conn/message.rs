@@ -155,7 +155,9 @@ impl LentTable<'_> {
 /// peer's protocol error.
 #[inline]
 pub fn split_reply(status: u32, body: &[u8], pid: i32) -> Result<(u32, &[u8], LentTable<'_>)> {
-    if status & FLAG_LENDS == 0 {
+    // Only a success carries a table: an error code may use bit 31 itself
+    // (`RemoteStatus::Other`), and is passed on as it is.
+    if status != FLAG_LENDS {
         return Ok((status, body, LentTable::default()));
     }
     split_lending(status, body, pid)
@@ -170,13 +172,15 @@ fn split_lending(status: u32, body: &[u8], pid: i32) -> Result<(u32, &[u8], Lent
     let at = body.len().checked_sub(8).ok_or_else(|| bad("is missing"))?;
     // One read of the footer: the peer may rewrite it, the copy stays.
     let footer = u64::from_le_bytes(body[at..].try_into().expect("8 bytes"));
-    let (count, len) = ((footer >> 32) as usize, (footer & 0xffff_ffff) as usize);
-    if count > MAX_LENT_PER_REPLY || len.next_multiple_of(8) + 8 * count != at {
+    // In u64: on a 32-bit target a lying length could overflow usize.
+    let (count, len) = (footer >> 32, footer & 0xffff_ffff);
+    if count > MAX_LENT_PER_REPLY as u64 || len.next_multiple_of(8) + 8 * count != at as u64 {
         return Err(bad(&format!(
             "says {count} blocks after {len} bytes in a body of {}",
             body.len()
         )));
     }
+    let (count, len) = (count as usize, len as usize); // both at most `at` now
     let table = &body[at - 8 * count..at];
     Ok((status & !FLAG_LENDS, &body[..len], LentTable { bytes: table }))
 }
@@ -192,14 +196,17 @@ mod tests {
                 let mut buf = vec![0xaau8; 256];
                 let addrs: Vec<u64> = (0..n as u64).map(|i| 0x1000 + 16 * i).collect();
                 let end = put_lent_table(&mut buf, len, &addrs).unwrap();
-                let (status, body, table) = split_reply(FLAG_LENDS | 7, &buf[..end], 1).unwrap();
-                assert_eq!((status, body.len()), (7, len));
+                let (status, body, table) = split_reply(FLAG_LENDS, &buf[..end], 1).unwrap();
+                assert_eq!((status, body.len()), (0, len));
                 assert_eq!(table.addrs().collect::<Vec<_>>(), addrs);
             }
         }
-        // Without the flag the body is untouched.
+        // Without the flag the body is untouched, and so is an error code
+        // that happens to use bit 31.
         let (_, body, table) = split_reply(0, &[1, 2, 3], 1).unwrap();
         assert_eq!((body.len(), table.len()), (3, 0));
+        let (status, body, _) = split_reply(u32::MAX, &[], 1).unwrap();
+        assert_eq!((status, body.len()), (u32::MAX, 0));
         // Too short, a count past the body, a length that does not add up.
         assert!(split_reply(FLAG_LENDS, &[0; 7], 1).is_err());
         let lie = |footer: u64, size: usize| {
