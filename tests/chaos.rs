@@ -601,8 +601,8 @@ fn a_nested_pointer_rewritten_to_the_servers_arena_is_refused() {
 }
 
 /// A raw server whose one poller stops reading at its first message.
-fn stalled_server_child() {
-    let server = rpal::raw::Server::bind(common::arg("RPAL_TEST_SOCK"), ServerOptions::new("stall")).unwrap();
+fn stalled_server_child(opts: ServerOptions) {
+    let server = rpal::raw::Server::bind(common::arg("RPAL_TEST_SOCK"), opts).unwrap();
     let handler = |_: &rpal::raw::Request<'_>, _: &mut [u8]| {
         std::thread::sleep(Duration::from_secs(3600)); // killed by the test
         Ok(0)
@@ -626,7 +626,7 @@ fn stalled_server_child() {
 #[test]
 fn a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline() {
     if common::role().is_some() {
-        return stalled_server_child();
+        return stalled_server_child(ServerOptions::new("stall"));
     }
     let test = "a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline";
     let path = common::sock_path("chaos-stall");
@@ -665,23 +665,6 @@ fn a_server_that_stops_reading_cannot_hold_a_client_past_its_deadline() {
     );
 }
 
-/// A raw server that speaks for `Views` and stops reading at its first
-/// message (its one poller sleeps in the handler).
-fn stalled_views_child() {
-    let mut opts = ServerOptions::new(<ViewsService as ServiceId>::NAME);
-    opts.method_hash = <ViewsService as ServiceId>::METHOD_HASH;
-    let server = rpal::raw::Server::bind(common::arg("RPAL_TEST_SOCK"), opts).unwrap();
-    let handler = |_: &rpal::raw::Request<'_>, _: &mut [u8]| {
-        std::thread::sleep(Duration::from_secs(3600)); // killed by the test
-        Ok(0)
-    };
-    let config = PollerConfig {
-        threads: 1,
-        ..PollerConfig::default()
-    };
-    rpal::raw::serve(server, handler, config).unwrap().join();
-}
-
 /// One caller waiting for room in a full queue (the server stopped
 /// reading) does not hold the others past their own deadlines: the wait
 /// happens without the channel's lock. Async callers fill the queue and
@@ -690,7 +673,10 @@ fn stalled_views_child() {
 #[test]
 fn a_caller_waiting_for_room_holds_no_other_caller() {
     if common::role().is_some() {
-        return stalled_views_child();
+        // A raw server that speaks for `Views` (so the generated client connects).
+        let mut opts = ServerOptions::new(<ViewsService as ServiceId>::NAME);
+        opts.method_hash = <ViewsService as ServiceId>::METHOD_HASH;
+        return stalled_server_child(opts);
     }
     let test = "a_caller_waiting_for_room_holds_no_other_caller";
     let path = common::sock_path("chaos-room");

@@ -216,7 +216,7 @@ impl Conn {
     /// Whether a message can go out without waiting: recycles what the peer
     /// has passed, then checks that it is at most `BACKLOG_BLOCKS` behind.
     pub(crate) fn has_room(&mut self, access: &Access) -> Result<bool> {
-        if self.mine.tx.backlog_blocks() <= BACKLOG_BLOCKS {
+        if self.room_now() {
             return Ok(true);
         }
         let seen = queue::read_cursor(&*self.theirs(access).cursor);
