@@ -88,8 +88,8 @@ pub mod raw {
     pub use rpal_core::queue::{self, Bounds, Consumer, Producer};
     pub use rpal_core::{
         Client, Completion, Deferred, FLAG_LENDS, Filled, Handler, INLINE_CAPACITY, LAYOUT_HASH, METHOD_CLOSE,
-        PROTOCOL_VERSION, Peer, Polled, Region, Request, Server, ServerConn, ServerStats, Space, SpaceConfig,
-        budget_bits, budget_of,
+        Occupant, PROTOCOL_VERSION, Peer, Polled, Region, Request, Server, ServerConn, ServerStats, SlotOwner, Space,
+        SpaceConfig, budget_bits, budget_of,
     };
     pub use rpal_poller::serve;
 }

@@ -252,7 +252,7 @@ fn policy_refuses_a_uid() {
     .err()
     .unwrap();
     assert!(
-        matches!(e, Error::PermissionDenied { uid, pid } if uid == me && pid == std::process::id() as i32),
+        matches!(e, Error::PermissionDenied { uid, pid, .. } if uid == me && pid == std::process::id() as i32),
         "{e}"
     );
 }

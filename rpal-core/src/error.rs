@@ -109,10 +109,14 @@ pub enum Error {
         theirs: String,
     },
     /// The peer's credentials are refused by the policy.
-    #[error("permission denied: uid {uid} (pid {pid}) is not allowed by the peer policy; add it to the allow list")]
+    #[error(
+        "permission denied: pid {pid} (uid {uid}, gid {gid}) is not allowed by the server's peer policy (ServerOptions::policy)"
+    )]
     PermissionDenied {
         /// The refused uid.
         uid: u32,
+        /// The refused process's primary gid.
+        gid: u32,
         /// The refused process.
         pid: i32,
     },

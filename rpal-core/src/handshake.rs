@@ -189,6 +189,7 @@ impl Hello {
         match self.code {
             c if c == RejectCode::PermissionDenied as u32 => Error::PermissionDenied {
                 uid: self.a as u32,
+                gid: (self.a >> 32) as u32,
                 pid: self.b as i32,
             },
             c if c == RejectCode::VersionMismatch as u32 => Error::VersionMismatch {
@@ -246,16 +247,20 @@ pub enum PeerPolicy {
     SameUid,
     /// Only these uids.
     AllowUids(Vec<u32>),
+    /// Only processes whose primary group is one of these gids (the
+    /// socket's mode must then let the group open it, e.g. `0o660`).
+    AllowGids(Vec<u32>),
     /// Anyone who can open the socket (its file mode still applies).
     Anyone,
 }
 
 impl PeerPolicy {
-    /// Whether `uid` may connect.
-    pub fn allows(&self, uid: u32) -> bool {
+    /// Whether a peer with the kernel's credentials `cred` may connect.
+    pub fn allows(&self, cred: &PeerCred) -> bool {
         match self {
-            Self::SameUid => uid == crate::sys::getuid(),
-            Self::AllowUids(uids) => uids.contains(&uid),
+            Self::SameUid => cred.uid == crate::sys::getuid(),
+            Self::AllowUids(uids) => uids.contains(&cred.uid),
+            Self::AllowGids(gids) => gids.contains(&cred.gid),
             Self::Anyone => true,
         }
     }
@@ -378,9 +383,13 @@ pub(crate) fn recv_by(
 /// Sends a reject naming `err`, best effort, and returns `err`.
 pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
     let msg = match &err {
-        Error::PermissionDenied { uid, pid } => {
-            Hello::reject(RejectCode::PermissionDenied, *uid as u64, *pid as u64, "")
-        }
+        // The gid rides in the high half of `a` (a peer of protocol 1 read only the low half).
+        Error::PermissionDenied { uid, gid, pid } => Hello::reject(
+            RejectCode::PermissionDenied,
+            *uid as u64 | (*gid as u64) << 32,
+            *pid as u64,
+            "",
+        ),
         Error::VersionMismatch { .. } => Hello::reject(RejectCode::VersionMismatch, ours.version as u64, 0, ""),
         Error::ServiceMismatch { .. } => Hello::reject(RejectCode::ServiceMismatch, 0, 0, &ours.text),
         Error::LayoutMismatch { .. } => Hello::reject(RejectCode::LayoutMismatch, ours.layout_hash, 0, ""),

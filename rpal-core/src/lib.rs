@@ -49,5 +49,5 @@ pub use pkey::PkeyStatus;
 pub use quota::{LentQuota, Quota, Quotas};
 pub use region::{PeerRegion, Region};
 pub use server::{Handler, Polled, Request, Server, ServerConn, ServerOptions, ServerStats};
-pub use space::{Space, SpaceConfig};
+pub use space::{Occupant, SlotOwner, Space, SpaceConfig};
 pub use types::{PeerMem, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, Walk, WalkLimits};

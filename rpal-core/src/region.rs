@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::pkey::{self, Access, Pkey};
-use crate::space::{Occupant, Occupied, Space};
+use crate::space::{Occupant, Occupied, SlotOwner, Space};
 use crate::sys;
 
 /// Smallest region: one page.
@@ -52,11 +52,7 @@ impl Region {
         mfd.as_file()
             .set_len(len)
             .map_err(|e| Error::io(format!("size memfd {name} to {len}"), e))?;
-        let seals = [
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealSeal,
-        ];
+        let seals = [memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow];
         mfd.add_seals(&seals)
             .map_err(|e| Error::io(format!("seal memfd {name}"), std::io::Error::other(e)))?;
         let fd: OwnedFd = mfd.into_file().into();
@@ -76,6 +72,7 @@ impl Region {
                 return Err(e);
             }
         };
+        seal_after_mapping(&fd, name);
         Ok(Region {
             addr,
             len,
@@ -112,6 +109,27 @@ impl Region {
     }
 }
 
+/// Seals a region's memfd once its owner has mapped it read-write: against
+/// any new writable mapping or `write(2)` (`F_SEAL_FUTURE_WRITE`, Linux
+/// 5.1), then against further seals. A peer is sent this very descriptor,
+/// open read-write; without the seal it could map it writable and scribble
+/// on our allocator and queues. Our own mapping, made before, stays
+/// writable. A kernel without the seal keeps the old behaviour (logged).
+fn seal_after_mapping(fd: &OwnedFd, name: &str) {
+    let seal = |flags: libc::c_int| {
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no memory is passed.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, flags) }
+    };
+    if seal(libc::F_SEAL_FUTURE_WRITE) != 0 {
+        tracing::warn!(
+            name,
+            error = %std::io::Error::last_os_error(),
+            "this kernel cannot seal a memfd against future writes; a peer could map our region writable"
+        );
+    }
+    let _ = seal(libc::F_SEAL_SEAL);
+}
+
 impl AsFd for Region {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -145,7 +163,10 @@ pub struct PeerRegion {
     len: u64,
     token: u64,
     pid: i32,
-    _fd: OwnedFd,
+    /// The registry's entry for the peer's slot when we mapped it: cleared
+    /// with our last handle if that process has died (see `Drop`).
+    owner: SlotOwner,
+    fd: OwnedFd,
     pkey: Option<Arc<Pkey>>,
     space: &'static Space,
 }
@@ -211,15 +232,15 @@ impl PeerRegion {
         if space.slot_addr(slot) != addr {
             return Err(bad("not at the start of a slot".into()));
         }
-        match space.slot_owner(slot) {
-            Some(owner) if owner.pid == pid => {}
+        let owner = match space.slot_owner(slot) {
+            Some(owner) if owner.pid == pid => owner,
             other => {
                 return Err(bad(format!(
                     "the registry says slot {slot} belongs to {}, not to peer pid {pid}",
                     other.map_or("nobody".to_string(), |o| format!("pid {}", o.pid))
                 )));
             }
-        }
+        };
         let occupied = space.occupy(addr, len, Occupant::Peer { pid }, |found| {
             let Occupied::New { longer_old, .. } = found else {
                 return Ok(()); // another connection to the same process mapped it already
@@ -259,7 +280,8 @@ impl PeerRegion {
             len,
             token,
             pid,
-            _fd: fd,
+            owner,
+            fd,
             pkey,
             space,
         })
@@ -319,6 +341,13 @@ impl PeerRegion {
         self.pid
     }
 
+    /// The peer's memfd, as it came in the handshake: sealed against
+    /// shrink and grow (its owner's checks), and against new writable
+    /// mappings where the kernel has `F_SEAL_FUTURE_WRITE`.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
     /// The protection key guarding this region, if keys are active.
     pub fn pkey(&self) -> Option<&Pkey> {
         self.pkey.as_deref()
@@ -375,7 +404,7 @@ impl Drop for PeerRegion {
         // Unmapped with the last handle on it, unless a new peer took the
         // range over (its owner died): then the mapping is theirs now.
         let (addr, len) = (self.addr, self.len);
-        self.space.release(self.addr, self.token, || {
+        let unmapped = self.space.release(self.addr, self.token, || {
             // Readable zeros rather than a hole: a connection to a dead peer
             // whose range was taken over (and since released) may still be
             // read by its poller until the death is noticed; it then reads
@@ -385,6 +414,12 @@ impl Drop for PeerRegion {
             // fails the peer's mapping stays, still readable.
             let _ = unsafe { sys::map_zero_readonly(addr as usize, len as usize) };
         });
+        if unmapped {
+            // A peer killed outright cannot free its registry entry. Whoever
+            // held its region last does, once the process is gone (the slot
+            // is then free at once, not only when no free one is left).
+            self.space.forget_dead_owner(self.addr, self.owner);
+        }
         // The range's key goes with its last handle, of any mapping.
         let mut keys = RANGE_KEYS.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = keys.get_mut(&addr) {

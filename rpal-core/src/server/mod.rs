@@ -274,11 +274,14 @@ impl Server {
             text: self.opts.service.clone(),
             ..Hello::new(Kind::Welcome)
         };
-        if !self.opts.policy.allows(cred.uid) {
+        if !self.opts.policy.allows(&cred) {
+            // Who was refused, whatever the caller does with the error.
+            tracing::warn!(pid = cred.pid, uid = cred.uid, gid = cred.gid, policy = ?self.opts.policy, "rpal peer refused by policy");
             return Err(handshake::refuse(
                 &sock,
                 Error::PermissionDenied {
                     uid: cred.uid,
+                    gid: cred.gid,
                     pid: cred.pid,
                 },
                 &ours,

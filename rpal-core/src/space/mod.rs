@@ -164,6 +164,29 @@ impl Space {
         self.registry.owner(slot)
     }
 
+    /// Every non-free entry of the registry (stale ones included: an entry
+    /// is trusted only while a live process with its start time holds it).
+    pub fn registry_entries(&self) -> Vec<(usize, SlotOwner)> {
+        (0..self.cfg.slots as usize)
+            .filter_map(|slot| self.registry.owner(slot).map(|o| (slot, o)))
+            .collect()
+    }
+
+    /// Frees the registry entry of the slot at `addr` if it still names
+    /// `owner` and that process is gone (see [`PeerRegion`](crate::PeerRegion)'s drop).
+    pub(crate) fn forget_dead_owner(&self, addr: u64, owner: SlotOwner) {
+        if let Some(slot) = self.slot_of(addr) {
+            self.registry.forget_dead(slot, owner);
+        }
+    }
+
+    /// What this process maps in the window now: each range's start,
+    /// length and occupant (our arena, or a peer's region).
+    pub fn mapped(&self) -> Vec<(u64, u64, Occupant)> {
+        let map = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(&a, m)| (a, m.len, m.who)).collect()
+    }
+
     /// Claims a slot for a region of this process.
     pub(crate) fn claim_slot(&self) -> Result<usize> {
         self.registry.claim()

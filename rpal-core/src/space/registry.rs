@@ -250,6 +250,28 @@ impl Registry {
         }
     }
 
+    /// Frees `slot` if its entry still records `owner` (same claim
+    /// generation, pid and start time) and that process is gone. Anyone may
+    /// do this: a stale entry is free to every claimer anyway, and a live
+    /// owner's entry, or a newer claim of the slot, is left alone.
+    pub(super) fn forget_dead(&self, slot: usize, owner: SlotOwner) {
+        if slot >= self.slots {
+            return;
+        }
+        let Ok(_lock) = self.lock() else { return };
+        let at = HEADER + slot * ENTRY;
+        let [word, start] = self.read_words(at, 2)[..] else {
+            return;
+        };
+        let same = word == pack(owner.generation, owner.pid) && start == owner.start_time;
+        // A zombie counts as gone here (it holds its pid, not its memory):
+        // a peer killed outright is noticed before its parent reaps it.
+        let gone = !sys::pid_alive(owner.pid) || sys::proc_start_time(owner.pid) != Some(start);
+        if same && (gone || Self::is_stale(owner.pid, start)) {
+            let _ = self.write_words(at, &[pack(owner.generation, 0), 0]);
+        }
+    }
+
     /// Who the registry says owns `slot` (not checked for staleness: the
     /// handshake compares it with the peer's kernel-given pid). Read without
     /// the lock, so a process holding it cannot stall handshakes: an entry

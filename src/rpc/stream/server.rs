@@ -97,6 +97,11 @@ pub fn serve_stream<D: Dispatch>(
             let _ = std::fs::remove_file(path);
         }
         let l = UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
+        // Only our uid may connect, as to the shared-memory socket (the
+        // umask alone would leave it to chance).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("chmod 0600 {}", path.display()), e))?;
         out.unix = Some(path.to_path_buf());
         l.set_nonblocking(true)
             .map_err(|e| Error::io("nonblocking".to_owned(), e))?;
