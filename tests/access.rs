@@ -120,7 +120,7 @@ fn spawn_as(test: &str, role: &str, path: &Path, uid: Option<u32>, gid: Option<u
 /// own credentials in the error.
 fn expect_refused() {
     let path = PathBuf::from(common::arg("RPAL_TEST_SOCK"));
-    let e = GuardedClient::connect(&path).err().expect("the policy refuses us");
+    let e = GuardedClient::connect(&path).expect_err("the policy refuses us");
     // SAFETY: getuid and getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let me = std::process::id() as i32;
