@@ -20,6 +20,8 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod handshake;
+#[cfg(all(test, not(rpal_loom)))]
+mod heap_models;
 pub mod pkey;
 pub mod queue;
 pub mod quota;

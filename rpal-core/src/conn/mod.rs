@@ -28,7 +28,7 @@ use crate::types::PeerMem;
 
 mod layout;
 mod message;
-mod release;
+pub(crate) mod release;
 
 pub use layout::LAYOUT_HASH;
 pub(crate) use layout::OwnEndpoint;
