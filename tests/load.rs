@@ -170,6 +170,32 @@ fn check(call: &Call, r: &Receipt) -> [u64; 2] {
     }
 }
 
+/// A client's counts: receipts that matched, that did not, calls that
+/// failed, and each answered call's round trip in nanoseconds.
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    bad: u64,
+    failed: u64,
+    rtt: Vec<u64>,
+}
+
+impl Tally {
+    fn add(&mut self, call: &Call, r: rpal::Result<Receipt>, t0: Instant) {
+        match r {
+            Ok(r) => {
+                self.rtt.push(t0.elapsed().as_nanos() as u64);
+                let [o, b] = check(call, &r);
+                (self.ok, self.bad) = (self.ok + o, self.bad + b);
+            }
+            Err(e) => {
+                eprintln!("load: client {} call {}: {e}", call.client, call.seq);
+                self.failed += 1;
+            }
+        }
+    }
+}
+
 /// A client process: makes its calls in the mode it is given, then reports.
 fn client() {
     let mode = MODES[common::arg("RPAL_TEST_MODE").parse::<usize>().unwrap()];
@@ -187,24 +213,13 @@ fn client() {
         _ => common::retry(|| LedgerClient::connect_with(common::arg("RPAL_TEST_SOCK"), opts.clone())),
     }
     .with_timeout(deadline);
-    let (mut ok, mut bad, mut failed) = (0, 0, 0);
-    let mut rtt = Vec::with_capacity(calls as usize);
+    let mut all = Tally::default();
     match mode {
         Mode::ShmBlocking | Mode::Tcp => {
             for seq in 0..calls {
                 let call = call_for(id, seq);
                 let t0 = Instant::now();
-                match c.record(call) {
-                    Ok(r) => {
-                        rtt.push(t0.elapsed().as_nanos() as u64);
-                        let [o, b] = check(&call, &r);
-                        (ok, bad) = (ok + o, bad + b);
-                    }
-                    Err(e) => {
-                        eprintln!("load: client {id} call {seq}: {e}");
-                        failed += 1;
-                    }
-                }
+                all.add(&call, c.record(call), t0);
             }
         }
         Mode::ShmAsync => {
@@ -213,7 +228,7 @@ fn client() {
                 .map(|t| {
                     let c = c.clone();
                     rt.spawn(async move {
-                        let (mut ok, mut bad, mut failed, mut rtt) = (0, 0, 0, Vec::new());
+                        let mut mine = Tally::default();
                         for seq in (t..calls).step_by(IN_FLIGHT as usize) {
                             let call = call_for(id, seq);
                             let t0 = Instant::now();
@@ -223,30 +238,20 @@ fn client() {
                             } else {
                                 c.deposit_async(call).await
                             };
-                            match r {
-                                Ok(r) => {
-                                    rtt.push(t0.elapsed().as_nanos() as u64);
-                                    let [o, b] = check(&call, &r);
-                                    (ok, bad) = (ok + o, bad + b);
-                                }
-                                Err(e) => {
-                                    eprintln!("load: client {id} call {seq}: {e}");
-                                    failed += 1;
-                                }
-                            }
+                            mine.add(&call, r, t0);
                         }
-                        (ok, bad, failed, rtt)
+                        mine
                     })
                 })
                 .collect();
             for t in tasks {
-                let (o, b, f, r) = rt.block_on(t).unwrap();
-                (ok, bad, failed) = (ok + o, bad + b, failed + f);
-                rtt.extend(r);
+                let mine = rt.block_on(t).unwrap();
+                (all.ok, all.bad, all.failed) = (all.ok + mine.ok, all.bad + mine.bad, all.failed + mine.failed);
+                all.rtt.extend(mine.rtt);
             }
         }
     }
-    report(&out, [calls, ok, bad, failed], rtt);
+    report(&out, [calls, all.ok, all.bad, all.failed], all.rtt);
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
