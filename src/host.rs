@@ -45,6 +45,7 @@ impl<D: Dispatch> HostBuilder<D> {
     pub fn shm_with(mut self, path: impl Into<PathBuf>, mut opts: ServerOptions) -> Self {
         opts.service = D::SERVICE.to_owned();
         opts.method_hash = D::METHOD_HASH;
+        opts.methods = D::METHODS;
         self.shm = Some((path.into(), opts));
         self
     }

@@ -83,7 +83,7 @@ pub mod poller {
 /// generated clients and dispatchers are built on these.
 pub mod raw {
     pub use crate::async_client::AsyncClient;
-    pub use crate::rpc::{method_id, service_hash};
+    pub use crate::rpc::{method_id, method_id_typed, service_hash, service_hash_ids};
     pub use rpal_core::handshake;
     pub use rpal_core::queue::{self, Bounds, Consumer, Producer};
     pub use rpal_core::{

@@ -202,26 +202,45 @@ fn typed_calls_over_every_transport() {
                 other::KvClient::connect_unix_stream(server.base.with_extension("stream")).unwrap_err()
             }
         };
-        assert!(matches!(e, Error::ServiceMismatch { .. }), "{t:?}: {e}");
+        // Same name, other methods: the error names each method that differs.
+        match &e {
+            Error::MethodTableMismatch { service, methods, .. } => {
+                assert_eq!(service, "Kv", "{t:?}: {e}");
+                assert!(
+                    methods
+                        .iter()
+                        .any(|m| m.name == "add" && m.ours.is_some() && m.theirs.is_some()),
+                    "{t:?}: {e}"
+                );
+            }
+            other => panic!("{t:?}: expected MethodTableMismatch, got {other}"),
+        }
     }
     assert_ne!(KvService::METHOD_HASH, other::KvService::METHOD_HASH);
     assert_ne!(KvService::ADD, other::KvService::ADD);
-    // The generated ids and table hash are the runtime's hashes of the
-    // signatures as written here (a change of either side breaks this).
-    let sigs = [
-        "add(u64,u64)->u64",
-        "sum(ShmSlice<u64>)->u64",
-        "greet(ShmString)->ShmString",
-        "swap(ShmBox<Point>)->Point",
-        "sleep_ms(u64)->u64",
-        "boom()->()",
-        "arena()->ArenaUse",
-        "squares(u64)->ShmVec<u64>",
+    // The generated ids are the runtime's hashes of the signatures as
+    // written here and of their types' layout fingerprints; the table hash
+    // covers the ids in signature order (a change of either side breaks this).
+    use rpal::raw::{method_id_typed, service_hash_ids};
+    let u = <u64 as ShmSafe>::LAYOUT;
+    assert_eq!(KvService::ADD, method_id_typed("add(u64,u64)->u64", &[u, u, u]));
+    assert_eq!(KvService::BOOM, method_id_typed("boom()->()", &[]));
+    assert_eq!(
+        KvService::GREET,
+        method_id_typed("greet(ShmString)->ShmString", &[ShmString::LAYOUT, ShmString::LAYOUT])
+    );
+    // Sorted by signature: add, arena, boom, greet, sleep_ms, squares, sum, swap.
+    let sorted = [
+        KvService::ADD,
+        KvService::ARENA,
+        KvService::BOOM,
+        KvService::GREET,
+        KvService::SLEEP_MS,
+        KvService::SQUARES,
+        KvService::SUM,
+        KvService::SWAP,
     ];
-    assert_eq!(KvService::ADD, rpal::raw::method_id(sigs[0]));
-    assert_eq!(KvService::GREET, rpal::raw::method_id(sigs[2]));
-    assert_eq!(KvService::BOOM, rpal::raw::method_id(sigs[5]));
-    assert_eq!(KvService::METHOD_HASH, rpal::raw::service_hash("Kv", &sigs));
+    assert_eq!(KvService::METHOD_HASH, service_hash_ids("Kv", &sorted));
 
     // Lent results went back: the server's arena is not leaking greetings
     // (copied on receipt, their blocks released at once) or squares (held

@@ -22,6 +22,9 @@ pub struct ClientOptions {
     pub service: String,
     /// Hash of the method table both sides must share (0: unchecked).
     pub method_hash: u64,
+    /// The methods of the table, named in a [`Error::MethodTableMismatch`]
+    /// when the server's differs (generated clients fill it in).
+    pub methods: &'static [handshake::MethodInfo],
     /// Spin budget and park slice for waiting on replies.
     pub wait: WaitConfig,
     /// Default deadline of each call; `None` waits as long as the server lives.
@@ -36,6 +39,7 @@ impl ClientOptions {
         Self {
             service: service.to_owned(),
             method_hash: 0,
+            methods: &[],
             wait: WaitConfig::default(),
             call_timeout: None,
             handshake_timeout: Duration::from_secs(5),
@@ -75,7 +79,7 @@ impl Client {
             endpoint_addr: mine.addr(),
             method_hash: opts.method_hash,
             text: opts.service.clone(),
-            ..Hello::new(Kind::Hello)
+            ..Hello::for_space(Kind::Hello, space)
         };
         let sent = handshake::send(&sock, &hello, Some(std::os::fd::AsFd::as_fd(arena.region())));
         // A server that refuses us (policy) may answer and hang up before our
@@ -87,7 +91,19 @@ impl Client {
             opts.handshake_timeout,
         );
         let (reply, fd) = match (sent, received) {
-            (_, Ok((r, _))) if r.kind == Kind::Reject => return Err(r.reject_error(&hello)),
+            (_, Ok((r, _))) if r.kind == Kind::Reject => {
+                let next = || {
+                    handshake::recv(
+                        &sock,
+                        endpoint,
+                        "reading the server's method table",
+                        opts.handshake_timeout,
+                    )
+                };
+                return Err(handshake::rejection(&r, &hello, opts.methods, || {
+                    next().map(|(m, _)| m)
+                }));
+            }
             (Err(e), _) => return Err(e),
             (Ok(()), r) => r?,
         };

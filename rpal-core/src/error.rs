@@ -100,12 +100,53 @@ pub enum Error {
         /// The peer's layout hash.
         theirs: u64,
     },
-    /// The peer serves (or asks for) another service, or another method table.
-    #[error("service mismatch: we expect `{ours}`, the peer offers `{theirs}`; check the socket path and both builds")]
+    /// The peer serves (or asks for) another service.
+    #[error("service mismatch: we expect `{ours}`, the peer offers `{theirs}`; check the socket path")]
     ServiceMismatch {
-        /// What we expect.
+        /// The service we expect.
         ours: String,
-        /// What the peer announced.
+        /// The service the peer announced.
+        theirs: String,
+    },
+    /// The peer serves the same service, built from another version of its
+    /// trait or of its argument and result types.
+    #[error(
+        "method table mismatch for `{service}`: ours is {ours:#018x}, the peer's is {theirs:#018x}{}; rebuild both sides from the same service trait and types",
+        crate::error::list_diffs(.methods)
+    )]
+    MethodTableMismatch {
+        /// The service.
+        service: String,
+        /// Our method hash.
+        ours: u64,
+        /// The peer's method hash.
+        theirs: u64,
+        /// The methods that differ (empty if the peer did not send its table).
+        methods: Vec<crate::handshake::MethodDiff>,
+    },
+    /// The peer reserves another address window: the two cannot map each
+    /// other's regions at the same addresses.
+    #[error(
+        "window mismatch: ours is {:#x}+{:#x}, the peer's is {:#x}+{:#x}; give both the same RPAL_WINDOW_BASE and RPAL_WINDOW_SLOTS",
+        .ours.0, .ours.1, .theirs.0, .theirs.1
+    )]
+    WindowMismatch {
+        /// Our window (base, length).
+        ours: (u64, u64),
+        /// The peer's window (base, length).
+        theirs: (u64, u64),
+    },
+    /// The peer uses another slot registry file, so the two cannot agree on
+    /// who owns which slot.
+    #[error(
+        "the peer uses another slot registry{}{}; give both the same RPAL_REGISTRY",
+        if .ours.is_empty() { String::new() } else { format!(" than ours ({})", .ours) },
+        if .theirs.is_empty() { String::new() } else { format!(" ({})", .theirs) }
+    )]
+    OtherRegistry {
+        /// Our registry path (empty if unknown).
+        ours: String,
+        /// The peer's registry path (empty if it did not say).
         theirs: String,
     },
     /// The peer's credentials are refused by the policy.
@@ -292,6 +333,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// `: a, b` for the methods of a table mismatch, or nothing.
+pub(crate) fn list_diffs(methods: &[crate::handshake::MethodDiff]) -> String {
+    if methods.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = methods.iter().map(ToString::to_string).collect();
+    format!("; methods that differ: {}", shown.join(", "))
 }
 
 impl Error {

@@ -27,8 +27,13 @@ use crate::quota::Quota;
 /// Handshake magic: the first 8 bytes of every control message.
 pub const MAGIC: [u8; 8] = *b"RPAL\0HS\x01";
 /// Protocol version spoken by this build (2: replies that lend end with a
-/// lent-block table, `FLAG_LENDS`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// lent-block table, `FLAG_LENDS`; 3: method ids cover type layouts, hellos
+/// carry the window and registry, a method-table reject is followed by the
+/// server's table, and a handler's error carries a code and a message).
+pub const PROTOCOL_VERSION: u32 = 3;
+/// Most [`Kind::Table`] messages read after a method-table reject: a peer
+/// cannot make us read more than 32 × 128 bytes of names.
+pub const MAX_TABLE_MESSAGES: u64 = 32;
 /// Size of every control message.
 pub const MESSAGE_LEN: usize = 256;
 /// Longest service name or reject text.
@@ -44,6 +49,41 @@ pub enum Kind {
     Welcome = 2,
     /// Server to client: refused, with a reason.
     Reject = 3,
+    /// After a method-table reject: part of the server's method table, as
+    /// `name=id;` entries in `text` (`a` = index, `b` = count).
+    Table = 4,
+}
+
+/// A method's name and id, as a generated service lists them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodInfo {
+    /// The method's name.
+    pub name: &'static str,
+    /// Its id (signature and type layouts).
+    pub id: u32,
+}
+
+/// A method whose id differs between two builds of a service, or that only
+/// one of them has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodDiff {
+    /// The method's name.
+    pub name: String,
+    /// Our id for it (`None`: we have no such method).
+    pub ours: Option<u32>,
+    /// The peer's id for it (`None`: the peer has no such method).
+    pub theirs: Option<u32>,
+}
+
+impl std::fmt::Display for MethodDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.ours, self.theirs) {
+            (Some(o), Some(t)) => write!(f, "`{}` (ours {o:#010x}, the peer's {t:#010x})", self.name),
+            (Some(o), None) => write!(f, "`{}` (ours {o:#010x}, the peer has none)", self.name),
+            (None, Some(t)) => write!(f, "`{}` (the peer's {t:#010x}, we have none)", self.name),
+            (None, None) => write!(f, "`{}`", self.name),
+        }
+    }
 }
 
 /// Why a server rejected a hello (the `code` of a `Reject`).
@@ -62,6 +102,13 @@ pub enum RejectCode {
     Other = 5,
     /// `a` = the quota's code, `b` = its limit.
     QuotaExceeded = 6,
+    /// `text` = service name, `a` = server's method hash, `b` = how many
+    /// [`Kind::Table`] messages follow.
+    MethodTableMismatch = 7,
+    /// `a` = server's window base, `b` = its length.
+    WindowMismatch = 8,
+    /// `text` = the server's registry path.
+    OtherRegistry = 9,
 }
 
 /// One control message.
@@ -89,6 +136,13 @@ pub struct Hello {
     pub a: u64,
     /// Reject argument.
     pub b: u64,
+    /// Identity of the sender's slot registry (its file's device and inode;
+    /// 0: no shared memory, as over TCP).
+    pub registry_id: u64,
+    /// Start of the sender's address window (0: no shared memory).
+    pub window_base: u64,
+    /// Length of the sender's address window.
+    pub window_len: u64,
     /// Service name, or reject text.
     pub text: String,
 }
@@ -108,7 +162,22 @@ impl Hello {
             code: 0,
             a: 0,
             b: 0,
+            registry_id: 0,
+            window_base: 0,
+            window_len: 0,
             text: String::new(),
+        }
+    }
+
+    /// A blank message of `kind` for a shared-memory peer: it names our
+    /// window and registry, so a peer set up with others is told so at once.
+    pub fn for_space(kind: Kind, space: &crate::space::Space) -> Self {
+        let cfg = space.config();
+        Self {
+            registry_id: space.registry_id(),
+            window_base: cfg.base,
+            window_len: cfg.slot_size.saturating_mul(cfg.slots),
+            ..Self::new(kind)
         }
     }
 
@@ -139,6 +208,9 @@ impl Hello {
         put(56, &self.endpoint_addr.to_le_bytes());
         put(64, &self.a.to_le_bytes());
         put(72, &self.b.to_le_bytes());
+        put(88, &self.registry_id.to_le_bytes());
+        put(96, &self.window_base.to_le_bytes());
+        put(104, &self.window_len.to_le_bytes());
         let text = truncate_utf8(&self.text, TEXT_LEN);
         put(80, &(text.len() as u32).to_le_bytes());
         put(128, text.as_bytes());
@@ -159,6 +231,7 @@ impl Hello {
             1 => Kind::Hello,
             2 => Kind::Welcome,
             3 => Kind::Reject,
+            4 => Kind::Table,
             k => {
                 return Err(Error::Rejected {
                     reason: format!("unknown control message kind {k} from {endpoint}"),
@@ -179,6 +252,9 @@ impl Hello {
             endpoint_addr: u64_at(56),
             a: u64_at(64),
             b: u64_at(72),
+            registry_id: u64_at(88),
+            window_base: u64_at(96),
+            window_len: u64_at(104),
             text,
         })
     }
@@ -198,6 +274,22 @@ impl Hello {
             },
             c if c == RejectCode::ServiceMismatch as u32 => Error::ServiceMismatch {
                 ours: ours.text.clone(),
+                theirs: self.text.clone(),
+            },
+            c if c == RejectCode::MethodTableMismatch as u32 => Error::MethodTableMismatch {
+                service: ours.text.clone(),
+                ours: ours.method_hash,
+                theirs: self.a,
+                methods: Vec::new(),
+            },
+            c if c == RejectCode::WindowMismatch as u32 => Error::WindowMismatch {
+                ours: (ours.window_base, ours.window_len),
+                theirs: (self.a, self.b),
+            },
+            c if c == RejectCode::OtherRegistry as u32 => Error::OtherRegistry {
+                ours: crate::space::Space::existing()
+                    .map(|s| s.config().registry.display().to_string())
+                    .unwrap_or_default(),
                 theirs: self.text.clone(),
             },
             c if c == RejectCode::LayoutMismatch as u32 => Error::LayoutMismatch {
@@ -392,6 +484,13 @@ pub(crate) fn refuse(sock: &UnixStream, err: Error, ours: &Hello) -> Error {
         ),
         Error::VersionMismatch { .. } => Hello::reject(RejectCode::VersionMismatch, ours.version as u64, 0, ""),
         Error::ServiceMismatch { .. } => Hello::reject(RejectCode::ServiceMismatch, 0, 0, &ours.text),
+        Error::MethodTableMismatch { .. } => {
+            Hello::reject(RejectCode::MethodTableMismatch, ours.method_hash, 0, &ours.text)
+        }
+        Error::WindowMismatch { .. } => {
+            Hello::reject(RejectCode::WindowMismatch, ours.window_base, ours.window_len, "")
+        }
+        Error::OtherRegistry { ours: path, .. } => Hello::reject(RejectCode::OtherRegistry, 0, 0, path),
         Error::LayoutMismatch { .. } => Hello::reject(RejectCode::LayoutMismatch, ours.layout_hash, 0, ""),
         Error::QuotaExceeded { quota, limit } => {
             Hello::reject(RejectCode::QuotaExceeded, quota.code() as u64, *limit, "")
@@ -416,14 +515,159 @@ pub fn check_compatible(theirs: &Hello, ours: &Hello) -> Result<()> {
             theirs: theirs.layout_hash,
         });
     }
-    if theirs.text != ours.text || theirs.method_hash != ours.method_hash {
-        let show = |h: &Hello| format!("{} (methods {:#x})", h.text, h.method_hash);
+    // Zero on either side: no shared memory (a stream peer), nothing to agree on.
+    let both = |a: u64, b: u64| a != 0 && b != 0;
+    if both(theirs.window_base, ours.window_base)
+        && (theirs.window_base, theirs.window_len) != (ours.window_base, ours.window_len)
+    {
+        return Err(Error::WindowMismatch {
+            ours: (ours.window_base, ours.window_len),
+            theirs: (theirs.window_base, theirs.window_len),
+        });
+    }
+    if both(theirs.registry_id, ours.registry_id) && theirs.registry_id != ours.registry_id {
+        let ours = crate::space::Space::existing()
+            .map(|s| s.config().registry.display().to_string())
+            .unwrap_or_default();
+        return Err(Error::OtherRegistry {
+            ours,
+            theirs: String::new(),
+        });
+    }
+    if theirs.text != ours.text {
         return Err(Error::ServiceMismatch {
-            ours: show(ours),
-            theirs: show(theirs),
+            ours: ours.text.clone(),
+            theirs: theirs.text.clone(),
+        });
+    }
+    if theirs.method_hash != ours.method_hash {
+        return Err(Error::MethodTableMismatch {
+            service: ours.text.clone(),
+            ours: ours.method_hash,
+            theirs: theirs.method_hash,
+            methods: Vec::new(),
         });
     }
     Ok(())
+}
+
+/// A method table as [`Kind::Table`] messages: `name=id;` entries, never
+/// split across two messages.
+pub fn table_messages(methods: &[MethodInfo]) -> Vec<Hello> {
+    let mut texts: Vec<String> = vec![String::new()];
+    for m in methods {
+        let entry = format!("{}={:x};", truncate_utf8(m.name, TEXT_LEN - 10), m.id);
+        if texts.last().is_some_and(|t| t.len() + entry.len() > TEXT_LEN) {
+            texts.push(String::new());
+        }
+        if let Some(t) = texts.last_mut() {
+            t.push_str(&entry);
+        }
+    }
+    texts.truncate(MAX_TABLE_MESSAGES as usize);
+    let n = texts.len() as u64;
+    texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| Hello {
+            a: i as u64,
+            b: n,
+            text,
+            ..Hello::new(Kind::Table)
+        })
+        .collect()
+}
+
+/// The reject for a method-table mismatch, with how many table messages
+/// follow it.
+pub fn table_reject(ours: &Hello, methods: &[MethodInfo]) -> (Hello, Vec<Hello>) {
+    let table = table_messages(methods);
+    let reject = Hello::reject(
+        RejectCode::MethodTableMismatch,
+        ours.method_hash,
+        table.len() as u64,
+        &ours.text,
+    );
+    (reject, table)
+}
+
+/// Sends a method-table reject and the table after it, best effort, and
+/// returns `err`.
+pub(crate) fn refuse_table(sock: &UnixStream, err: Error, ours: &Hello, methods: &[MethodInfo]) -> Error {
+    if !matches!(err, Error::MethodTableMismatch { .. }) {
+        return refuse(sock, err, ours);
+    }
+    let (reject, table) = table_reject(ours, methods);
+    for m in std::iter::once(&reject).chain(&table) {
+        if send(sock, m, None).is_err() {
+            break;
+        }
+    }
+    err
+}
+
+/// The typed error for a `Reject`: a method-table reject reads the server's
+/// table with `next` (at most [`MAX_TABLE_MESSAGES`]) and names the
+/// methods that differ from ours.
+pub fn rejection(
+    reject: &Hello,
+    ours: &Hello,
+    methods: &[MethodInfo],
+    mut next: impl FnMut() -> Result<Hello>,
+) -> Error {
+    let mut err = reject.reject_error(ours);
+    if let Error::MethodTableMismatch { methods: diff, .. } = &mut err {
+        let count = reject.b.min(MAX_TABLE_MESSAGES);
+        let mut theirs: Vec<(String, u32)> = Vec::new();
+        for _ in 0..count {
+            let Ok(m) = next() else { break };
+            if m.kind != Kind::Table {
+                break;
+            }
+            theirs.extend(parse_table(&m.text));
+        }
+        *diff = diff_tables(methods, &theirs);
+    }
+    err
+}
+
+/// The entries of one table message; malformed ones are skipped.
+fn parse_table(text: &str) -> impl Iterator<Item = (String, u32)> + '_ {
+    text.split(';').filter_map(|e| {
+        let (name, id) = e.split_once('=')?;
+        Some((name.to_owned(), u32::from_str_radix(id, 16).ok()?))
+    })
+}
+
+/// The methods whose ids differ, or that one side lacks, in our order and
+/// then the peer's. Empty when either table is unknown.
+pub fn diff_tables(ours: &[MethodInfo], theirs: &[(String, u32)]) -> Vec<MethodDiff> {
+    if ours.is_empty() || theirs.is_empty() {
+        return Vec::new();
+    }
+    let theirs_of = |name: &str| theirs.iter().find(|(n, _)| n == name).map(|&(_, id)| id);
+    let mut out: Vec<MethodDiff> = ours
+        .iter()
+        .filter_map(|m| {
+            let t = theirs_of(m.name);
+            (t != Some(m.id)).then(|| MethodDiff {
+                name: m.name.to_owned(),
+                ours: Some(m.id),
+                theirs: t,
+            })
+        })
+        .collect();
+    out.extend(
+        theirs
+            .iter()
+            .filter(|(n, _)| !ours.iter().any(|m| m.name == n))
+            .map(|(n, id)| MethodDiff {
+                name: n.clone(),
+                ours: None,
+                theirs: Some(*id),
+            }),
+    );
+    out
 }
 
 #[cfg(test)]

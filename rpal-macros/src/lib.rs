@@ -48,6 +48,18 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
     let item = syn::parse_macro_input!(item as syn::ItemTrait);
     service::expand(&item)
-        .unwrap_or_else(syn::Error::into_compile_error)
+        .unwrap_or_else(|e| {
+            // The trait as written, in a scope of its own: the user's imports
+            // are used (no spurious `unused import` beside the real error),
+            // and nothing else is defined.
+            let errors = e.into_compile_error();
+            quote::quote! {
+                #errors
+                const _: () = {
+                    #[allow(dead_code)]
+                    #item
+                };
+            }
+        })
         .into()
 }

@@ -325,17 +325,37 @@ fn method_table(s: &Service) -> TokenStream {
     let name_str = name.to_string();
     let sigs: Vec<&str> = s.methods.iter().map(|m| m.sig.as_str()).collect();
     // Ids and the table hash are computed by the runtime's `const fn`s (one
-    // implementation of the hash); the macro only sorts the signatures.
-    let mut sorted = sigs.clone();
-    sorted.sort_unstable();
+    // implementation of the hash); the macro only sorts the methods by
+    // signature, so the table hash does not depend on their order.
+    let mut sorted: Vec<&Method> = s.methods.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.sig.cmp(&b.sig));
+    let sorted_ids = sorted.iter().map(|m| const_ident(m));
     let consts = s.methods.iter().map(|m| {
         let c = const_ident(m);
         let sig = &m.sig;
-        let doc = format!(" Method id of `{}`: FNV-1a of `{}`.", m.name, m.sig);
+        // Every type's layout fingerprint is folded into the id.
+        let layouts = m
+            .args
+            .iter()
+            .map(|a| (&a.ty, &a.kind))
+            .chain(m.ret.as_ref().map(|(t, k)| (t, k)))
+            .map(|(ty, kind)| match kind {
+                Kind::Value => quote_spanned!(ty.span()=> <#ty as ::rpal::__private::ServiceValue>::LAYOUT),
+                _ => quote_spanned!(ty.span()=> <#ty as ::rpal::ShmSafe>::LAYOUT),
+            });
+        let doc = format!(
+            " Method id of `{}`: FNV-1a of `{}` and of its types' layout fingerprints.",
+            m.name, m.sig
+        );
         quote! {
             #[doc = #doc]
-            pub const #c: u32 = ::rpal::__private::method_id(#sig);
+            pub const #c: u32 = ::rpal::__private::method_id_typed(#sig, &[#(#layouts),*]);
         }
+    });
+    let infos = s.methods.iter().map(|m| {
+        let c = const_ident(m);
+        let n = m.name.to_string();
+        quote!(::rpal::__private::MethodInfo { name: #n, id: #svc::#c })
     });
     let doc = format!(" Names and ids of the `{name}` service, shared by its client and server.");
     let sig_doc = format!(" Every method's signature, as hashed: {}.", sigs.join(", "));
@@ -373,7 +393,9 @@ fn method_table(s: &Service) -> TokenStream {
             const NAME: &'static ::core::primitive::str = #name_str;
             /// Hash of the method table; a peer built from another trait is refused.
             #[doc = #sig_doc]
-            const METHOD_HASH: u64 = ::rpal::__private::service_hash_sorted(#name_str, &[#(#sorted),*]);
+            const METHOD_HASH: u64 = ::rpal::__private::service_hash_ids(#name_str, &[#(#svc::#sorted_ids),*]);
+            /// Every method's name and id.
+            const METHODS: &'static [::rpal::__private::MethodInfo] = &[#(#infos),*];
         }
     }
 }
@@ -389,7 +411,7 @@ fn dispatcher(s: &Service) -> TokenStream {
             let n = &a.name;
             let ty = &a.ty;
             let read = match &a.kind {
-                Kind::Value => quote_spanned!(ty.span()=> args.value::<#ty>()),
+                Kind::Value => quote_spanned!(ty.span()=> <#ty as ::rpal::__private::ServiceValue>::read(args)),
                 _ => quote_spanned!(ty.span()=> args.view::<#ty>()),
             };
             quote! {
@@ -399,7 +421,9 @@ fn dispatcher(s: &Service) -> TokenStream {
         let names = m.args.iter().map(|a| &a.name);
         let write = match &m.ret {
             None => quote!(let () = out;),
-            Some((ty, Kind::Value)) => quote_spanned!(ty.span()=> reply.value::<#ty>(&out);),
+            Some((ty, Kind::Value)) => {
+                quote_spanned!(ty.span()=> <#ty as ::rpal::__private::ServiceValue>::write(&out, reply);)
+            }
             Some((ty, _)) => quote_spanned!(ty.span()=>
                 reply.lent::<#ty>(out, peer).map_err(::rpal::__private::lend_status)?;
             ),
@@ -467,6 +491,7 @@ fn dispatcher(s: &Service) -> TokenStream {
         impl<H: #name> ::rpal::__private::Dispatch for #server<H> {
             const SERVICE: &'static ::core::primitive::str = <#svc as ::rpal::__private::ServiceId>::NAME;
             const METHOD_HASH: u64 = <#svc as ::rpal::__private::ServiceId>::METHOD_HASH;
+            const METHODS: &'static [::rpal::__private::MethodInfo] = <#svc as ::rpal::__private::ServiceId>::METHODS;
             const HAS_ASYNC: bool = #has_async;
 
             fn dispatch(
@@ -511,14 +536,17 @@ fn client(s: &Service) -> TokenStream {
             .map(|a| {
                 let (n, ty) = (&a.name, &a.ty);
                 match a.kind {
-                    Kind::Value => quote_spanned!(ty.span()=> w.value::<#ty>(&#n);),
+                    Kind::Value => quote_spanned!(ty.span()=> <#ty as ::rpal::__private::ServiceValue>::write(&#n, w);),
                     _ => quote_spanned!(ty.span()=> w.borrowed::<#ty>(#n);),
                 }
             })
             .collect();
         let (ret_ty, read) = match &m.ret {
             None => (quote!(()), quote!(())),
-            Some((ty, Kind::Value)) => (quote!(#ty), quote!(r.value::<#ty>()?)),
+            Some((ty, Kind::Value)) => (
+                quote!(#ty),
+                quote_spanned!(ty.span()=> <#ty as ::rpal::__private::ServiceValue>::read(r)?),
+            ),
             Some((ty, _)) => (
                 quote!(::rpal::__private::Returned<#ty>),
                 quote!(ctx.returned::<#ty>(r)?),
@@ -577,6 +605,7 @@ fn client(s: &Service) -> TokenStream {
             ) -> ::rpal::Result<Self> {
                 opts.service = <::std::string::String as ::core::convert::From<&::core::primitive::str>>::from(<#svc as ::rpal::__private::ServiceId>::NAME);
                 opts.method_hash = <#svc as ::rpal::__private::ServiceId>::METHOD_HASH;
+                opts.methods = <#svc as ::rpal::__private::ServiceId>::METHODS;
                 let timeout = opts.call_timeout;
                 let client = ::rpal::__private::Client::connect(path, opts)?;
                 let channel = ::rpal::__private::Channel::Shm(::rpal::__private::ShmChannel::new(client)?);
@@ -585,14 +614,22 @@ fn client(s: &Service) -> TokenStream {
 
             /// Connects over TCP (any host): arguments are copied into frames.
             pub fn connect_tcp(addr: impl ::std::net::ToSocketAddrs) -> ::rpal::Result<Self> {
-                let c = ::rpal::__private::StreamChannel::connect_tcp(addr, <#svc as ::rpal::__private::ServiceId>::NAME, <#svc as ::rpal::__private::ServiceId>::METHOD_HASH)?;
+                let c = ::rpal::__private::StreamChannel::connect_tcp(addr, Self::table())?;
                 ::core::result::Result::Ok(Self::from_channel(::rpal::__private::Channel::Stream(c)))
             }
 
             /// Connects to a server's Unix stream socket: like TCP, without the network stack.
             pub fn connect_unix_stream(path: impl ::core::convert::AsRef<::std::path::Path>) -> ::rpal::Result<Self> {
-                let c = ::rpal::__private::StreamChannel::connect_unix(path, <#svc as ::rpal::__private::ServiceId>::NAME, <#svc as ::rpal::__private::ServiceId>::METHOD_HASH)?;
+                let c = ::rpal::__private::StreamChannel::connect_unix(path, Self::table())?;
                 ::core::result::Result::Ok(Self::from_channel(::rpal::__private::Channel::Stream(c)))
+            }
+
+            fn table() -> ::rpal::__private::ServiceTable {
+                (
+                    <#svc as ::rpal::__private::ServiceId>::NAME,
+                    <#svc as ::rpal::__private::ServiceId>::METHOD_HASH,
+                    <#svc as ::rpal::__private::ServiceId>::METHODS,
+                )
             }
 
             /// A client over an existing channel (no deadline).

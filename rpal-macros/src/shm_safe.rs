@@ -164,6 +164,37 @@ fn emit(input: &DeriveInput, fields: &Fields) -> TokenStream {
         .iter()
         .zip(&accessors)
         .map(|(ty, acc)| quote_spanned!(ty.span()=> ::rpal::ShmSafe::validate(&self.#acc, walk)?;));
+    // The fingerprint: each field's name, offset and own fingerprint, so an
+    // added field, a swapped pair or a same-size type change all show.
+    let layout_fields = |which: TokenStream| {
+        let folds = fields.iter().zip(&tys).zip(&accessors).map(move |((f, ty), acc)| {
+            let fname = f
+                .ident
+                .as_ref()
+                .map_or_else(|| format!("{}", quote!(#acc)), ToString::to_string);
+            quote_spanned!(ty.span()=>
+                let h = ::rpal::__private::fingerprint::field(
+                    h,
+                    #fname,
+                    ::core::mem::offset_of!(#name, #acc),
+                    <#ty as ::rpal::ShmSafe>::#which,
+                );
+            )
+        });
+        quote! {
+            {
+                let h = ::rpal::__private::fingerprint::start(
+                    "struct",
+                    ::core::mem::size_of::<#name>(),
+                    ::core::mem::align_of::<#name>(),
+                );
+                #( #folds )*
+                h
+            }
+        }
+    };
+    let layout = layout_fields(quote!(LAYOUT));
+    let shallow = layout_fields(quote!(SHALLOW));
     let padding_msg = format!(
         "#[derive(ShmSafe)]: `{name}` has padding bytes; reorder its fields or add explicit `_pad: [u8; N]` fields, \
          so that no uninitialised byte is shared with a peer"
@@ -174,6 +205,8 @@ fn emit(input: &DeriveInput, fields: &Fields) -> TokenStream {
         // checks every field.
         unsafe impl ::rpal::ShmSafe for #name {
             const HAS_POINTERS: bool = false #(|| #has_pointers)*;
+            const LAYOUT: u64 = #layout;
+            const SHALLOW: u64 = #shallow;
 
             fn validate(&self, walk: &mut ::rpal::Walk<'_>) -> ::core::result::Result<(), ::rpal::Error> {
                 #( #validations )*

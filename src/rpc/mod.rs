@@ -21,11 +21,13 @@ pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispa
 #[doc(hidden)]
 pub use rpal_core::Client;
 pub use rpal_core::PeerId;
+pub use rpal_core::handshake::MethodInfo;
+pub use rpal_core::types::fingerprint;
 pub use rpal_poller::{Armed, TimerWheel};
 pub use shm::ShmChannel;
-pub use stream::{StreamChannel, StreamLimits, StreamServer, fuzz_frames, serve_stream};
+pub use stream::{ServiceTable, StreamChannel, StreamLimits, StreamServer, fuzz_frames, serve_stream};
 pub use table::Body;
-pub use wire::{Mode, Reader, ReleaseSink, Returned, Scratch, ShmPtr, Viewed, Writer};
+pub use wire::{Mode, Reader, ReleaseSink, Returned, Scratch, ServiceValue, ShmPtr, Viewed, Writer};
 
 use async_handler::Guarded;
 use rpal_core::error::{RemoteStatus, Result};
@@ -71,6 +73,9 @@ pub trait ServiceId {
     const NAME: &'static str;
     /// Hash of the method table.
     const METHOD_HASH: u64;
+    /// Every method's name and id, for naming the methods that differ
+    /// when a peer's table does not match.
+    const METHODS: &'static [MethodInfo];
 }
 
 /// A server-side service: what `#[rpal::service]` generates around a
@@ -80,6 +85,8 @@ pub trait Dispatch: Send + Sync + 'static {
     const SERVICE: &'static str;
     /// Hash of every method's name and signature; checked at the handshake.
     const METHOD_HASH: u64;
+    /// Every method's name and id (sent to a peer whose table differs).
+    const METHODS: &'static [MethodInfo] = &[];
     /// Whether some handler is async: a host then runs a tokio runtime
     /// for them, also for shared-memory peers.
     const HAS_ASYNC: bool = false;
@@ -218,6 +225,40 @@ pub const fn method_id(sig: &str) -> u32 {
         i += 1;
     }
     if h == 0 || h == u32::MAX { h ^ 0x5bd1_e995 } else { h }
+}
+
+/// The id of a generated method: [`method_id`] of its signature text,
+/// with the layout fingerprint ([`ShmSafe::LAYOUT`](rpal_core::ShmSafe::LAYOUT))
+/// of every argument and result type folded in. A struct that gains a
+/// field, swaps two, or changes a field's type changes the id of every
+/// method that carries it, so the handshake refuses a peer built before
+/// the change instead of letting it read the bytes wrongly.
+pub const fn method_id_typed(sig: &str, layouts: &[u64]) -> u32 {
+    let mut h = fingerprint::text(method_id(sig) as u64, sig);
+    let mut i = 0;
+    while i < layouts.len() {
+        h = fingerprint::word(h, layouts[i]);
+        i += 1;
+    }
+    let id = (h ^ (h >> 32)) as u32;
+    if id == 0 || id == u32::MAX {
+        id ^ 0x5bd1_e995
+    } else {
+        id
+    }
+}
+
+/// The method hash of a generated service: its name and its method ids,
+/// in the order of their sorted signatures (so the hash covers every
+/// argument and result layout, through the ids). Never 0 ("unchecked").
+pub const fn service_hash_ids(service: &str, ids: &[u32]) -> u64 {
+    let mut h = fingerprint::text(0xcbf2_9ce4_8422_2325, service);
+    let mut i = 0;
+    while i < ids.len() {
+        h = fingerprint::word(h, ids[i] as u64);
+        i += 1;
+    }
+    if h == 0 { 1 } else { h }
 }
 
 /// A service's method hash: FNV-1a (64-bit) of its name and its sorted

@@ -211,6 +211,36 @@ impl ShmPtr for ShmString {
     }
 }
 
+/// A type a service method takes or returns by value: `ShmSafe + Copy`,
+/// copied between the processes. Generated code reads and writes values
+/// through this trait only, so a type that is not one is reported once,
+/// at the type in the service trait, with what to do.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be passed by value to or from a service method",
+    label = "not `ShmSafe + Copy`",
+    note = "values are copied between processes: give `{Self}` `#[derive(Clone, Copy, ShmSafe)]` and `#[repr(C)]`, or pass shared data as `ShmBox<T>`, `ShmSlice<T>`, `ShmVec<T>` or `ShmString`"
+)]
+pub trait ServiceValue: Sized {
+    /// The type's layout fingerprint ([`ShmSafe::LAYOUT`]).
+    const LAYOUT: u64;
+    /// Writes the value into a body.
+    fn write(&self, w: &mut Writer<'_>);
+    /// Reads a value out of a body.
+    fn read(r: &mut Reader<'_>) -> Result<Self>;
+}
+
+impl<T: ShmSafe + Copy> ServiceValue for T {
+    const LAYOUT: u64 = <T as ShmSafe>::LAYOUT;
+    #[inline]
+    fn write(&self, w: &mut Writer<'_>) {
+        w.value(self);
+    }
+    #[inline]
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        r.value()
+    }
+}
+
 /// Writes a body. In shared memory it writes in place (into the queue
 /// record); over a stream it appends to a growable buffer.
 pub struct Writer<'a> {

@@ -37,6 +37,9 @@ pub struct ServerOptions {
     pub service: String,
     /// Hash of the method table both sides must share (0: unchecked).
     pub method_hash: u64,
+    /// The methods of the table, sent to a client whose table differs so
+    /// that its error names the methods (generated servers fill it in).
+    pub methods: &'static [handshake::MethodInfo],
     /// Which peers may connect.
     pub policy: PeerPolicy,
     /// Deadline of each handshake, so a stuck peer cannot hold the acceptor.
@@ -55,6 +58,7 @@ impl ServerOptions {
         Self {
             service: service.to_owned(),
             method_hash: 0,
+            methods: &[],
             policy: PeerPolicy::SameUid,
             handshake_timeout: Duration::from_secs(5),
             wait: WaitConfig::default(),
@@ -272,7 +276,7 @@ impl Server {
             endpoint_addr: mine.addr(),
             method_hash: self.opts.method_hash,
             text: self.opts.service.clone(),
-            ..Hello::new(Kind::Welcome)
+            ..Hello::for_space(Kind::Welcome, space)
         };
         if !self.opts.policy.allows(&cred) {
             // Who was refused, whatever the caller does with the error.
@@ -308,7 +312,8 @@ impl Server {
                 detail: format!("it opened with a {:?}, not a hello", hello.kind),
             });
         }
-        handshake::check_compatible(&hello, &ours).map_err(|e| handshake::refuse(&sock, e, &ours))?;
+        handshake::check_compatible(&hello, &ours)
+            .map_err(|e| handshake::refuse_table(&sock, e, &ours, self.opts.methods))?;
         let fd = fd.ok_or_else(|| Error::InvalidDescriptor {
             reason: "the client's hello carried no memfd".into(),
         });

@@ -142,6 +142,18 @@ impl Space {
         &self.cfg
     }
 
+    /// The registry file's identity (device and inode, folded): two
+    /// processes agree on slots only if they share the file itself, whatever
+    /// path each opened it by.
+    pub fn registry_id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let id = self.registry.metadata().map_or(1, |m| {
+            let h = crate::types::fingerprint::word(crate::types::fingerprint::start("registry", 0, 0), m.dev());
+            crate::types::fingerprint::word(h, m.ino())
+        });
+        id.max(1)
+    }
+
     /// Whether `[addr, addr+len)` lies inside the window.
     pub fn in_window(&self, addr: u64, len: u64) -> bool {
         let end = self.cfg.base + self.cfg.window_len();

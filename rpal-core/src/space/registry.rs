@@ -68,6 +68,11 @@ impl Drop for Locked<'_> {
 }
 
 impl Registry {
+    /// The registry file's metadata.
+    pub(super) fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
     pub(super) fn open(cfg: &SpaceConfig) -> Result<Self> {
         let path = cfg.registry.clone();
         let file = OpenOptions::new()

@@ -8,6 +8,7 @@
 //! validates a whole structure at once with [`Walk`], whose limits bound any
 //! walk over a cycle a hostile peer may have built.
 
+pub mod fingerprint;
 mod peer_mem;
 mod shm_box;
 mod slice;
@@ -40,6 +41,20 @@ pub unsafe trait ShmSafe: Sized + 'static {
     /// Whether values hold pointers that [`ShmSafe::validate`] must check.
     const HAS_POINTERS: bool = false;
 
+    /// The type's layout fingerprint (see [`fingerprint`]): size, alignment
+    /// and each field's name, offset and fingerprint. Method ids fold it
+    /// in, so a peer built with another layout is refused at the
+    /// handshake. The default knows only size and alignment; the derive
+    /// and rpal's own types describe every field.
+    const LAYOUT: u64 = fingerprint::opaque::<Self>();
+
+    /// The fingerprint as a pointer to the type sees it: as
+    /// [`ShmSafe::LAYOUT`], but a pointer field counts only its target's
+    /// size and alignment. Pointer types fold this in, not `LAYOUT`, so a
+    /// type that points to itself has a finite fingerprint. (A change that
+    /// keeps the size, two pointers deep, is not seen.)
+    const SHALLOW: u64 = Self::LAYOUT;
+
     /// Checks the nested pointers of a value read from a peer.
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         let _ = walk;
@@ -52,7 +67,9 @@ macro_rules! plain {
         $(
             // SAFETY: primitive integers, floats and integer atomics have no
             // padding, accept every bit pattern and hold no pointers.
-            unsafe impl ShmSafe for $t {}
+            unsafe impl ShmSafe for $t {
+                const LAYOUT: u64 = fingerprint::primitive::<$t>(stringify!($t));
+            }
         )*
     };
 }
@@ -70,6 +87,8 @@ plain!(
 // is a multiple of alignment) and validates each element.
 unsafe impl<T: ShmSafe, const N: usize> ShmSafe for [T; N] {
     const HAS_POINTERS: bool = T::HAS_POINTERS;
+    const LAYOUT: u64 = fingerprint::wrapper::<Self>("array", T::LAYOUT, N);
+    const SHALLOW: u64 = fingerprint::wrapper::<Self>("array", T::SHALLOW, N);
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         if T::HAS_POINTERS {
             for x in self {

@@ -99,6 +99,8 @@ impl<T: ShmSafe + std::fmt::Debug> std::fmt::Debug for ShmBox<T> {
 // no padding; `validate` checks the target and what it points to.
 unsafe impl<T: ShmSafe> ShmSafe for ShmBox<T> {
     const HAS_POINTERS: bool = true;
+    const LAYOUT: u64 = super::fingerprint::wrapper::<Self>("ShmBox", T::SHALLOW, 0);
+    const SHALLOW: u64 = super::fingerprint::wrapper::<Self>("ShmBox", super::fingerprint::opaque::<T>(), 0);
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         walk.visit::<T>(read_once(&self.addr), 1).map(drop)
     }

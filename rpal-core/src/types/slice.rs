@@ -116,6 +116,8 @@ impl<T: ShmSafe> Drop for ShmSlice<T> {
 // SAFETY: two u64 (any value allowed, validated on use), no padding.
 unsafe impl<T: ShmSafe> ShmSafe for ShmSlice<T> {
     const HAS_POINTERS: bool = true;
+    const LAYOUT: u64 = super::fingerprint::wrapper::<Self>("ShmSlice", T::SHALLOW, 0);
+    const SHALLOW: u64 = super::fingerprint::wrapper::<Self>("ShmSlice", super::fingerprint::opaque::<T>(), 0);
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         walk.visit::<T>(read_once(&self.addr), read_once(&self.len)).map(drop)
     }

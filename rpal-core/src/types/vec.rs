@@ -195,6 +195,8 @@ impl<T: ShmSafe + std::fmt::Debug> std::fmt::Debug for ShmVec<T> {
 // SAFETY: three u64 (any value allowed, validated on use), no padding.
 unsafe impl<T: ShmSafe> ShmSafe for ShmVec<T> {
     const HAS_POINTERS: bool = true;
+    const LAYOUT: u64 = super::fingerprint::wrapper::<Self>("ShmVec", T::SHALLOW, 0);
+    const SHALLOW: u64 = super::fingerprint::wrapper::<Self>("ShmVec", super::fingerprint::opaque::<T>(), 0);
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         walk.visit::<T>(read_once(&self.addr), read_once(&self.len)).map(drop)
     }
@@ -291,6 +293,7 @@ impl std::fmt::Debug for ShmString {
 // SAFETY: one ShmVec<u8> (no padding); `validate` checks bounds and UTF-8.
 unsafe impl ShmSafe for ShmString {
     const HAS_POINTERS: bool = true;
+    const LAYOUT: u64 = super::fingerprint::wrapper::<Self>("ShmString", 0, 0);
     fn validate(&self, walk: &mut Walk<'_>) -> Result<()> {
         let bytes = walk.visit::<u8>(read_once(&self.bytes.addr), read_once(&self.bytes.len))?;
         std::str::from_utf8(bytes).map(drop).map_err(|_| Error::InvalidUtf8 {

@@ -99,9 +99,13 @@ fn lock(t: &Mutex<Table>) -> MutexGuard<'_, Table> {
     t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a stream client announces: the service's name, method hash and
+/// method table.
+pub type ServiceTable = (&'static str, u64, &'static [rpal_core::handshake::MethodInfo]);
+
 impl StreamChannel {
     /// Connects over TCP and checks the service.
-    pub fn connect_tcp(addr: impl ToSocketAddrs, service: &str, method_hash: u64) -> Result<Arc<Self>> {
+    pub fn connect_tcp(addr: impl ToSocketAddrs, service: ServiceTable) -> Result<Arc<Self>> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|e| Error::io("resolve the TCP address".to_owned(), e))?
@@ -110,17 +114,17 @@ impl StreamChannel {
         let s = TcpStream::connect(&addrs[..]).map_err(|e| Error::io(format!("connect to {endpoint}"), e))?;
         s.set_nodelay(true)
             .map_err(|e| Error::io(format!("TCP_NODELAY on {endpoint}"), e))?;
-        Self::start(Sock::Tcp(s), endpoint, service, method_hash)
+        Self::start(Sock::Tcp(s), endpoint, service)
     }
 
     /// Connects to a stream server's Unix socket and checks the service.
-    pub fn connect_unix(path: impl AsRef<Path>, service: &str, method_hash: u64) -> Result<Arc<Self>> {
+    pub fn connect_unix(path: impl AsRef<Path>, service: ServiceTable) -> Result<Arc<Self>> {
         let endpoint = path.as_ref().display().to_string();
         let s = UnixStream::connect(path.as_ref()).map_err(|e| Error::io(format!("connect to {endpoint}"), e))?;
-        Self::start(Sock::Unix(s), endpoint, service, method_hash)
+        Self::start(Sock::Unix(s), endpoint, service)
     }
 
-    fn start(mut sock: Sock, endpoint: String, service: &str, method_hash: u64) -> Result<Arc<Self>> {
+    fn start(mut sock: Sock, endpoint: String, (service, method_hash, methods): ServiceTable) -> Result<Arc<Self>> {
         let io = |what: &str, e| Error::io(format!("{what} {endpoint}"), e);
         sock.set_timeouts(Some(Duration::from_secs(5)))
             .map_err(|e| io("configure", e))?;
@@ -131,16 +135,20 @@ impl StreamChannel {
         };
         sock.write_all(&hello.encode())
             .map_err(|e| io("send the hello to", e))?;
-        let mut m = [0u8; MESSAGE_LEN];
-        sock.read_exact(&mut m).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Error::HandshakeClosed {
-                stage: "waiting for the server's welcome",
-            },
-            _ => io("read the welcome from", e),
-        })?;
-        let reply = Hello::decode(&m, &endpoint)?;
+        let mut next = |stage: &'static str| {
+            let mut m = [0u8; MESSAGE_LEN];
+            sock.read_exact(&mut m).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::HandshakeClosed { stage },
+                _ => io("read the handshake from", e),
+            })?;
+            Hello::decode(&m, &endpoint)
+        };
+        let reply = next("waiting for the server's welcome")?;
         match reply.kind {
-            Kind::Reject => return Err(reply.reject_error(&hello)),
+            Kind::Reject => {
+                let table = || next("reading the server's method table");
+                return Err(rpal_core::handshake::rejection(&reply, &hello, methods, table));
+            }
             Kind::Welcome => rpal_core::handshake::check_compatible(&reply, &hello)?,
             _ => {
                 return Err(Error::NotRpal {

@@ -18,7 +18,7 @@ mod client;
 mod frame;
 mod server;
 
-pub use client::StreamChannel;
+pub use client::{ServiceTable, StreamChannel};
 pub use server::{StreamServer, serve_stream};
 
 /// Fuzzing entry (see `rpal_core::fuzz`): the stream frame decoder over

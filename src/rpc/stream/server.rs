@@ -17,7 +17,7 @@ use super::super::{Dispatch, Dispatched, HandlerFuture};
 use super::StreamLimits;
 use super::frame::{FRAME_HEADER, decode_header, finish_frame};
 use rpal_core::error::{Error, RemoteStatus, Result};
-use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN, RejectCode};
+use rpal_core::handshake::{Hello, Kind, MESSAGE_LEN, MethodInfo, RejectCode};
 use rpal_core::{PeerId, Quota, budget_of};
 
 /// A running stream server: TCP and/or Unix-stream listeners on a small
@@ -170,7 +170,13 @@ where
     let _live = Live(live.clone());
     let full = live.fetch_add(1, Ordering::Relaxed) >= limits.connections;
     let refuse = full.then(|| Quota::StreamConnections.exceeded(limits.connections as u64));
-    let hello = stream_handshake(&mut s, &peer, D::SERVICE, D::METHOD_HASH, limits.handshake, refuse);
+    let hello = stream_handshake(
+        &mut s,
+        &peer,
+        (D::SERVICE, D::METHOD_HASH, D::METHODS),
+        limits.handshake,
+        refuse,
+    );
     if let Err(e) = hello.await {
         tracing::debug!(%peer, %e, "stream handshake failed");
         return;
@@ -358,8 +364,7 @@ async fn answer_later<W>(
 async fn stream_handshake<S>(
     s: &mut S,
     peer: &str,
-    service: &str,
-    method_hash: u64,
+    (service, method_hash, methods): (&str, u64, &[MethodInfo]),
     deadline: Duration,
     refuse: Option<Error>,
 ) -> Result<()>
@@ -395,24 +400,34 @@ where
         text: service.to_owned(),
         ..Hello::new(Kind::Welcome)
     };
-    let answer = match rpal_core::handshake::check_compatible(
+    let check = rpal_core::handshake::check_compatible(
         &theirs,
         &Hello {
             kind: Kind::Hello,
             ..ours.clone()
         },
-    ) {
-        Ok(()) => Ok(ours.clone()),
+    );
+    // The answer, and for a method-table mismatch our table after it.
+    let (msgs, res) = match check {
+        Ok(()) => (vec![ours], Ok(())),
         Err(e @ Error::ServiceMismatch { .. }) => {
-            let text = format!("{} (methods {:#x})", service, method_hash);
-            Err((Hello::reject(RejectCode::ServiceMismatch, 0, 0, &text), e))
+            (vec![Hello::reject(RejectCode::ServiceMismatch, 0, 0, service)], Err(e))
         }
-        Err(e) => Err((Hello::reject(RejectCode::Other, 0, 0, &e.to_string()), e)),
+        Err(e @ Error::MethodTableMismatch { .. }) => {
+            let (reject, table) = rpal_core::handshake::table_reject(&ours, methods);
+            (std::iter::once(reject).chain(table).collect(), Err(e))
+        }
+        Err(e @ Error::VersionMismatch { .. }) => (
+            vec![Hello::reject(RejectCode::VersionMismatch, ours.version as u64, 0, "")],
+            Err(e),
+        ),
+        Err(e @ Error::LayoutMismatch { .. }) => (
+            vec![Hello::reject(RejectCode::LayoutMismatch, ours.layout_hash, 0, "")],
+            Err(e),
+        ),
+        Err(e) => (vec![Hello::reject(RejectCode::Other, 0, 0, &e.to_string())], Err(e)),
     };
-    let (msg, res) = match answer {
-        Ok(h) => (h, Ok(())),
-        Err((h, e)) => (h, Err(e)),
-    };
-    let _ = tokio::time::timeout(deadline, s.write_all(&msg.encode())).await;
+    let bytes: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();
+    let _ = tokio::time::timeout(deadline, s.write_all(&bytes)).await;
     res
 }

@@ -1,5 +1,7 @@
 // The derive's output must not rely on the prelude or on names in scope.
 #![no_implicit_prelude]
+#![deny(warnings)]
+#![allow(dead_code)] // the structs exist to be derived
 
 #[repr(C)]
 #[derive(::rpal::ShmSafe)]

@@ -2,12 +2,17 @@
 //! scope, and every item it generates must have a doc comment.
 #![no_implicit_prelude]
 #![deny(missing_docs)]
+// A warning in the generated code fails this test.
+#![deny(warnings)]
 
+/// Two numbers (public: the service trait that carries it is).
 #[repr(C)]
 #[derive(::rpal::ShmSafe, Clone, Copy)]
-struct Pair {
-    a: u64,
-    b: u64,
+pub struct Pair {
+    /// One.
+    pub a: u64,
+    /// The other.
+    pub b: u64,
 }
 
 /// A service using every kind of argument and result.

@@ -3,9 +3,9 @@
 #[rpal::service]
 pub trait Clash {
     /// One.
-    fn m24b8(&self);
+    fn ma6e3(&self);
     /// The other.
-    fn m34f12(&self);
+    fn mbe0c(&self);
 }
 
 fn main() {}
