@@ -47,7 +47,8 @@ pub use rpal_macros::service;
 pub use host::{Host, HostBuilder};
 pub use rpal_core::{
     Arena, DoorbellSnapshot, Error, LentQuota, PeerCred, PeerId, PeerMem, PeerPolicy, PeerRegion, PkeyStatus, Quota,
-    Quotas, RemoteStatus, Result, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk, WalkLimits,
+    Quotas, RemoteStatus, Result, ServiceError, ShmBox, ShmSafe, ShmSlice, ShmString, ShmVec, WaitConfig, Walk,
+    WalkLimits,
 };
 pub use rpal_core::{ClientOptions, ServerOptions};
 pub use rpal_poller::{BackendChoice, PollerConfig, PollerSnapshot, PollerState, Serving};
@@ -103,7 +104,7 @@ pub mod __private {
 /// What a service needs: the macros, the shm types, the host, errors.
 pub mod prelude {
     pub use crate::{
-        Error, Host, PollerConfig, RemoteStatus, Result, Returned, ServiceId, ShmBox, ShmSafe, ShmSlice, ShmString,
-        ShmVec, service,
+        Error, Host, PollerConfig, RemoteStatus, Result, Returned, ServiceError, ServiceId, ShmBox, ShmSafe, ShmSlice,
+        ShmString, ShmVec, service,
     };
 }

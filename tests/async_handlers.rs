@@ -83,7 +83,7 @@ impl Jobs for JobsImpl {
     }
     async fn boom_later(&self) {
         tokio::task::yield_now().await;
-        panic!("the async handler panicked on purpose");
+        common::quiet_panic("the async handler panicked on purpose");
     }
     async fn stall(&self, _tag: u64) {
         let _count = CountOnDrop(self.stopped.clone());
@@ -220,8 +220,10 @@ fn async_handlers_run_concurrently_beside_sync_ones() {
                 e,
                 Error::Remote {
                     status: RemoteStatus::HandlerPanicked,
-                    method: JobsService::BOOM_LATER
-                }
+                    method: JobsService::BOOM_LATER,
+                    ref name,
+                    ref message,
+                } if name == "boom_later" && message == "the async handler panicked on purpose"
             ),
             "{t:?}: {e}"
         );

@@ -187,7 +187,8 @@ fn remote_errors_and_timeouts_fail_one_call() {
                 e,
                 Error::Remote {
                     method: 77,
-                    status: RemoteStatus::UnknownMethod
+                    status: RemoteStatus::UnknownMethod,
+                    ..
                 }
             ),
             "{e}"

@@ -80,7 +80,7 @@ impl Kv for KvImpl {
         ms
     }
     fn boom(&self) {
-        panic!("the handler panicked on purpose");
+        common::quiet_panic("the handler panicked on purpose");
     }
     fn arena(&self) -> ArenaUse {
         let s = Arena::global().expect("arena").stats();
@@ -184,8 +184,10 @@ fn typed_calls_over_every_transport() {
                 e,
                 Error::Remote {
                     status: RemoteStatus::HandlerPanicked,
-                    method: KvService::BOOM
-                }
+                    method: KvService::BOOM,
+                    ref name,
+                    ref message,
+                } if name == "boom" && message == "the handler panicked on purpose"
             ),
             "{t:?}: {e}"
         );

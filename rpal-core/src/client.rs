@@ -191,10 +191,7 @@ impl Client {
     /// The call id for a new message of `method` (the reserved close id is refused).
     fn next_id(&mut self, method: u32) -> Result<u64> {
         if method == METHOD_CLOSE {
-            return Err(Error::Remote {
-                method,
-                status: RemoteStatus::UnknownMethod,
-            });
+            return Err(Error::remote(method, RemoteStatus::UnknownMethod.code(), &[]));
         }
         self.next_call += 1;
         Ok(self.next_call - 1)
@@ -250,10 +247,7 @@ impl Client {
                 });
             }
             if msg.status != 0 {
-                return Err(Error::Remote {
-                    method,
-                    status: RemoteStatus::from_code(msg.status),
-                });
+                return Err(Error::remote(method, msg.status, msg.body));
             }
             let read = read.take().expect("a reply is read once");
             let out = read(msg.body, self.conn.peer.region.mem(&access));

@@ -27,9 +27,92 @@ pub enum RemoteStatus {
     /// server (deferred calls in flight, lent memory); it was not run, or
     /// its result was dropped.
     QuotaExceeded(Quota),
+    /// The handler returned an error with this code (see
+    /// [`ServiceError::code`]); its message is in [`Error::Remote`].
+    Failed(u32),
     /// A status code this version does not know.
     Other(u32),
 }
+
+impl std::fmt::Display for RemoteStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownMethod => f.write_str("the server has no such method"),
+            Self::BadRequest => f.write_str("the server could not read the arguments"),
+            Self::HandlerPanicked => f.write_str("the handler panicked"),
+            Self::BadReply => f.write_str("the handler's reply could not be sent"),
+            Self::DeadlineExceeded => f.write_str("the call's deadline passed on the server"),
+            Self::QuotaExceeded(q) => write!(f, "over the server's quota of {q}"),
+            Self::Failed(code) => write!(f, "the handler returned error {code}"),
+            Self::Other(c) => write!(f, "status {c:#x}"),
+        }
+    }
+}
+
+/// An error a handler may return to its caller: its `Display` text and
+/// [`ServiceError::code`] cross the boundary, and the caller gets them in
+/// [`Error::Remote`] (with [`RemoteStatus::Failed`]).
+pub trait ServiceError: std::fmt::Display {
+    /// The code the caller sees, below 2^30 (higher bits are dropped).
+    /// The default is 1.
+    fn code(&self) -> u32 {
+        1
+    }
+}
+
+/// rpal's own errors in a handler (an arena that is full, say) reach the
+/// caller with code 0 and their message.
+impl ServiceError for Error {
+    fn code(&self) -> u32 {
+        0
+    }
+}
+
+/// The longest message an error reply carries; longer ones are cut.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
+thread_local! {
+    /// The message of the error reply the serving thread is about to write:
+    /// set by the handler's side just before it returns an error status, on
+    /// the thread that writes the reply, and taken by that write.
+    static FAILURE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records `msg` for the error reply this thread writes next.
+pub fn set_failure_message(msg: String) {
+    FAILURE.with(|f| *f.borrow_mut() = Some(msg));
+}
+
+/// Takes the message recorded by [`set_failure_message`], if any.
+pub fn take_failure_message() -> Option<String> {
+    FAILURE.with(|f| f.borrow_mut().take())
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// Copies `msg` into `buf` (cut at [`MAX_ERROR_MESSAGE`], the buffer's
+/// length, and a character boundary) and returns how many bytes it took.
+pub fn put_message(buf: &mut [u8], msg: &str) -> usize {
+    let mut n = msg.len().min(MAX_ERROR_MESSAGE).min(buf.len());
+    while !msg.is_char_boundary(n) {
+        n -= 1;
+    }
+    buf[..n].copy_from_slice(&msg.as_bytes()[..n]);
+    n
+}
+
+/// Handler error codes travel as `HANDLER_BASE | code`.
+const HANDLER_BASE: u32 = 0x4000_0000;
+const HANDLER_MASK: u32 = 0x3fff_ffff;
 
 /// Status codes `QUOTA_BASE + quota code` name the quota a call hit.
 const QUOTA_BASE: u32 = 0x100;
@@ -44,6 +127,7 @@ impl RemoteStatus {
             Self::BadReply => 4,
             Self::DeadlineExceeded => 5,
             Self::QuotaExceeded(q) => QUOTA_BASE + q.code(),
+            Self::Failed(c) => HANDLER_BASE | (c & HANDLER_MASK),
             Self::Other(c) => c,
         }
     }
@@ -56,6 +140,7 @@ impl RemoteStatus {
             3 => Self::HandlerPanicked,
             4 => Self::BadReply,
             5 => Self::DeadlineExceeded,
+            c if c & !HANDLER_MASK == HANDLER_BASE => Self::Failed(c & HANDLER_MASK),
             c => match c.checked_sub(QUOTA_BASE).and_then(Quota::from_code) {
                 Some(q) => Self::QuotaExceeded(q),
                 None => Self::Other(c),
@@ -292,13 +377,23 @@ pub enum Error {
     /// A wait passed its deadline.
     #[error("timed out after {0:?}; the peer may be overloaded or hung")]
     Timeout(Duration),
-    /// The server answered the call with an error status.
-    #[error("method {method:#x} failed on the server: {status:?}")]
+    /// The server answered the call with an error status: the handler
+    /// returned an error ([`RemoteStatus::Failed`]), panicked, or the call
+    /// could not run.
+    #[error(
+        "{} failed on the server: {status}{}",
+        if .name.is_empty() { format!("method {method:#x}") } else { format!("`{name}`") },
+        if .message.is_empty() { String::new() } else { format!(": {message}") }
+    )]
     Remote {
         /// Method id of the call.
         method: u32,
+        /// The method's name (empty when called by id, through the raw API).
+        name: String,
         /// What the server reported.
         status: RemoteStatus,
+        /// The handler's error message, or the panic's; may be empty.
+        message: String,
     },
     /// A stream connection (TCP, Unix stream) broke or was closed while
     /// calls were in flight; the peer may have died or hung up.
@@ -345,6 +440,48 @@ pub(crate) fn list_diffs(methods: &[crate::handshake::MethodDiff]) -> String {
 }
 
 impl Error {
+    /// The error for a reply with status `code` to `method`, whose body is
+    /// the server's message (cut and made UTF-8, lossily: a peer wrote it).
+    pub fn remote(method: u32, code: u32, body: &[u8]) -> Self {
+        let body = &body[..body.len().min(MAX_ERROR_MESSAGE)];
+        Self::Remote {
+            method,
+            name: String::new(),
+            status: RemoteStatus::from_code(code),
+            message: String::from_utf8_lossy(body).into_owned(),
+        }
+    }
+
+    /// This error, naming `method` if it is a [`Error::Remote`] without a name.
+    pub fn in_method(self, method: &str) -> Self {
+        match self {
+            Self::Remote {
+                method: id,
+                name,
+                status,
+                message,
+            } if name.is_empty() => Self::Remote {
+                method: id,
+                name: method.to_owned(),
+                status,
+                message,
+            },
+            e => e,
+        }
+    }
+
+    /// The code and message of an error the handler returned, if this is one.
+    pub fn handler_error(&self) -> Option<(u32, &str)> {
+        match self {
+            Self::Remote {
+                status: RemoteStatus::Failed(code),
+                message,
+                ..
+            } => Some((*code, message)),
+            _ => None,
+        }
+    }
+
     /// Wraps an OS error with a description of the operation.
     pub fn io(op: impl Into<String>, source: io::Error) -> Self {
         Self::Io { op: op.into(), source }

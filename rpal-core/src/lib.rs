@@ -45,7 +45,7 @@ pub use conn::{
 pub use cred::{PeerCred, PeerId};
 pub use deferred::{Completion, Deferred, Filled};
 pub use doorbell::{DoorbellSnapshot, WaitConfig};
-pub use error::{Error, RemoteStatus, Result};
+pub use error::{Error, RemoteStatus, Result, ServiceError};
 pub use handshake::{PROTOCOL_VERSION, PeerPolicy};
 pub use pkey::PkeyStatus;
 pub use quota::{LentQuota, Quota, Quotas};

@@ -31,8 +31,12 @@ struct Method {
     name: Ident,
     docs: Vec<syn::Attribute>,
     args: Vec<Arg>,
-    /// `None`: returns `()`.
+    /// `None`: returns `()`. For a fallible method, the success type.
     ret: Option<(Type, Kind)>,
+    /// The return type as written (`Result<T, E>` for a fallible method).
+    written_ret: Option<Type>,
+    /// A fallible method's error type (`rpal::Error` for `rpal::Result<T>`).
+    error: Option<Type>,
     /// `name(types)->ret`, hashed into the method id.
     sig: String,
     /// Declared `async fn`: the handler returns a future, run on tokio.
@@ -161,11 +165,20 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
             Err(e) => bad_type.push(e),
         }
     }
-    let ret = match &sig.output {
+    let written_ret = match &sig.output {
         ReturnType::Default => None,
-        ReturnType::Type(_, ty) if matches!(&**ty, Type::Tuple(t) if t.elems.is_empty()) => None,
-        ReturnType::Type(_, ty) => match classify(ty) {
-            Ok(kind) => Some(((**ty).clone(), kind)),
+        ReturnType::Type(_, ty) => Some((**ty).clone()),
+    };
+    // `Result<T, E>` or `rpal::Result<T>`: a fallible method returning T.
+    let (success, error) = match written_ret.as_ref().map(fallible) {
+        Some(Some((t, e))) => (Some(t), Some(e)),
+        _ => (written_ret.clone(), None),
+    };
+    let ret = match success {
+        None => None,
+        Some(Type::Tuple(t)) if t.elems.is_empty() => None,
+        Some(ty) => match classify(&ty) {
+            Ok(kind) => Some((ty, kind)),
             Err(e) => {
                 bad_type.push(e);
                 None
@@ -188,8 +201,30 @@ fn parse_method(f: &syn::TraitItemFn, errors: &mut Errors) -> Option<Method> {
         sig: text,
         args,
         ret,
+        written_ret,
+        error,
         is_async: sig.asyncness.is_some(),
     })
+}
+
+/// The success and error types of a `Result<T, E>` (or of a one-argument
+/// `Result<T>`, taken to be `rpal::Result<T>`).
+fn fallible(ty: &Type) -> Option<(Type, Type)> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if seg.ident != "Result" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(a) = &seg.arguments else {
+        return None;
+    };
+    let mut types = a.args.iter().filter_map(|g| match g {
+        GenericArgument::Type(t) => Some(t.clone()),
+        _ => None,
+    });
+    let ok = types.next()?;
+    let err = types.next().unwrap_or_else(|| syn::parse_quote!(::rpal::Error));
+    types.next().is_none().then_some((ok, err))
 }
 
 /// The one generic argument of `ShmBox<T>`-like paths.
@@ -288,11 +323,10 @@ fn handler_trait(s: &Service) -> TokenStream {
         });
         let ret = if m.is_async {
             // Implement it with `async fn`; the future must be `Send` to run on tokio.
-            let out = m.ret.as_ref().map_or_else(|| quote!(()), |(t, _)| quote!(#t));
+            let out = m.written_ret.as_ref().map_or_else(|| quote!(()), |t| quote!(#t));
             quote!(-> impl ::core::future::Future<Output = #out> + ::core::marker::Send)
         } else {
-            let t = m.ret.as_ref().map(|(t, _)| t);
-            t.map(|t| quote!(-> #t)).unwrap_or_default()
+            m.written_ret.as_ref().map(|t| quote!(-> #t)).unwrap_or_default()
         };
         let how = if m.is_async {
             " Async: runs on the host's tokio runtime, so it may wait without holding up other calls; implement it with `async fn`."
@@ -428,6 +462,17 @@ fn dispatcher(s: &Service) -> TokenStream {
                 reply.lent::<#ty>(out, peer).map_err(::rpal::__private::lend_status)?;
             ),
         };
+        let unwrap_async = m.error.as_ref().map(|e| {
+            quote_spanned!(e.span()=>
+                #[allow(clippy::let_unit_value)] // a method returning `Result<(), E>`
+                let out = match out {
+                    ::core::result::Result::Ok(v) => v,
+                    ::core::result::Result::Err(e) => {
+                        return ::core::result::Result::Ok(::rpal::__private::Reply::failed::<#e>(&e));
+                    }
+                };
+            )
+        });
         if m.is_async {
             // The request record is reused once we return: the future owns
             // a copy of the arguments (pointer arguments still point into
@@ -441,6 +486,7 @@ fn dispatcher(s: &Service) -> TokenStream {
                         #(#reads)*
                         ::rpal::__private::args_done(args)?;
                         let out = #name::#mname(&this.handler, #(#names),*).await;
+                        #unwrap_async
                         ::core::result::Result::Ok(::rpal::__private::Reply::new(move |reply, peer| {
                             let _ = (&reply, peer);
                             #write
@@ -450,11 +496,23 @@ fn dispatcher(s: &Service) -> TokenStream {
                 }
             }
         } else {
+            let unwrap = m.error.as_ref().map(|e| {
+                quote_spanned!(e.span()=>
+                    #[allow(clippy::let_unit_value)] // a method returning `Result<(), E>`
+                    let out = match out {
+                        ::core::result::Result::Ok(v) => v,
+                        ::core::result::Result::Err(e) => {
+                            return ::core::result::Result::Err(::rpal::__private::failed::<#e>(&e));
+                        }
+                    };
+                )
+            });
             quote! {
                 #svc::#c => {
                     #(#reads)*
                     ::rpal::__private::args_done(args)?;
                     let out = #name::#mname(&this.handler, #(#names),*);
+                    #unwrap
                     #write
                     ::core::result::Result::Ok(::rpal::__private::Dispatched::Done)
                 }
@@ -519,6 +577,7 @@ fn client(s: &Service) -> TokenStream {
         let c = const_ident(m);
         let Method { name: mname, docs, .. } = m;
         let mname_async = format_ident!("{}_async", mname);
+        let mname_str = mname.to_string();
         let params: Vec<TokenStream> = m
             .args
             .iter()
@@ -571,12 +630,12 @@ fn client(s: &Service) -> TokenStream {
         quote! {
             #(#docs)*
             pub fn #mname(&self, #(#params),*) -> ::rpal::Result<#ret_ty> {
-                self.channel.call(#call)
+                self.channel.call(#call).map_err(::rpal::__private::named(#mname_str))
             }
 
             #[doc = #async_doc]
             pub async fn #mname_async(&self, #(#params),*) -> ::rpal::Result<#ret_ty> {
-                self.channel.call_async(#call).await
+                self.channel.call_async(#call).await.map_err(::rpal::__private::named(#mname_str))
             }
         }
     });

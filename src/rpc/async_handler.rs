@@ -24,10 +24,53 @@ impl Reply {
         Self(Box::new(write))
     }
 
+    /// The reply of a handler that returned the error `e`: its code and
+    /// message, written when the reply is.
+    pub fn failed<E: HandlerError + ?Sized>(e: &E) -> Self {
+        let (status, message) = (RemoteStatus::Failed(e.code()), e.to_string());
+        Self::new(move |_, _| {
+            rpal_core::error::set_failure_message(message);
+            Err(status)
+        })
+    }
+
     /// Writes the reply body.
     pub fn write(self, w: &mut Writer<'_>, peer: PeerId) -> Result<(), RemoteStatus> {
         (self.0)(w, peer)
     }
+}
+
+/// The error type of a fallible service method: what
+/// [`ServiceError`](rpal_core::ServiceError) asks, named for the message a
+/// type that is not one gets.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the error of a service method",
+    label = "does not implement `rpal::ServiceError`",
+    note = "its message and code cross to the caller: implement `Display` and `rpal::ServiceError` (whose `code` defaults to 1) for `{Self}`, or return `rpal::Result<T>`"
+)]
+pub trait HandlerError: std::fmt::Display {
+    /// [`ServiceError::code`](rpal_core::ServiceError::code).
+    fn code(&self) -> u32;
+}
+
+impl<E: rpal_core::ServiceError + ?Sized> HandlerError for E {
+    fn code(&self) -> u32 {
+        rpal_core::ServiceError::code(self)
+    }
+}
+
+/// The status of a sync handler that returned the error `e`, its message
+/// recorded for the reply this thread writes next.
+#[cold]
+pub fn failed<E: HandlerError + ?Sized>(e: &E) -> RemoteStatus {
+    rpal_core::error::set_failure_message(e.to_string());
+    RemoteStatus::Failed(e.code())
+}
+
+/// Names the method of a failed call (for generated clients).
+#[cold]
+pub fn named(method: &'static str) -> impl FnOnce(rpal_core::Error) -> rpal_core::Error {
+    move |e| e.in_method(method)
 }
 
 /// The future of an async handler: resolves to its reply.
@@ -115,10 +158,16 @@ pub(crate) struct Guarded<F> {
 }
 
 impl<F: Future + Unpin> Future for Guarded<F> {
-    type Output = F::Output;
+    /// The future's output, or its panic's message.
+    type Output = std::result::Result<F::Output, String>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let _access = self.region.as_ref().map(|r| r.access_only());
-        Pin::new(&mut self.fut).poll(cx)
+        let fut = &mut self.fut;
+        // A panicking handler is not polled again: the caller gets its message.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(fut).poll(cx))) {
+            Ok(p) => p.map(Ok),
+            Err(p) => Poll::Ready(Err(rpal_core::error::panic_message(&*p))),
+        }
     }
 }

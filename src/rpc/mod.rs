@@ -17,7 +17,7 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use async_handler::{Dispatched, HandlerFuture, OwnedArgs, Reply, async_dispatch};
+pub use async_handler::{Dispatched, HandlerError, HandlerFuture, OwnedArgs, Reply, async_dispatch, failed, named};
 #[doc(hidden)]
 pub use rpal_core::Client;
 pub use rpal_core::PeerId;
@@ -177,7 +177,11 @@ impl<D: Dispatch> ShmHandler<D> {
             // A panic here drops `deferred` unanswered: the caller gets
             // HandlerPanicked.
             match guarded.await {
-                Ok(r) => deferred.complete(Box::new(move |buf| {
+                Err(message) => deferred.complete(Box::new(move |_| {
+                    rpal_core::error::set_failure_message(message);
+                    Err(RemoteStatus::HandlerPanicked)
+                })),
+                Ok(Ok(r)) => deferred.complete(Box::new(move |buf| {
                     let mut w = Writer::fixed(buf);
                     if let Err(status) = r.write(&mut w, peer) {
                         w.take_back(peer);
@@ -185,7 +189,7 @@ impl<D: Dispatch> ShmHandler<D> {
                     }
                     w.finish_reply(peer).ok_or(RemoteStatus::BadReply)
                 })),
-                Err(status) => deferred.fail(status),
+                Ok(Err(status)) => deferred.fail(status),
             }
         });
         // The poller aborts the task if the caller's budget passes or the

@@ -27,7 +27,7 @@ use super::{ReplyCtx, Sink};
 use rpal_core::INLINE_CAPACITY;
 use rpal_core::client::Client;
 use rpal_core::doorbell::{self, WaitConfig};
-use rpal_core::error::{Error, RemoteStatus, Result};
+use rpal_core::error::{Error, Result};
 use rpal_core::sys;
 use rpal_core::wait;
 use rpal_core::{PeerMem, PeerRegion};
@@ -399,10 +399,7 @@ impl ShmChannel {
         read: impl FnOnce(&mut Reader<'_>, &ReplyCtx<'_>) -> Result<R>,
     ) -> Result<R> {
         if status != 0 {
-            return Err(Error::Remote {
-                method: 0,
-                status: RemoteStatus::from_code(status),
-            });
+            return Err(Error::remote(0, status, body));
         }
         let copies = Scratch::default();
         let mut r = Reader::shm(body, mem, &copies);
@@ -748,7 +745,14 @@ impl Sink for Arc<ShmChannel> {
 
 fn fix_method<R>(r: Result<R>, method: u32) -> Result<R> {
     match r {
-        Err(Error::Remote { status, .. }) => Err(Error::Remote { method, status }),
+        Err(Error::Remote {
+            status, name, message, ..
+        }) => Err(Error::Remote {
+            method,
+            name,
+            status,
+            message,
+        }),
         r => r,
     }
 }

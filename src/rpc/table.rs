@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicU32;
 use std::task::Waker;
 
-use rpal_core::error::{Error, RemoteStatus, Result};
+use rpal_core::error::{Error, Result};
 use rpal_core::{LentTable, doorbell, sys};
 
 /// A reply body copied out of the transport, 16-byte aligned.
@@ -331,10 +331,7 @@ impl Table {
         slot.done = Some(if status == 0 {
             Ok(body())
         } else {
-            Err(Error::Remote {
-                method: slot.method,
-                status: RemoteStatus::from_code(status),
-            })
+            Err(Error::remote(slot.method, status, body().bytes()))
         });
         slot.waiter.wake();
         Ok(true)

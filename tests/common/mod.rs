@@ -180,3 +180,25 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Panics with `msg`, which must end with "on purpose", without the
+/// panic hook's report and backtrace: a test that panics to see what its
+/// caller gets keeps the output clean. Other panics are still reported.
+pub fn quiet_panic(msg: &str) -> ! {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    assert!(msg.ends_with("on purpose"), "a quiet panic says it is on purpose");
+    HOOK.call_once(|| {
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let payload = info.payload();
+            let text = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
+            if !text.is_some_and(|t| t.ends_with("on purpose")) {
+                report(info);
+            }
+        }));
+    });
+    std::panic::panic_any(msg.to_owned())
+}

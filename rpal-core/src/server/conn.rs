@@ -59,11 +59,17 @@ fn fill_reply(
     method: u32,
     r: std::thread::Result<std::result::Result<Filled, RemoteStatus>>,
 ) -> usize {
+    // An error reply's body is its message: the handler's, or the panic's.
+    let message = crate::error::take_failure_message();
+    let body = &mut buf[MSG_HEADER..];
     let (n, status) = match r {
         Ok(Ok(f)) if f.len <= INLINE_CAPACITY => (f.len, if f.lends { FLAG_LENDS } else { 0 }),
         Ok(Ok(_)) => (0, RemoteStatus::BadReply.code()),
-        Ok(Err(s)) => (0, s.code()),
-        Err(_) => (0, RemoteStatus::HandlerPanicked.code()),
+        Ok(Err(s)) => (message.map_or(0, |m| crate::error::put_message(body, &m)), s.code()),
+        Err(p) => (
+            crate::error::put_message(body, &crate::error::panic_message(&*p)),
+            RemoteStatus::HandlerPanicked.code(),
+        ),
     };
     put_header(buf, call_id, method, status);
     MSG_HEADER + n

@@ -24,11 +24,9 @@ pub(super) fn decode_header(h: &[u8; FRAME_HEADER]) -> (usize, u64, u32, u32) {
     )
 }
 
-/// Fills in a reply frame's header; a failed call carries no body.
-pub(super) fn finish_frame(frame: &mut Vec<u8>, id: u64, method: u32, status: u32) {
-    if status != 0 {
-        frame.truncate(FRAME_HEADER);
-    }
+/// Fills in a reply frame's header; a failed call's body is its message.
+pub(super) fn finish_frame(frame: &mut [u8], id: u64, method: u32, status: u32) {
+    // An error frame's body is its message, which `error_body` wrote.
     let n = frame.len() - FRAME_HEADER;
     encode_header(frame, n, id, method, status);
 }

@@ -226,8 +226,12 @@ where
                 later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone(), limits.io));
                 continue;
             }
-            Ok(Err(s)) => s.code(),
-            Err(_) => RemoteStatus::HandlerPanicked.code(),
+            Ok(Err(s)) => error_body(&mut reply, s, rpal_core::error::take_failure_message()),
+            Err(p) => error_body(
+                &mut reply,
+                RemoteStatus::HandlerPanicked,
+                Some(rpal_core::error::panic_message(&*p)),
+            ),
         };
         finish_frame(&mut reply, id, method, status);
         if write_within(&wr, &reply, limits.io).await.is_err() {
@@ -298,6 +302,18 @@ async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
+/// Makes `frame` an error reply: its body is `message` (cut), if any.
+/// Returns the status code.
+fn error_body(frame: &mut Vec<u8>, status: RemoteStatus, message: Option<String>) -> u32 {
+    frame.truncate(FRAME_HEADER);
+    if let Some(m) = message {
+        let mut buf = [0u8; rpal_core::error::MAX_ERROR_MESSAGE];
+        let n = rpal_core::error::put_message(&mut buf, &m);
+        frame.extend_from_slice(&buf[..n]);
+    }
+    status.code()
+}
+
 /// Answers call `id` with `status` and no body.
 async fn write_status<W: tokio::io::AsyncWrite + Unpin>(
     wr: &tokio::sync::Mutex<W>,
@@ -349,11 +365,14 @@ async fn answer_later<W>(
             let mut w = Writer::stream(&mut frame);
             match r.write(&mut w, PeerId::default()) {
                 Ok(()) => 0,
-                Err(s) => s.code(),
+                Err(s) => error_body(&mut frame, s, rpal_core::error::take_failure_message()),
             }
         }
-        Ok(Err(s)) => s.code(),
-        Err(_) => RemoteStatus::HandlerPanicked.code(),
+        Ok(Err(s)) => error_body(&mut frame, s, None),
+        Err(e) => {
+            let message = e.try_into_panic().ok().map(|p| rpal_core::error::panic_message(&*p));
+            error_body(&mut frame, RemoteStatus::HandlerPanicked, message)
+        }
     };
     finish_frame(&mut frame, id, method, status);
     let _ = write_within(&wr, &frame, io).await;
