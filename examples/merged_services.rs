@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use rpal::prelude::*;
 
+/// How long a process waits for the one it calls to start serving.
+const START_WAIT: Duration = Duration::from_secs(10);
+
 const CALLS: usize = 10_000;
 
 /// A user record.
@@ -97,17 +100,6 @@ impl Gateway for GatewayImpl {
     }
 }
 
-fn retry<T>(mut f: impl FnMut() -> rpal::Result<T>) -> rpal::Result<T> {
-    let t0 = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if t0.elapsed() > Duration::from_secs(10) => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
-        }
-    }
-}
-
 /// One service process: `role` in `dir`, calling downstream over `transport`.
 /// Prints `ready <tcp port>` once it serves.
 fn run_service(
@@ -120,9 +112,9 @@ fn run_service(
     macro_rules! downstream {
         ($client:ident, $name:literal) => {
             if transport == "tcp" {
-                retry(|| $client::connect_tcp(("127.0.0.1", downstream_port)))?
+                $client::connect_tcp_waiting(("127.0.0.1", downstream_port), START_WAIT)?
             } else {
-                retry(|| $client::connect(dir.join(concat!($name, ".sock"))))?
+                $client::connect_waiting(dir.join(concat!($name, ".sock")), START_WAIT)?
             }
         };
     }
@@ -224,7 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let gateway = if transport == "tcp" {
             GatewayClient::connect_tcp(("127.0.0.1", port))?
         } else {
-            retry(|| GatewayClient::connect(dir.join("gateway.sock")))?
+            GatewayClient::connect_waiting(dir.join("gateway.sock"), START_WAIT)?
         };
         let pids: Vec<u32> = chain.0.iter().map(Child::id).collect();
         results.push((transport, time_chain(&gateway)?, pids));

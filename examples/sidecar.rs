@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use rpal::prelude::*;
 
+/// How long a process waits for the one it calls to start serving.
+const START_WAIT: Duration = Duration::from_secs(10);
+
 const REQUESTS: u64 = 20_000;
 
 /// What the app reports about itself.
@@ -101,7 +104,7 @@ fn run_sidecar(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .start()?;
     println!("ready");
     // Call the app back every few milliseconds while it runs.
-    let app = retry(|| AppClient::connect(dir.join("app.sock")))?.with_timeout(Duration::from_secs(1));
+    let app = AppClient::connect_waiting(dir.join("app.sock"), START_WAIT)?.with_timeout(Duration::from_secs(1));
     while let Ok(h) = app.health() {
         CHECKS.fetch_add(1, Ordering::Relaxed);
         let limit = if h.queue_len > 100 { 500 } else { 1_000 };
@@ -122,17 +125,6 @@ impl App for &'static AppState {
         Health {
             queue_len: 0,
             served: self.served.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn retry<T>(mut f: impl FnMut() -> rpal::Result<T>) -> rpal::Result<T> {
-    let t0 = Instant::now();
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(e) if t0.elapsed() > Duration::from_secs(10) => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 }
@@ -171,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if line.trim() != "ready" {
         return Err("the sidecar did not start".into());
     }
-    let sidecar = retry(|| SidecarClient::connect(dir.join("sidecar.sock")))?;
+    let sidecar = SidecarClient::connect_waiting(dir.join("sidecar.sock"), START_WAIT)?;
 
     let mut log = ShmString::new();
     let (mut allowed, mut denied) = (0u64, 0u64);

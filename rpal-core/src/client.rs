@@ -1,5 +1,6 @@
 //! The calling side of a connection.
 
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::AtomicU32;
@@ -51,6 +52,9 @@ impl ClientOptions {
 /// messages may be pipelined.
 pub struct Client {
     conn: Conn,
+    /// The server's pidfd under the process's death watch: a waiting
+    /// caller learns of its death within milliseconds, not a park slice.
+    _death_watch: Option<crate::wait::deaths::Watch>,
     next_call: u64,
     call_timeout: Option<Duration>,
 }
@@ -122,8 +126,12 @@ impl Client {
         let process = crate::cred::peer_process(&sock, &cred)?;
         let conn = Conn::new(sock, cred, process, region, mine, reply.endpoint_addr, opts.wait)?;
         tracing::debug!(server = cred.pid, endpoint, "rpal client connected");
+        let death_watch = crate::wait::deaths::watch(conn.peer.pidfd().as_fd())
+            .map_err(|e| tracing::warn!(%e, "no death watch: a dead server is noticed at the park slice"))
+            .ok();
         Ok(Client {
             conn,
+            _death_watch: death_watch,
             next_call: 1,
             call_timeout: opts.call_timeout,
         })

@@ -247,6 +247,16 @@ pub fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// Indices of the `fds` that are readable, hung up or in error, without
 /// blocking: one `poll` for all of them.
 pub fn poll_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
+    poll_within(fds, 0)
+}
+
+/// As [`poll_readable`], waiting until one is (no timeout).
+pub fn poll_readable_blocking(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
+    poll_within(fds, -1)
+}
+
+/// `poll(2)` for readability with a timeout in ms (-1: none).
+fn poll_within(fds: &[BorrowedFd<'_>], timeout_ms: libc::c_int) -> io::Result<Vec<usize>> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|f| libc::pollfd {
@@ -256,7 +266,7 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>]) -> io::Result<Vec<usize>> {
         })
         .collect();
     // SAFETY: `p` is a live array of `p.len()` pollfd structs.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, 0) };
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -298,6 +308,14 @@ pub fn eventfd_nonblocking() -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd's counter (wakes its poller). Best effort: a full
+/// counter is readable already.
+pub fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: `one` is a live 8-byte buffer, the size an eventfd write wants.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
 }
 
 /// Reads (and so resets) an eventfd's counter; does nothing if it is zero.

@@ -691,6 +691,51 @@ fn client(s: &Service) -> TokenStream {
                 )
             }
 
+            /// As [`Self::connect`], waiting up to `wait` for a server that
+            /// is starting (no socket yet, or nobody accepting).
+            pub fn connect_waiting(
+                path: impl ::core::convert::AsRef<::std::path::Path>,
+                wait: ::core::time::Duration,
+            ) -> ::rpal::Result<Self> {
+                ::rpal::__private::wait_for(wait, || Self::connect(path.as_ref()))
+            }
+
+            /// As [`Self::connect_tcp`], waiting up to `wait` for a server.
+            pub fn connect_tcp_waiting(
+                addr: impl ::std::net::ToSocketAddrs + ::core::clone::Clone,
+                wait: ::core::time::Duration,
+            ) -> ::rpal::Result<Self> {
+                ::rpal::__private::wait_for(wait, || Self::connect_tcp(::core::clone::Clone::clone(&addr)))
+            }
+
+            /// A client over shared memory that connects again after the
+            /// server dies or hangs up: the calls in flight then fail, and
+            /// the next call reconnects, waiting up to `wait` for a server
+            /// (as does this first connect).
+            pub fn reconnecting(
+                path: impl ::core::convert::Into<::std::path::PathBuf>,
+                opts: ::rpal::ClientOptions,
+                wait: ::core::time::Duration,
+            ) -> ::rpal::Result<Self> {
+                let path: ::std::path::PathBuf = path.into();
+                let timeout = opts.call_timeout;
+                let re = ::rpal::__private::Reconnecting::new(wait, move || {
+                    ::core::result::Result::Ok(Self::connect_with(&path, ::core::clone::Clone::clone(&opts))?.channel)
+                })?;
+                ::core::result::Result::Ok(Self { channel: ::rpal::__private::Channel::Reconnecting(re), timeout })
+            }
+
+            /// As [`Self::reconnecting`], over TCP.
+            pub fn reconnecting_tcp(
+                addr: impl ::std::net::ToSocketAddrs + ::core::clone::Clone + ::core::marker::Send + ::core::marker::Sync + 'static,
+                wait: ::core::time::Duration,
+            ) -> ::rpal::Result<Self> {
+                let re = ::rpal::__private::Reconnecting::new(wait, move || {
+                    ::core::result::Result::Ok(Self::connect_tcp(::core::clone::Clone::clone(&addr))?.channel)
+                })?;
+                ::core::result::Result::Ok(Self::from_channel(::rpal::__private::Channel::Reconnecting(re)))
+            }
+
             /// A client over an existing channel (no deadline).
             pub fn from_channel(channel: ::rpal::__private::Channel) -> Self {
                 Self { channel, timeout: ::core::option::Option::None }

@@ -8,6 +8,7 @@
 //! - [`Channel`]: either, behind one type, which generated clients hold.
 
 mod async_handler;
+mod reconnect;
 mod shm;
 mod stream;
 mod table;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use async_handler::{Dispatched, HandlerError, HandlerFuture, OwnedArgs, Reply, async_dispatch, failed, named};
+pub use reconnect::{Reconnecting, not_up_yet, wait_for};
 #[doc(hidden)]
 pub use rpal_core::Client;
 pub use rpal_core::PeerId;
@@ -300,11 +302,15 @@ pub const fn service_hash_sorted(service: &str, sorted: &[&str]) -> u64 {
 /// A connection a generated client calls through: shared memory or a
 /// stream. Cloning shares the connection.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Channel {
     /// Shared memory (same host, by pointer).
     Shm(Arc<ShmChannel>),
     /// TCP or a Unix stream socket (bytes copied into frames).
     Stream(Arc<StreamChannel>),
+    /// Either, made again after the peer died or hung up (see
+    /// [`Reconnecting`]).
+    Reconnecting(Arc<Reconnecting>),
 }
 
 impl Channel {
@@ -320,6 +326,12 @@ impl Channel {
         let r = match self {
             Channel::Shm(c) => c.call(method, timeout, write, read),
             Channel::Stream(c) => c.call(method, timeout, write, read),
+            Channel::Reconnecting(re) => {
+                let c = re.channel()?;
+                let r = c.call(method, timeout, write, read);
+                re.after(&c, &r);
+                return r;
+            }
         };
         as_timeout(r, timeout)
     }
@@ -336,13 +348,42 @@ impl Channel {
         let r = match self {
             Channel::Shm(c) => c.call_async(method, timeout, write, read).await,
             Channel::Stream(c) => c.call_async(method, timeout, write, read).await,
+            Channel::Reconnecting(re) => {
+                let c = re.channel_async().await?;
+                // Boxed: the future would otherwise contain itself.
+                let r = Box::pin(c.call_async(method, timeout, write, read)).await;
+                re.after(&c, &r);
+                return r;
+            }
         };
         as_timeout(r, timeout)
     }
 
     /// Whether calls go through shared memory.
     pub fn is_shm(&self) -> bool {
-        matches!(self, Channel::Shm(_))
+        match self {
+            Channel::Shm(_) => true,
+            Channel::Stream(_) => false,
+            Channel::Reconnecting(re) => re.current().is_some_and(|c| c.is_shm()),
+        }
+    }
+
+    /// Whether `self` and `other` are the same connection.
+    pub fn same(&self, other: &Channel) -> bool {
+        match (self, other) {
+            (Channel::Shm(a), Channel::Shm(b)) => Arc::ptr_eq(a, b),
+            (Channel::Stream(a), Channel::Stream(b)) => Arc::ptr_eq(a, b),
+            (Channel::Reconnecting(a), Channel::Reconnecting(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// How many times a reconnecting channel connected again (0 for others).
+    pub fn reconnects(&self) -> u64 {
+        match self {
+            Channel::Reconnecting(re) => re.reconnects(),
+            _ => 0,
+        }
     }
 
     /// Calls in flight on this connection.
@@ -350,6 +391,7 @@ impl Channel {
         match self {
             Channel::Shm(c) => c.in_flight(),
             Channel::Stream(c) => c.in_flight(),
+            Channel::Reconnecting(re) => re.current().map_or(0, |c| c.in_flight()),
         }
     }
 }

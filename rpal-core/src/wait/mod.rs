@@ -22,6 +22,7 @@
 //! This lives in `rpal-core`, below the pollers, because the raw endpoints
 //! here wait for replies too.
 
+pub mod deaths;
 mod epoll;
 mod uring;
 mod waitv;

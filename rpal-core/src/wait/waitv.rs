@@ -16,6 +16,7 @@ const OVERFLOW_SLEEP: Duration = Duration::from_millis(1);
 /// State of the futex_waitv backend.
 pub struct Waitv {
     rotate: usize,
+    seen: super::deaths::Seen,
 }
 
 impl Waitv {
@@ -28,7 +29,10 @@ impl Waitv {
                 io::ErrorKind::Unsupported,
                 "futex_waitv needs Linux 5.16",
             )),
-            _ => Ok(Self { rotate: 0 }),
+            _ => Ok(Self {
+                rotate: 0,
+                seen: Default::default(),
+            }),
         }
     }
 
@@ -38,7 +42,21 @@ impl Waitv {
         fds: &[BorrowedFd<'_>],
         timeout: Duration,
     ) -> io::Result<Woken> {
-        let (window, timeout) = if words.len() <= WAITV_MAX {
+        // With descriptors (a peer's pidfd), the sleep also ends when a
+        // watched peer dies (see `deaths`); a death since this thread last
+        // looked at them is looked for first, without sleeping.
+        let epoch = (!fds.is_empty()).then(super::deaths::epoch);
+        if let Some(e) = epoch.filter(|&e| self.seen.stale(fds, e)) {
+            let ready = readable(fds);
+            self.seen.looked(fds, e);
+            if !ready.is_empty() {
+                return Ok(Woken {
+                    ready_fds: ready,
+                    timed_out: false,
+                });
+            }
+        }
+        let (mut window, mut timeout) = if words.len() <= WAITV_MAX {
             (words.to_vec(), timeout)
         } else {
             // Always keep the first word (the poller's wake word); rotate the rest.
@@ -48,6 +66,13 @@ impl Waitv {
             w.extend((0..WAITV_MAX - 1).map(|i| rest[(self.rotate + i) % rest.len()]));
             (w, timeout.min(OVERFLOW_SLEEP))
         };
+        if let Some(e) = epoch {
+            if window.len() == WAITV_MAX {
+                window.pop(); // swept within OVERFLOW_SLEEP, like an overflow
+                timeout = timeout.min(OVERFLOW_SLEEP);
+            }
+            window.push((super::deaths::epoch_word(), e));
+        }
         let r = crate::sys::futex_waitv(&window, Some(timeout));
         let timed_out = matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ETIMEDOUT));
         match r {
@@ -55,9 +80,9 @@ impl Waitv {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ETIMEDOUT | libc::EINTR)) => {}
             Err(e) => return Err(e),
         }
-        Ok(Woken {
-            ready_fds: readable(fds),
-            timed_out,
-        })
+        let at = super::deaths::epoch();
+        let ready_fds = readable(fds);
+        self.seen.looked(fds, at);
+        Ok(Woken { ready_fds, timed_out })
     }
 }
