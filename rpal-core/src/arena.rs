@@ -82,14 +82,30 @@ impl std::fmt::Debug for Arena {
     }
 }
 
-static GLOBAL: OnceLock<std::result::Result<Arena, String>> = OnceLock::new();
+static GLOBAL: OnceLock<std::result::Result<Arena, ArenaFailed>> = OnceLock::new();
 
-fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16).ok(),
-        None => v.parse().ok(),
-    }
+/// Why the process has no arena: kept, since the arena is made once.
+enum ArenaFailed {
+    /// `RPAL_ARENA_SIZE` was refused.
+    Setting {
+        name: String,
+        value: String,
+        accepted: String,
+    },
+    /// Anything else, as its message.
+    Other(String),
+}
+
+/// `RPAL_ARENA_SIZE`: from 1 MiB (the header and the first classes) to one
+/// slot, the largest region a process can own.
+fn arena_size() -> std::result::Result<u64, ArenaFailed> {
+    let failed = |e: Error| match e {
+        Error::BadSetting { name, value, accepted } => ArenaFailed::Setting { name, value, accepted },
+        e => ArenaFailed::Other(e.to_string()),
+    };
+    let slot = Space::global().map(|s| s.config().slot_size).map_err(failed)?;
+    let size = crate::settings::size("RPAL_ARENA_SIZE", 1 << 20, slot).map_err(failed)?;
+    Ok(size.unwrap_or(DEFAULT_ARENA_SIZE))
 }
 
 impl Arena {
@@ -97,15 +113,17 @@ impl Arena {
     /// bytes (decimal or `0x` hex; default [`DEFAULT_ARENA_SIZE`]).
     pub fn global() -> Result<&'static Arena> {
         let arena = GLOBAL.get_or_init(|| {
-            let size = std::env::var("RPAL_ARENA_SIZE")
-                .ok()
-                .and_then(|v| parse_size(&v))
-                .unwrap_or(DEFAULT_ARENA_SIZE);
-            Self::create(size).map_err(|e| e.to_string())
+            let size = arena_size()?;
+            Self::create(size).map_err(|e| ArenaFailed::Other(e.to_string()))
         });
-        arena
-            .as_ref()
-            .map_err(|msg| Error::io("create the process arena", std::io::Error::other(msg.clone())))
+        arena.as_ref().map_err(|e| match e {
+            ArenaFailed::Setting { name, value, accepted } => Error::BadSetting {
+                name: name.clone(),
+                value: value.clone(),
+                accepted: accepted.clone(),
+            },
+            ArenaFailed::Other(msg) => Error::io("create the process arena", std::io::Error::other(msg.clone())),
+        })
     }
 
     fn create(size: u64) -> Result<Arena> {

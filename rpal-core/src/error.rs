@@ -224,9 +224,9 @@ pub enum Error {
     /// The peer uses another slot registry file, so the two cannot agree on
     /// who owns which slot.
     #[error(
-        "the peer uses another slot registry{}{}; give both the same RPAL_REGISTRY",
-        if .ours.is_empty() { String::new() } else { format!(" than ours ({})", .ours) },
-        if .theirs.is_empty() { String::new() } else { format!(" ({})", .theirs) }
+        "the peer uses another slot registry ({}{}); give both the same RPAL_REGISTRY",
+        if .ours.is_empty() { "ours is another file".to_owned() } else { format!("ours is {}", .ours) },
+        if .theirs.is_empty() { String::new() } else { format!(", the peer's is {}", .theirs) }
     )]
     OtherRegistry {
         /// Our registry path (empty if unknown).
@@ -307,8 +307,21 @@ pub enum Error {
         /// Which field differs.
         detail: String,
     },
+    /// An `RPAL_*` environment variable has a value that is not accepted.
+    #[error("{name}={value:?} is not accepted: expected {accepted}")]
+    BadSetting {
+        /// The variable.
+        name: String,
+        /// Its value.
+        value: String,
+        /// What it accepts.
+        accepted: String,
+    },
     /// An arena has no room left.
-    #[error("region full: asked for {requested} bytes, {available} of {capacity} left; raise RPAL_ARENA_SIZE")]
+    #[error(
+        "region full: asked for {requested} bytes, {available} of {capacity} left; {}",
+        crate::error::region_full_advice(*.requested as u64)
+    )]
     RegionFull {
         /// Bytes asked for.
         requested: usize,
@@ -428,6 +441,23 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// What to do about a full arena: more room, or smaller pieces when no
+/// arena can hold the request (an arena is at most one slot).
+pub(crate) fn region_full_advice(requested: u64) -> String {
+    let max = crate::space::Space::existing().map_or(crate::space::DEFAULT_SLOT_SIZE, |s| s.config().slot_size);
+    if requested >= max {
+        format!(
+            "no arena can hold it (an arena is at most {}, one slot): pass it in pieces",
+            crate::settings::show_size(max)
+        )
+    } else {
+        format!(
+            "raise RPAL_ARENA_SIZE (at most {}), or free what you hold",
+            crate::settings::show_size(max)
+        )
+    }
 }
 
 /// `: a, b` for the methods of a table mismatch, or nothing.

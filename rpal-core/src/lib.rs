@@ -27,6 +27,7 @@ pub mod queue;
 pub mod quota;
 pub mod region;
 pub mod server;
+pub mod settings;
 pub mod space;
 pub mod sync;
 // Raw system calls: public to the sibling crates only (not re-exported by

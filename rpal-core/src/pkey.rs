@@ -119,7 +119,8 @@ pub(crate) fn degrade(why: String) {
 }
 
 fn probe() -> PkeyStatus {
-    let env_off = std::env::var("RPAL_PKEYS").is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false" | "no"));
+    // A bad value is refused when the space is set up (`SpaceConfig::from_env`).
+    let env_off = crate::settings::switch("RPAL_PKEYS").ok().flatten() == Some(false);
     if SWITCH.load(Ordering::Relaxed) == 2 || (SWITCH.load(Ordering::Relaxed) == 0 && env_off) {
         return PkeyStatus::Disabled;
     }

@@ -13,6 +13,12 @@ pub const DEFAULT_SLOT_SIZE: u64 = 1 << 32;
 /// Default slot count: a 4 TiB window.
 pub const DEFAULT_SLOTS: u64 = 1024;
 
+/// Most slots `RPAL_WINDOW_SLOTS` accepts (a 256 TiB window is the whole
+/// user half of the address space).
+pub const MAX_SLOTS: u64 = 1 << 16;
+/// The end of the 47-bit user half of the address space.
+const USER_TOP: u64 = 1 << 47;
+
 /// Window geometry and registry location. Every process of a host must agree.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpaceConfig {
@@ -43,44 +49,40 @@ impl Default for SpaceConfig {
 }
 
 impl SpaceConfig {
-    /// The default, overridden by `RPAL_WINDOW_BASE` (hex or decimal),
-    /// `RPAL_WINDOW_SLOTS` and `RPAL_REGISTRY` (a file path) when set.
-    pub fn from_env() -> Self {
+    /// The default, overridden by `RPAL_WINDOW_SLOTS`, `RPAL_WINDOW_BASE`
+    /// and `RPAL_REGISTRY` when set; a value they do not accept is
+    /// [`crate::Error::BadSetting`] (see [`crate::settings`]).
+    pub fn from_env() -> crate::Result<Self> {
+        use crate::settings;
         let mut cfg = Self::default();
-        if let Some(base) = std::env::var("RPAL_WINDOW_BASE").ok().and_then(|v| parse_u64(&v)) {
+        if let Some(slots) = settings::whole("RPAL_WINDOW_SLOTS", 1, MAX_SLOTS)? {
+            cfg.slots = slots;
+        }
+        let (slot, len) = (cfg.slot_size, cfg.window_len());
+        let base = settings::address("RPAL_WINDOW_BASE", |b| {
+            // The window must sit in the 47-bit user half, above the first slot.
+            if b == 0 || b % slot != 0 || b.checked_add(len).is_none_or(|end| end > USER_TOP) {
+                Err(format!(
+                    "a non-zero multiple of the slot size ({slot:#x}) with the {} window below {USER_TOP:#x}",
+                    settings::show_size(len)
+                ))
+            } else {
+                Ok(())
+            }
+        })?;
+        if let Some(base) = base {
             cfg.base = base;
         }
-        if let Some(slots) = std::env::var("RPAL_WINDOW_SLOTS").ok().and_then(|v| parse_u64(&v)) {
-            cfg.slots = slots.max(1);
+        if let Some(path) = settings::path("RPAL_REGISTRY")? {
+            cfg.registry = path;
         }
-        if let Ok(path) = std::env::var("RPAL_REGISTRY") {
-            cfg.registry = PathBuf::from(path);
-        }
-        cfg
+        // Read by the protection-key probe; refused here, where it can fail.
+        settings::switch("RPAL_PKEYS")?;
+        Ok(cfg)
     }
 
     /// Window length in bytes.
     pub fn window_len(&self) -> u64 {
         self.slot_size * self.slots
-    }
-}
-
-fn parse_u64(s: &str) -> Option<u64> {
-    let s = s.trim();
-    match s.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16).ok(),
-        None => s.replace('_', "").parse().ok(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_hex_and_decimal() {
-        assert_eq!(parse_u64("0x5000_0000_0000"), Some(0x5000_0000_0000));
-        assert_eq!(parse_u64("4096"), Some(4096));
-        assert_eq!(parse_u64("zz"), None);
     }
 }

@@ -85,7 +85,7 @@ static GLOBAL: OnceLock<std::result::Result<Space, String>> = OnceLock::new();
 impl Space {
     /// The process-wide space, set up from [`SpaceConfig::from_env`] on first use.
     pub fn global() -> Result<&'static Space> {
-        Self::init(SpaceConfig::from_env())
+        Self::init(SpaceConfig::from_env()?)
     }
 
     /// The process-wide space if it is set up, without reading the
