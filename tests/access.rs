@@ -102,7 +102,9 @@ fn spawn_as(test: &str, role: &str, path: &Path, uid: Option<u32>, gid: Option<u
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
         .env("RPAL_TEST_ROLE", role)
         .env("RPAL_TEST_SOCK", path)
-        .stdin(Stdio::null());
+        .env("RPAL_TEST_DIR", common::test_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
     if let Some(g) = gid {
         cmd.gid(g);
     }

@@ -164,5 +164,4 @@ fn handler_errors_reach_the_caller_with_their_code_and_message() {
         }
         assert_eq!(c.get(1).unwrap(), 10, "{t:?}: the server goes on");
     }
-    let _ = std::fs::remove_file(base.with_extension("port"));
 }

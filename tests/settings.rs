@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-
 #[rpal::service]
 pub trait Echo {
     /// `x`.
@@ -115,7 +114,7 @@ fn a_peer_with_another_registry_or_window_is_told_which() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the server never came up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let registry = std::env::temp_dir().join(format!("rpal-test-{}-other.slots", std::process::id()));
+    let registry = common::test_dir().join("other.slots");
     let other_registry = outcome(
         TEST,
         &[

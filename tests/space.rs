@@ -11,7 +11,7 @@ const HEADER: u64 = 40;
 const ENTRY: u64 = 16;
 
 fn registry(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("rpal-test-{}-{name}.slots", std::process::id()));
+    let p = common::test_dir().join(format!("{name}.slots"));
     let _ = std::fs::remove_file(&p);
     p
 }
@@ -90,7 +90,7 @@ fn slots_of_dead_owners_are_reclaimed() {
         return;
     }
     let reg = registry("reclaim");
-    let out = std::env::temp_dir().join(format!("rpal-test-{}-reclaim.out", std::process::id()));
+    let out = common::test_dir().join("reclaim.out");
 
     // A first owner takes the only slot and is killed: the slot stays recorded as its own.
     let mut a = claim(&reg, &out, true);

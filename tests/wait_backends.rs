@@ -42,7 +42,7 @@ struct Words {
 
 impl Words {
     fn new(name: &str, n: usize) -> Words {
-        let path = std::env::temp_dir().join(format!("rpal-wait-{}-{name}", std::process::id()));
+        let path = common::test_dir().join(format!("wait-{name}"));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -11,10 +11,13 @@ use rpal_core::sys;
 
 use crate::*;
 
-/// A child process, killed and reaped on drop.
+/// A child process, killed and reaped on drop; the socket files it served
+/// (its first argument, when that is a `.sock` path, and the `.stream`
+/// beside it) are removed then, since a killed server cannot.
 pub struct ChildGuard {
     pub(crate) child: Child,
     stdout: BufReader<ChildStdout>,
+    socket: Option<std::path::PathBuf>,
 }
 
 impl ChildGuard {
@@ -29,7 +32,11 @@ impl ChildGuard {
             .stdout(Stdio::piped())
             .spawn()?;
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut guard = ChildGuard { child, stdout };
+        let socket = args
+            .first()
+            .filter(|a| a.ends_with(".sock"))
+            .map(std::path::PathBuf::from);
+        let mut guard = ChildGuard { child, stdout, socket };
         let mut line = String::new();
         guard.stdout.read_line(&mut line)?;
         if line.is_empty() {
@@ -46,6 +53,10 @@ impl Drop for ChildGuard {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = self.stdout.read_to_end(&mut Vec::new());
+        if let Some(s) = &self.socket {
+            let _ = std::fs::remove_file(s);
+            let _ = std::fs::remove_file(s.with_extension("stream"));
+        }
     }
 }
 

@@ -73,11 +73,18 @@ pub fn spawn_with(test: &str, role: &str, env: &[(&str, String)], capture: bool)
     let exe = std::env::current_exe().expect("current_exe");
     let mut cmd = Command::new(exe);
     cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env("RPAL_TEST_ROLE", role);
+        .env("RPAL_TEST_ROLE", role)
+        .env("RPAL_TEST_DIR", test_dir());
     for (k, v) in env {
         cmd.env(k, v);
     }
     cmd.stdin(Stdio::null());
+    // The child's own harness lines ("running 1 test", "test result")
+    // would repeat the parent's; its panics still reach stderr.
+    // `RPAL_TEST_VERBOSE=1` shows them.
+    if std::env::var_os("RPAL_TEST_VERBOSE").is_none() {
+        cmd.stdout(Stdio::null());
+    }
     if capture {
         cmd.stderr(Stdio::piped());
     }
@@ -127,9 +134,34 @@ pub fn size(full: usize, short: usize) -> usize {
     }
 }
 
-/// A socket path unique to this process and `name`.
+/// This test run's directory for sockets, port files and registries:
+/// `rpal-test-<pid>` in the temp dir, made by the test process and removed
+/// when it exits, whether its tests passed or not (an `atexit` handler:
+/// libtest ends with `exit`). Children use their parent's, named in
+/// `RPAL_TEST_DIR`, so a child that is killed leaves nothing of its own.
+pub fn test_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove_dir() {
+        if let Some(d) = DIR.get() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    DIR.get_or_init(|| {
+        if let Ok(d) = std::env::var("RPAL_TEST_DIR") {
+            return PathBuf::from(d);
+        }
+        let d = std::env::temp_dir().join(format!("rpal-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("make the test directory");
+        // SAFETY: registers a plain function, which touches only the
+        // initialised static above, to run at exit.
+        unsafe { libc::atexit(remove_dir) };
+        d
+    })
+}
+
+/// A socket path unique to this test run and `name`, in [`test_dir`].
 pub fn sock_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("rpal-test-{}-{name}.sock", std::process::id()))
+    test_dir().join(format!("{name}.sock"))
 }
 
 /// How a service test reaches its server.
@@ -181,12 +213,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Panics with `msg`, which must end with "on purpose", without the
-/// panic hook's report and backtrace: a test that panics to see what its
-/// caller gets keeps the output clean. Other panics are still reported.
-pub fn quiet_panic(msg: &str) -> ! {
+/// Silences the panic hook's report and backtrace for panics whose message
+/// contains `pattern` (in this process): for panics a test causes on
+/// purpose, such as a handler refusing a hostile peer's pointer. Other
+/// panics are still reported.
+pub fn silence_panics(pattern: &'static str) {
+    static PATTERNS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
     static HOOK: std::sync::Once = std::sync::Once::new();
-    assert!(msg.ends_with("on purpose"), "a quiet panic says it is on purpose");
+    PATTERNS.lock().unwrap_or_else(|p| p.into_inner()).push(pattern);
     HOOK.call_once(|| {
         let report = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
@@ -194,11 +228,25 @@ pub fn quiet_panic(msg: &str) -> ! {
             let text = payload
                 .downcast_ref::<String>()
                 .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied());
-            if !text.is_some_and(|t| t.ends_with("on purpose")) {
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            let quiet = PATTERNS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|p| text.contains(p));
+            if !quiet {
                 report(info);
             }
         }));
     });
+}
+
+/// Panics with `msg`, which must end with "on purpose", without the
+/// panic hook's report and backtrace (see [`silence_panics`]).
+pub fn quiet_panic(msg: &str) -> ! {
+    assert!(msg.ends_with("on purpose"), "a quiet panic says it is on purpose");
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| silence_panics("on purpose"));
     std::panic::panic_any(msg.to_owned())
 }

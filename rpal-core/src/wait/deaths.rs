@@ -5,7 +5,7 @@
 //! its own, a caller would see its server's pidfd only when its park slice
 //! ends. So one thread per process, started by the first [`watch`], waits
 //! in `poll(2)` on the pidfds of every server we are connected to. When one
-//! turns readable, it moves [`epoch`]'s word and wakes every sleeper on it;
+//! turns readable, it moves a process-wide futex word and wakes every sleeper on it;
 //! each `futex_waitv` sleep with descriptors includes that word, and looks
 //! at its descriptors when it moves. The cost while nobody dies: one atomic
 //! load per sleep, and a parked thread in the process.
