@@ -30,7 +30,7 @@ pub struct ClientOptions {
     pub wait: WaitConfig,
     /// Default deadline of each call; `None` waits as long as the server lives.
     pub call_timeout: Option<Duration>,
-    /// Deadline of the handshake.
+    /// Deadline of the handshake. Default 5 s.
     pub handshake_timeout: Duration,
 }
 

@@ -27,9 +27,13 @@ use std::os::fd::BorrowedFd;
 /// wakes to check that its peer is still alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WaitConfig {
-    /// Spin this long before parking. Zero parks at once.
+    /// Spin this long before parking. Zero parks at once. Default 50 us.
+    /// A spinning caller needs a core its server does not: pin both
+    /// (`rpal::pin_to_cpu`) or park (see the README on pinning).
     pub spin: Duration,
     /// Longest single futex sleep; liveness is checked between sleeps.
+    /// Default 100 ms. A server's death ends a sleep at once (the death
+    /// watch), so this bounds only what the watch cannot see.
     pub park_slice: Duration,
 }
 

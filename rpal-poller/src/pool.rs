@@ -14,18 +14,20 @@ use crate::stats::{PollerSnapshot, PollerStats};
 /// How pollers run.
 #[derive(Debug, Clone)]
 pub struct PollerConfig {
-    /// Poller threads.
+    /// Poller threads. Default 1.
     pub threads: usize,
     /// How they sleep.
     pub backend: BackendChoice,
-    /// Smallest adaptive spin budget.
+    /// Smallest adaptive spin budget. Default 2 us.
     pub spin_min: Duration,
-    /// Largest (and starting) spin budget; zero parks at once.
+    /// Largest (and starting) spin budget; zero parks at once. Default 50 us.
     pub spin_max: Duration,
     /// Longest sleep; peers' deaths wake a poller earlier (except with the
     /// futex_waitv backend, which notices them at the latest here).
+    /// Default 1 s.
     pub park_slice: Duration,
     /// Most requests served from one connection per sweep (fairness).
+    /// Default 64.
     pub batch: usize,
 }
 

@@ -746,15 +746,19 @@ impl<P: ShmPtr> Returned<P> {
     /// access to the server's region (nothing to grant for a copy).
     #[inline]
     pub fn read(&self) -> Viewed<'_, P::View> {
-        let access = match &self.keep {
-            Keep::Lent { region, .. } => region.access(),
-            Keep::Owned(_) | Keep::Copied(_) => Access::none(),
+        let (access, region) = match &self.keep {
+            Keep::Lent { region, .. } => (region.access(), Some(&**region)),
+            Keep::Owned(_) | Keep::Copied(_) => (Access::none(), None),
         };
         // SAFETY: `view` was validated when the handle was made and points
         // into memory `keep` holds (see the Send impl); `access` lets this
         // thread read it while the returned guard (which borrows `self`) lives.
         let view = unsafe { self.view.as_ref() };
-        Viewed { view, _access: access }
+        Viewed {
+            view,
+            region,
+            _access: access,
+        }
     }
 
     /// A copy of the data, owned (for data that must outlive the handle or
@@ -771,7 +775,65 @@ impl<P: ShmPtr> Returned<P> {
 /// derefs to the data until it drops. Not `Send`: access is per thread.
 pub struct Viewed<'a, V: ?Sized> {
     view: &'a V,
+    /// The server's region the view lies in (`None`: a copy).
+    region: Option<&'a PeerRegion>,
     _access: Access,
+}
+
+impl<V: ?Sized> Viewed<'_, V> {
+    /// A shm value nested in this one (a field of a struct the server
+    /// returned, such as `ShmString` in a `ShmBox<Entry>`), validated
+    /// against the server's memory: `let name = guard.nested(&guard.name)?`.
+    /// Nested values are never dereferenced in place; this is the way to
+    /// read them. A result copied from a stream carries its top level only:
+    /// its nested values are an `InvalidPointer` error, not a panic.
+    pub fn nested<'s, N: Nested>(&'s self, field: &'s N) -> Result<N::Out<'s>> {
+        match self.region {
+            Some(r) => field.nested(r.mem(&self._access)),
+            None => Err(Error::InvalidPointer {
+                addr: 0,
+                len: 0,
+                reason: "points into the server's memory, which a result copied over a stream does not carry",
+            }),
+        }
+    }
+}
+
+/// A pointer type that can sit inside a value a peer sent, read with
+/// [`Viewed::nested`].
+pub trait Nested {
+    /// What reading it gives: `&T`, `&[T]`, or a `String` (a copy, checked).
+    type Out<'p>;
+    /// Validates and reads it in `mem`, the memory of the peer that sent it.
+    fn nested<'p>(&self, mem: PeerMem<'p>) -> Result<Self::Out<'p>>;
+}
+
+impl<T: ShmSafe> Nested for ShmBox<T> {
+    type Out<'p> = &'p T;
+    fn nested<'p>(&self, mem: PeerMem<'p>) -> Result<&'p T> {
+        self.get(mem)
+    }
+}
+
+impl<T: ShmSafe> Nested for ShmSlice<T> {
+    type Out<'p> = &'p [T];
+    fn nested<'p>(&self, mem: PeerMem<'p>) -> Result<&'p [T]> {
+        self.get(mem)
+    }
+}
+
+impl<T: ShmSafe> Nested for ShmVec<T> {
+    type Out<'p> = &'p [T];
+    fn nested<'p>(&self, mem: PeerMem<'p>) -> Result<&'p [T]> {
+        self.get(mem)
+    }
+}
+
+impl Nested for ShmString {
+    type Out<'p> = String;
+    fn nested(&self, mem: PeerMem<'_>) -> Result<String> {
+        self.get(mem)
+    }
 }
 
 impl<V: ?Sized> Deref for Viewed<'_, V> {

@@ -43,6 +43,7 @@ pub struct ServerOptions {
     /// Which peers may connect.
     pub policy: PeerPolicy,
     /// Deadline of each handshake, so a stuck peer cannot hold the acceptor.
+    /// Default 5 s.
     pub handshake_timeout: Duration,
     /// Spin budget and park slice for waiting on requests.
     pub wait: WaitConfig,
