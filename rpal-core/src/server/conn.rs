@@ -209,6 +209,9 @@ impl ServerConn {
             self.lends.set(false);
             let reply_len = if oneway {
                 let r = catch_unwind(AssertUnwindSafe(|| handler.handle(&req, &mut [])));
+                // No reply carries its error's message: drop it here, or the
+                // next error reply on this thread (another client's) would.
+                let _ = crate::error::take_failure_message();
                 if !matches!(r, Ok(Ok(_))) {
                     tracing::warn!(pid = self.conn.pid(), method, "one-way message failed in its handler");
                 }
