@@ -70,6 +70,8 @@ impl Client {
 
     /// Runs the client handshake on an already connected socket.
     pub fn handshake(sock: UnixStream, endpoint: &str, opts: ClientOptions) -> Result<Client> {
+        // One deadline for the whole exchange, a server's method table included.
+        let deadline = std::time::Instant::now() + opts.handshake_timeout;
         let space = Space::global()?;
         let arena = Arena::global()?;
         let io = |e| Error::io(format!("configure socket {endpoint}"), e);
@@ -97,10 +99,11 @@ impl Client {
         let (reply, fd) = match (sent, received) {
             (_, Ok((r, _))) if r.kind == Kind::Reject => {
                 let next = || {
-                    handshake::recv(
+                    handshake::recv_by(
                         &sock,
                         endpoint,
                         "reading the server's method table",
+                        deadline,
                         opts.handshake_timeout,
                     )
                 };

@@ -473,12 +473,14 @@ impl Error {
     /// The error for a reply with status `code` to `method`, whose body is
     /// the server's message (cut and made UTF-8, lossily: a peer wrote it).
     pub fn remote(method: u32, code: u32, body: &[u8]) -> Self {
-        let body = &body[..body.len().min(MAX_ERROR_MESSAGE)];
+        // Copied first: the body may lie in the peer's memory, which it can
+        // change while we decode (a String must stay valid UTF-8).
+        let body = body[..body.len().min(MAX_ERROR_MESSAGE)].to_vec();
         Self::Remote {
             method,
             name: String::new(),
             status: RemoteStatus::from_code(code),
-            message: String::from_utf8_lossy(body).into_owned(),
+            message: String::from_utf8_lossy(&body).into_owned(),
         }
     }
 

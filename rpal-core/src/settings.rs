@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `RPAL_ARENA_SIZE` | a size from 1M to the slot size (4G), e.g. `64M`, `1G`, `0x4000000` | 64M |
 //! | `RPAL_WINDOW_BASE` | an address, a multiple of the slot size, the window below 2^47 | `0x5000_0000_0000` |
-//! | `RPAL_WINDOW_SLOTS` | 1 to 65536 | 1024 |
+//! | `RPAL_WINDOW_SLOTS` | 1 to 32768 (and the window below 2^47) | 1024 |
 //! | `RPAL_REGISTRY` | a file path, not empty | `/dev/shm/rpal-<uid>.slots` |
 //! | `RPAL_PKEYS` | `on`/`off` (also `1`/`0`, `true`/`false`, `yes`/`no`) | on where the CPU has them |
 

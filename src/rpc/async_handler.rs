@@ -63,8 +63,10 @@ impl<E: rpal_core::ServiceError + ?Sized> HandlerError for E {
 /// recorded for the reply this thread writes next.
 #[cold]
 pub fn failed<E: HandlerError + ?Sized>(e: &E) -> RemoteStatus {
+    // The user's code first: if it panics, no message is left behind.
+    let status = RemoteStatus::Failed(e.code());
     rpal_core::error::set_failure_message(e.to_string());
-    RemoteStatus::Failed(e.code())
+    status
 }
 
 /// Names the method of a failed call (for generated clients).

@@ -26,11 +26,12 @@ pub fn not_up_yet(e: &Error) -> bool {
 /// [`not_up_yet`], or `wait` has passed (then its last error is returned).
 /// Sleeps between tries grow from 1 ms to 50 ms.
 pub fn wait_for<T>(wait: Duration, mut connect: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + wait;
+    // No deadline for a wait too long to add (`Duration::MAX`: for ever).
+    let deadline = Instant::now().checked_add(wait);
     let mut pause = Duration::from_millis(1);
     loop {
         match connect() {
-            Err(e) if not_up_yet(&e) && Instant::now() + pause <= deadline => {
+            Err(e) if not_up_yet(&e) && deadline.is_none_or(|d| Instant::now() + pause <= d) => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
             }

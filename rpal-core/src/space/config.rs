@@ -13,9 +13,9 @@ pub const DEFAULT_SLOT_SIZE: u64 = 1 << 32;
 /// Default slot count: a 4 TiB window.
 pub const DEFAULT_SLOTS: u64 = 1024;
 
-/// Most slots `RPAL_WINDOW_SLOTS` accepts (a 256 TiB window is the whole
-/// user half of the address space).
-pub const MAX_SLOTS: u64 = 1 << 16;
+/// Most slots `RPAL_WINDOW_SLOTS` accepts: a 128 TiB window, the whole
+/// 47-bit user half (with the base, the window must also end below it).
+pub const MAX_SLOTS: u64 = 1 << 15;
 /// The end of the 47-bit user half of the address space.
 const USER_TOP: u64 = 1 << 47;
 
@@ -72,6 +72,18 @@ impl SpaceConfig {
         })?;
         if let Some(base) = base {
             cfg.base = base;
+        }
+        // The default base with many slots can reach past the user half too.
+        if cfg.base.checked_add(cfg.window_len()).is_none_or(|end| end > USER_TOP) {
+            return Err(crate::Error::BadSetting {
+                name: "RPAL_WINDOW_SLOTS".into(),
+                value: cfg.slots.to_string(),
+                accepted: format!(
+                    "at most {} slots above the window base {:#x} (the window must end below {USER_TOP:#x})",
+                    (USER_TOP - cfg.base) / cfg.slot_size,
+                    cfg.base
+                ),
+            });
         }
         if let Some(path) = settings::path("RPAL_REGISTRY")? {
             cfg.registry = path;

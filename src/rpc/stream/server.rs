@@ -220,13 +220,15 @@ where
                 D::dispatch(&d, method, &mut args, &mut w, PeerId::default())
             }))
         };
+        // Taken whatever happened, so no message outlives its call on this thread.
+        let message = rpal_core::error::take_failure_message();
         let status = match r {
             Ok(Ok(Dispatched::Done)) => 0,
             Ok(Ok(Dispatched::Async(fut))) => {
                 later.spawn(answer_later(fut, budget_of(flags), id, method, wr.clone(), limits.io));
                 continue;
             }
-            Ok(Err(s)) => error_body(&mut reply, s, rpal_core::error::take_failure_message()),
+            Ok(Err(s)) => error_body(&mut reply, s, message),
             Err(p) => error_body(
                 &mut reply,
                 RemoteStatus::HandlerPanicked,
@@ -363,9 +365,11 @@ async fn answer_later<W>(
     let status = match joined {
         Ok(Ok(r)) => {
             let mut w = Writer::stream(&mut frame);
-            match r.write(&mut w, PeerId::default()) {
+            let written = r.write(&mut w, PeerId::default());
+            let message = rpal_core::error::take_failure_message();
+            match written {
                 Ok(()) => 0,
-                Err(s) => error_body(&mut frame, s, rpal_core::error::take_failure_message()),
+                Err(s) => error_body(&mut frame, s, message),
             }
         }
         Ok(Err(s)) => error_body(&mut frame, s, None),
